@@ -1,0 +1,142 @@
+"""VAE: parity with diffusers at the full SD-1.4 size, config inference, strict loading."""
+import pytest
+import torch
+
+from model.vae import AutoencoderKL, sd14_vae_config, vae_config_from_state_dict, vae_from_state_dict
+
+TOL = 1e-5
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a - b).norm() / b.norm()).item()
+
+
+def randomize_(model: torch.nn.Module, seed: int = 0) -> None:
+    """Every tensor gets its own random values, norms included (default init leaves all GroupNorms
+    identical, so swapping two of them, or confusing weight and bias, would otherwise go unnoticed)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            noise = torch.randn(p.shape, generator=g)
+            if "norm" in name and name.endswith("weight"):
+                p.copy_(1.0 + 0.3 * noise)
+            elif name.endswith("bias"):
+                p.copy_(0.1 * noise)
+            else:  # conv weights: keep the default fan-in scale, perturb the values
+                p.add_(0.2 * p.std() * noise)
+
+
+@pytest.fixture(scope="module")
+def sd14_pair():
+    """Our SD-1.4 VAE with random weights, and diffusers' AutoencoderKL loaded from its original-layout
+    state dict through diffusers' own LDM converter."""
+    diffusers = pytest.importorskip("diffusers")
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    torch.manual_seed(0)
+    ours = AutoencoderKL(**sd14_vae_config()).eval()
+    randomize_(ours)
+    ckpt = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
+    assert len(ckpt) == 248  # the original sd-v1-4.ckpt has 248 first_stage_model tensors
+
+    theirs = diffusers.AutoencoderKL(
+        in_channels=3, out_channels=3, latent_channels=4, layers_per_block=2,
+        block_out_channels=(128, 256, 512, 512),
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
+        norm_num_groups=32, sample_size=64, scaling_factor=0.18215,
+    ).eval()
+    converted = convert_ldm_vae_checkpoint(ckpt, dict(theirs.config))
+    theirs.load_state_dict(converted, strict=True)  # every diffusers tensor must come from one of ours
+    return ours, theirs
+
+
+@torch.no_grad()
+def test_parity_with_diffusers_sd14(sd14_pair):
+    ours, theirs = sd14_pair
+    g = torch.Generator().manual_seed(1)
+    x = torch.rand(1, 3, 64, 64, generator=g) * 2 - 1
+
+    post, ref = ours.encode(x), theirs.encode(x).latent_dist
+    assert post.mean.shape == (1, 4, 8, 8)
+    e_mean, e_std = rel_err(post.mean, ref.mean), rel_err(post.std, ref.std)
+    # Scaled latents, and a seeded draw from the posterior: same noise as diffusers for the same seed.
+    e_lat = rel_err(ours.encode_latents(x), ref.mode() * theirs.config.scaling_factor)
+    e_smp = rel_err(ours.encode_latents(x, sample=True, generator=torch.Generator().manual_seed(7)),
+                    ref.sample(generator=torch.Generator().manual_seed(7)) * theirs.config.scaling_factor)
+
+    z = torch.randn(1, 4, 8, 8, generator=g)
+    img = ours.decode(z)
+    assert img.shape == (1, 3, 64, 64)
+    e_dec = rel_err(img, theirs.decode(z).sample)
+    e_dec_lat = rel_err(ours.decode_latents(z * 0.18215), theirs.decode(z).sample)
+
+    errs = dict(mean=e_mean, std=e_std, latents=e_lat, sampled=e_smp, decode=e_dec, decode_latents=e_dec_lat)
+    print("VAE parity rel. errors:", {k: f"{v:.2e}" for k, v in errs.items()})
+    assert all(v <= TOL for v in errs.values()), errs
+
+
+@torch.no_grad()
+def test_parity_detects_layer_mixups(sd14_pair):
+    """The parity check must be able to fail: swapping two same-shaped tensors (q/k of the encoder's
+    mid attention, the two GroupNorms of a ResnetBlock) breaks agreement by orders of magnitude."""
+    ours, theirs = sd14_pair
+    x = torch.rand(1, 3, 32, 32, generator=torch.Generator().manual_seed(2)) * 2 - 1
+    z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
+    ref_enc, ref_dec = theirs.encode(x).latent_dist.mean, theirs.decode(z).sample
+
+    def errors():
+        return rel_err(ours.encode(x).mean, ref_enc), rel_err(ours.decode(z), ref_dec)
+
+    assert max(errors()) <= TOL
+    pairs = [("encoder.mid.attn_1.q.weight", "encoder.mid.attn_1.k.weight"),
+             ("encoder.down.3.block.1.norm1.bias", "encoder.down.3.block.1.norm2.bias"),
+             ("decoder.mid.attn_1.q.weight", "decoder.mid.attn_1.k.weight"),
+             ("decoder.up.2.block.1.norm1.weight", "decoder.up.2.block.1.norm2.weight")]
+    sd = ours.state_dict()  # shares storage with the parameters
+    for a, b in pairs:
+        ta, tb = sd[a].clone(), sd[b].clone()
+        sd[a].copy_(tb), sd[b].copy_(ta)
+        err = max(errors())
+        sd[a].copy_(ta), sd[b].copy_(tb)
+        print(f"swap {a} <-> {b}: rel. error {err:.2e}")
+        assert err > 1e3 * TOL, (a, b, err)
+    assert max(errors()) <= TOL  # restored
+
+
+@torch.no_grad()
+def test_config_inference_roundtrip_narrow():
+    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2, 3), num_res_blocks=1, z_channels=3, embed_dim=5,
+                          in_channels=4, out_ch=2)
+    torch.manual_seed(0)
+    src = AutoencoderKL(**cfg).eval()
+    randomize_(src, seed=3)
+    ckpt = {"first_stage_model." + k: v for k, v in src.state_dict().items()}
+    ckpt["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # other submodels' keys are ignored
+
+    assert vae_config_from_state_dict(ckpt) == cfg
+    assert vae_config_from_state_dict(src.state_dict()) == cfg  # bare keys too
+    dst = vae_from_state_dict(ckpt).eval()
+    assert dst.config == cfg and dst.downsample_factor == 4
+
+    x = torch.randn(2, 4, 16, 16)
+    post = dst.encode(x)
+    assert post.mean.shape == (2, 5, 4, 4)
+    assert torch.equal(post.mean, src.encode(x).mean)
+    z = torch.randn(2, 5, 4, 4)
+    out = dst.decode_latents(z)
+    assert out.shape == (2, 2, 16, 16)
+    assert torch.equal(out, src.decode(z / cfg["scale_factor"]))
+
+
+def test_strict_load_wrong_shape_names_key():
+    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    sd = AutoencoderKL(**cfg).state_dict()
+    key = "decoder.up.1.block.0.conv1.weight"
+    sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1, 3, 3)
+    with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
+        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
+    # A missing tensor is named as well, never a silent partial load.
+    sd = AutoencoderKL(**cfg).state_dict()
+    del sd["encoder.mid.attn_1.proj_out.bias"]
+    with pytest.raises(RuntimeError, match=r"encoder\.mid\.attn_1\.proj_out\.bias"):
+        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
