@@ -1,0 +1,277 @@
+"""Load Stable Diffusion 1.x weights into our modules: original `.ckpt` / `.safetensors`, or a diffusers folder.
+
+Our modules carry the original CompVis names, so an original checkpoint is a prefix strip plus a strict
+load. Architecture sizes are inferred from tensor shapes (only the head count cannot be); a diffusers
+folder is mapped into our names by walking the same block layout the UNet constructor walks.
+
+    sd = load_sd("sd-v1-4.ckpt")                   # -> StableDiffusion(unet, vae, text_encoder, tokenizer)
+    sd.unet(x, t, context, set_size=4)             # JeDi UNet, 9 input channels inflated from SD's 4
+"""
+import json
+import os
+import pickle
+import re
+from typing import NamedTuple
+
+import torch
+import torch.nn as nn
+
+from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
+
+UNET_PREFIX = "model.diffusion_model."
+VAE_PREFIX = "first_stage_model."
+TEXT_PREFIX = "cond_stage_model.transformer."
+
+
+class CheckpointError(RuntimeError):
+    pass
+
+
+# ----------------------------------------------------------------------------- reading files
+
+def read_state_dict(path: str) -> dict:
+    """Tensors of an original `.ckpt` (Lightning dict) or `.safetensors`. Never unpickles code."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if path.endswith(".safetensors"):
+        from safetensors.torch import load_file
+
+        return load_file(path)
+    try:
+        obj = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refusing to load {path}: it is not a plain tensor checkpoint (it would need to run pickled code). "
+            f"Convert it to .safetensors in a trusted environment. ({str(e).splitlines()[0]})"
+        ) from None
+    if isinstance(obj, dict) and "state_dict" in obj:
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict of tensors (optionally under 'state_dict')")
+    return obj
+
+
+def strict_load(module: nn.Module, sd: dict, what: str) -> None:
+    """load_state_dict(strict=True), but listing every missing, unexpected and wrongly shaped key at once."""
+    own = module.state_dict()
+    missing = sorted(set(own) - set(sd))
+    unexpected = sorted(set(sd) - set(own))
+    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
+              for k in own if k in sd and sd[k].shape != own[k].shape]
+    if missing or unexpected or shapes:
+        lines = [f"{what}: checkpoint does not match the model"]
+        for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
+        raise CheckpointError("\n".join(lines))
+    module.load_state_dict(sd, strict=True)
+
+
+def strip_prefix(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):]: v for k, v in sd.items() if k.startswith(prefix)}
+
+
+# ----------------------------------------------------------------------------- UNet
+
+def unet_config_from_state_dict(sd: dict, num_heads: int = 8, num_head_channels: int = -1) -> UNetConfig:
+    """Infer every UNet size from tensor shapes of an (unprefixed) original-layout state dict."""
+    try:
+        conv_in = sd["input_blocks.0.0.weight"]
+        mc, in_ch = conv_in.shape[0], conv_in.shape[1]
+        out_ch = sd["out.2.weight"].shape[0]
+        n_in = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("input_blocks."))
+        downs = sorted({int(k.split(".")[1]) for k in sd if re.match(r"input_blocks\.\d+\.0\.op\.weight", k)})
+        nrb = downs[0] - 1 if downs else n_in - 1
+        levels = len(downs) + 1
+        mult, attn = [], []
+        for level in range(levels):
+            first = 1 + level * (nrb + 1)  # first res block of this level
+            mult.append(sd[f"input_blocks.{first}.0.out_layers.3.weight"].shape[0] // mc)
+            if f"input_blocks.{first}.1.norm.weight" in sd:
+                attn.append(2 ** level)
+        mid = "middle_block.1."
+        depth = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith(mid + "transformer_blocks."))
+        context_dim = sd[mid + "transformer_blocks.0.attn2.to_k.weight"].shape[1]
+        linear = sd[mid + "proj_in.weight"].ndim == 2
+    except (KeyError, IndexError, ValueError) as e:
+        raise CheckpointError(f"UNet weights do not have the SD-1.x layout (could not infer sizes: {e!r})") from None
+    return UNetConfig(in_channels=in_ch, out_channels=out_ch, model_channels=mc, channel_mult=tuple(mult),
+                      attention_resolutions=tuple(attn), num_res_blocks=nrb, num_heads=num_heads,
+                      num_head_channels=num_head_channels, transformer_depth=depth, context_dim=context_dim,
+                      use_linear_proj=linear)
+
+
+def inflate_input_channels(sd: dict, in_channels: int = JEDI_IN_CHANNELS) -> dict:
+    """Widen `input_blocks.0.0.weight` from SD's 4 input channels to JeDi's 9: the trained channels are copied,
+    the reference and mask channels are zero, so the new model on [x, 0, 0] equals the old one on x."""
+    w = sd["input_blocks.0.0.weight"]  # (C, 4, 3, 3)
+    if w.shape[1] == in_channels:
+        return sd
+    if w.shape[1] > in_channels:
+        raise CheckpointError(f"cannot narrow the UNet input from {w.shape[1]} to {in_channels} channels")
+    wide = w.new_zeros(w.shape[0], in_channels, *w.shape[2:])  # (C, 9, 3, 3)
+    wide[:, : w.shape[1]] = w
+    return {**sd, "input_blocks.0.0.weight": wide}
+
+
+def _unet_diffusers_prefixes(c: UNetConfig) -> dict:
+    """diffusers module prefix -> our prefix, walking the block layout exactly as UNet.__init__ does."""
+    m = {"time_embedding.linear_1.": "time_embed.0.", "time_embedding.linear_2.": "time_embed.2.",
+         "conv_in.": "input_blocks.0.0.", "conv_norm_out.": "out.0.", "conv_out.": "out.2.",
+         "mid_block.resnets.0.": "middle_block.0.", "mid_block.attentions.0.": "middle_block.1.",
+         "mid_block.resnets.1.": "middle_block.2."}
+    L, nrb = len(c.channel_mult), c.num_res_blocks
+    for i in range(L):
+        for j in range(nrb):
+            m[f"down_blocks.{i}.resnets.{j}."] = f"input_blocks.{1 + i * (nrb + 1) + j}.0."
+            m[f"down_blocks.{i}.attentions.{j}."] = f"input_blocks.{1 + i * (nrb + 1) + j}.1."
+        if i < L - 1:
+            m[f"down_blocks.{i}.downsamplers.0.conv."] = f"input_blocks.{(i + 1) * (nrb + 1)}.0.op."
+    for i in range(L):  # up block i is level L-1-i
+        has_attn = 2 ** (L - 1 - i) in c.attention_resolutions
+        for j in range(nrb + 1):
+            m[f"up_blocks.{i}.resnets.{j}."] = f"output_blocks.{i * (nrb + 1) + j}.0."
+            m[f"up_blocks.{i}.attentions.{j}."] = f"output_blocks.{i * (nrb + 1) + j}.1."
+        if i < L - 1:
+            m[f"up_blocks.{i}.upsamplers.0.conv."] = f"output_blocks.{i * (nrb + 1) + nrb}.{2 if has_attn else 1}.conv."
+    return m
+
+
+_RESNET_RENAMES = {"norm1.": "in_layers.0.", "conv1.": "in_layers.2.", "time_emb_proj.": "emb_layers.1.",
+                   "norm2.": "out_layers.0.", "conv2.": "out_layers.3.", "conv_shortcut.": "skip_connection."}
+
+
+def _rename_by_prefix(sd: dict, prefixes: dict, what: str) -> dict:
+    """Rename every key by its longest matching prefix; a key no prefix matches is an error."""
+    out, order = {}, sorted(prefixes, key=len, reverse=True)
+    for k, v in sd.items():
+        src = next((p for p in order if k.startswith(p)), None)
+        if src is None:
+            raise CheckpointError(f"{what}: unexpected diffusers key {k}")
+        out[prefixes[src] + k[len(src):]] = v
+    return out
+
+
+def convert_diffusers_unet(sd: dict, num_heads: int = 8) -> tuple[dict, UNetConfig]:
+    """diffusers `UNet2DConditionModel` state dict -> (our state dict, inferred config)."""
+    L = 1 + max(int(k.split(".")[1]) for k in sd if k.startswith("down_blocks."))
+    nrb = 1 + max(int(k.split(".")[3]) for k in sd if k.startswith("down_blocks.0.resnets."))
+    attn = tuple(2 ** i for i in range(L) if f"down_blocks.{i}.attentions.0.norm.weight" in sd)
+    skeleton = UNetConfig(channel_mult=(1,) * L, num_res_blocks=nrb, attention_resolutions=attn)
+    prefixes = _unet_diffusers_prefixes(skeleton)
+    for src, dst in list(prefixes.items()):  # resnet internals are named differently too
+        if "resnets." in src:
+            prefixes.update({src + a: dst + b for a, b in _RESNET_RENAMES.items()})
+    ours = _rename_by_prefix(sd, prefixes, "UNet")
+    return ours, unet_config_from_state_dict(ours, num_heads=num_heads)
+
+
+# ----------------------------------------------------------------------------- VAE (diffusers -> original)
+
+_VAE_ATTN_RENAMES = {"group_norm.": "norm.", "to_q.": "q.", "to_k.": "k.", "to_v.": "v.", "to_out.0.": "proj_out.",
+                     "query.": "q.", "key.": "k.", "value.": "v.", "proj_attn.": "proj_out."}  # new and old diffusers
+
+
+def convert_diffusers_vae(sd: dict) -> dict:
+    """diffusers `AutoencoderKL` state dict -> original CompVis names (`encoder.down.0.block.0.norm1`, ...)."""
+    L = 1 + max(int(k.split(".")[2]) for k in sd if k.startswith("encoder.down_blocks."))
+    nrb = 1 + max(int(k.split(".")[4]) for k in sd if k.startswith("encoder.down_blocks.0.resnets."))
+    m = {"quant_conv.": "quant_conv.", "post_quant_conv.": "post_quant_conv."}
+    for side in ("encoder", "decoder"):
+        m.update({f"{side}.conv_in.": f"{side}.conv_in.", f"{side}.conv_out.": f"{side}.conv_out.",
+                  f"{side}.conv_norm_out.": f"{side}.norm_out.", f"{side}.mid_block.resnets.0.": f"{side}.mid.block_1.",
+                  f"{side}.mid_block.resnets.1.": f"{side}.mid.block_2."})
+        m.update({f"{side}.mid_block.attentions.0.{a}": f"{side}.mid.attn_1.{b}" for a, b in _VAE_ATTN_RENAMES.items()})
+    for i in range(L):  # decoder up_blocks run from the lowest resolution: up_blocks.i is level L-1-i
+        m.update({f"encoder.down_blocks.{i}.resnets.{j}.": f"encoder.down.{i}.block.{j}." for j in range(nrb)})
+        m.update({f"decoder.up_blocks.{i}.resnets.{j}.": f"decoder.up.{L - 1 - i}.block.{j}." for j in range(nrb + 1)})
+        if i < L - 1:
+            m[f"encoder.down_blocks.{i}.downsamplers.0.conv."] = f"encoder.down.{i}.downsample.conv."
+            m[f"decoder.up_blocks.{i}.upsamplers.0.conv."] = f"decoder.up.{L - 1 - i}.upsample.conv."
+    out = {}
+    for k, v in _rename_by_prefix(sd, m, "VAE").items():
+        k = k.replace(".conv_shortcut.", ".nin_shortcut.")
+        if ".mid.attn_1." in k and v.ndim == 2:  # diffusers stores the 1x1 convs as Linear: (C, C) -> (C, C, 1, 1)
+            v = v[:, :, None, None]
+        out[k] = v
+    return out
+
+
+# ----------------------------------------------------------------------------- everything at once
+
+class StableDiffusion(NamedTuple):
+    unet: nn.Module
+    vae: nn.Module
+    text_encoder: nn.Module
+    tokenizer: object
+
+
+def read_original_parts(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
+    """(unet, vae, text) unprefixed state dicts from an original checkpoint or a diffusers folder."""
+    if os.path.isdir(path):
+        return _read_diffusers_folder(path)
+    sd = read_state_dict(path)
+    unet = strip_prefix(sd, UNET_PREFIX)
+    if ema and any(k.startswith("model_ema.") for k in sd):
+        # "full" checkpoints keep the EMA copy as model_ema.<name without dots>; sd-v1-4.ckpt is EMA-only already
+        missing = [k for k in unet if "model_ema." + ("diffusion_model." + k).replace(".", "") not in sd]
+        if missing:
+            raise CheckpointError(f"EMA weights incomplete, e.g. no EMA copy of {missing[:3]} (pass ema=False)")
+        unet = {k: sd["model_ema." + ("diffusion_model." + k).replace(".", "")] for k in unet}
+    vae = strip_prefix(sd, VAE_PREFIX)
+    text = {k: v for k, v in strip_prefix(sd, TEXT_PREFIX).items() if not k.endswith("position_ids")}
+    for name, part in (("UNet", unet), ("VAE", vae), ("text encoder", text)):
+        if not part:
+            raise CheckpointError(f"{path}: no {name} weights found (expected keys under the original SD prefixes)")
+    return unet, vae, text
+
+
+def _read_diffusers_folder(path: str) -> tuple[dict, dict, dict]:
+    from safetensors.torch import load_file
+
+    def one(sub, names):
+        for n in names:
+            f = os.path.join(path, sub, n)
+            if os.path.isfile(f):
+                return load_file(f)
+        raise FileNotFoundError(f"diffusers folder {path}: expected {sub}/{names[0]}")
+
+    unet = one("unet", ["diffusion_pytorch_model.safetensors"])
+    vae = one("vae", ["diffusion_pytorch_model.safetensors"])
+    text = one("text_encoder", ["model.safetensors"])
+    unet_ours, _ = convert_diffusers_unet(unet)
+    return unet_ours, convert_diffusers_vae(vae), {k: v for k, v in text.items() if not k.endswith("position_ids")}
+
+
+def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_IN_CHANNELS) -> UNet:
+    """Build a UNet with sizes inferred from `unet_sd`, inflating the input to `in_channels` (None keeps it)."""
+    if in_channels is not None:
+        unet_sd = inflate_input_channels(unet_sd, in_channels)
+    config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
+    with torch.device("meta"):
+        unet = UNet(config)
+    unet = unet.to_empty(device="cpu")
+    strict_load(unet, unet_sd, "UNet")
+    return unet
+
+
+def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
+            device="cpu", dtype=torch.float32) -> StableDiffusion:
+    """UNet, VAE, text encoder and tokenizer from an original SD-1.x `.ckpt`/`.safetensors` or a diffusers folder.
+
+    num_heads: attention heads of the UNet (the one size shapes cannot tell; 8 for SD-1.x).
+    ema: take the `model_ema.*` copy when the checkpoint has one (sd-v1-4.ckpt holds only EMA weights).
+    in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
+    """
+    from .text import Tokenizer, build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
+    from .vae import AutoencoderKL, vae_config_from_state_dict
+
+    unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema)
+    unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels)
+    vae = AutoencoderKL(**vae_config_from_state_dict(vae_sd))
+    strict_load(vae, vae_sd, "VAE")
+    text_sd = convert_original_text_state_dict(text_sd)
+    text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
+    strict_load(text_encoder, text_sd, "text encoder")
+    mods = [m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
+    return StableDiffusion(*mods, Tokenizer())
