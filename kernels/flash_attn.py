@@ -236,7 +236,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale,
             sT += tl.dot(k1, tl.trans(q1), input_precision=PREC)
             dpT += tl.dot(v1, tl.trans(do1), input_precision=PREC)
         pT = tl.math.exp2(sT * qk_scale - lse[None, :])  # softmax probabilities, recomputed from the saved lse
-        if CHECK_M:  # queries past LQ contribute nothing (their lse/delta were loaded as 0)
+        if CHECK_M:  # queries past LQ: q = dO = lse = delta = 0 already gives 0 contributions; be explicit
             pT = tl.where(cur_m[None, :] < LQ, pT, 0.0)
         dv0 += tl.dot(pT.to(do0.dtype), do0, input_precision=PREC)
         dsT = pT * (dpT - delta[None, :])  # dS = P * (dP - delta), the softmax backward
@@ -307,7 +307,7 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale,
             s += tl.dot(q1, tl.trans(k1), input_precision=PREC)
             dp += tl.dot(do1, tl.trans(v1), input_precision=PREC)
         p = tl.math.exp2(s * qk_scale - lse[:, None])
-        if CHECK_N:
+        if CHECK_N:  # needed: for padded keys p = exp2(-lse), which overflows when all scores are very negative
             p = tl.where(cur_n[None, :] < LK, p, 0.0)
         ds = p * (dp - delta[:, None])
         dq0 += tl.dot(ds.to(k0.dtype), k0, input_precision=PREC)

@@ -1,0 +1,195 @@
+"""Triton flash-attention vs an fp64 reference, and the attention() dispatch.
+
+Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (slow: shapes are kept small).
+Inputs are fresh random tensors each run; the seed is in every failure message.
+"""
+import importlib
+import math
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # triton.jit chooses interpreter vs compiler when kernels.flash_attn is imported: set it first.
+    os.environ["TRITON_INTERPRET"] = "1"
+
+import kernels  # noqa: E402
+from kernels import flash_attn  # noqa: E402
+from kernels.reference import attention_reference  # noqa: E402
+
+if not torch.cuda.is_available() and not flash_attn.INTERPRET:
+    flash_attn = importlib.reload(flash_attn)  # another module imported it before the variable was set
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+ROOT = Path(__file__).resolve().parents[1]
+SEED = torch.seed()  # fresh inputs each run, reproducible from the message: torch.manual_seed(SEED)
+# Slack added to 2 x (SDPA's error) in each dtype: about one unit in the last place of O(1) values.
+EPS = {torch.float32: 1e-6, torch.float16: 5e-4, torch.bfloat16: 4e-3}
+
+
+@pytest.fixture(autouse=True)
+def poison(monkeypatch):
+    # Every buffer the kernels allocate (O, lse, delta, dQ, dK, dV) starts as NaN: unwritten elements fail.
+    monkeypatch.setattr(flash_attn, "_DEBUG_FILL", float("nan"))
+
+
+def _inputs(B, Lq, Lk, H, D, dtype, packed=False):
+    if packed:  # q, k, v as strided views of one fused projection (B, L, 3, H, D), as a UNet may produce
+        assert Lq == Lk
+        qkv = torch.randn(B, Lq, 3, H, D, device=DEVICE, dtype=dtype)
+        q, k, v = (t.requires_grad_() for t in qkv.unbind(2))  # each (B, L, H, D), non-contiguous
+        return q, k, v
+    q = torch.randn(B, Lq, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Lk, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Lk, H, D, device=DEVICE, dtype=dtype, requires_grad=True)
+    return q, k, v
+
+
+def _run(fn, q, k, v, do):
+    out = fn(q, k, v)
+    grads = torch.autograd.grad(out, (q, k, v), do)
+    return (out, *grads)
+
+
+def _leaf(x, dtype):
+    return x.detach().to(dtype).requires_grad_()
+
+
+CASES = [
+    # B, Lq,  Lk,  H, D,   dtype,         split, packed
+    (2, 77, 77, 2, 40, torch.float32, False, True),  # SD d40, odd length, strided views
+    (1, 100, 77, 2, 80, torch.float16, False, False),  # cross-attention length, Lq != Lk
+    (1, 257, 100, 1, 160, torch.float16, False, False),  # d160, one past a block multiple
+    (1, 64, 128, 3, 64, torch.float32, False, False),  # power of two, no ragged tails at all
+    (1, 33, 77, 2, 40, torch.float16, True, False),  # split 32 + 16 (8 masked)
+    (1, 77, 130, 1, 80, torch.float32, True, False),  # split 64 + 16
+    (1, 100, 50, 1, 160, torch.float16, True, False),  # split 128 + 32
+    (1, 1, 1, 1, 8, torch.float32, False, False),  # degenerate: one query, one key, tiny head
+    (1, 64, 77, 2, 80, torch.bfloat16, False, False),  # bf16: tiles upcast under the interpreter
+]
+
+
+@pytest.mark.parametrize("B,Lq,Lk,H,D,dtype,split,packed", CASES,
+                         ids=[f"d{c[4]}-{c[1]}x{c[2]}-{str(c[5])[6:]}{'-split' if c[6] else ''}" for c in CASES])
+def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, split, packed):
+    q, k, v = _inputs(B, Lq, Lk, H, D, dtype, packed)
+    do = torch.randn(B, Lq, H, D, device=DEVICE, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
+    # ^ upstream gradient in (B, H, L, D) memory order: the backward must honour its strides too.
+    scale = 0.7 / math.sqrt(D)  # not the default, so a dropped scale shows
+
+    got = _run(lambda q, k, v: flash_attn.flash_attention(q, k, v, scale, split_d=split), q, k, v, do)
+    f64 = [_leaf(x, torch.float64) for x in (q, k, v)]
+    ref = _run(lambda q, k, v: attention_reference(q, k, v, scale), *f64, do.double())
+    # What torch's own SDPA gets wrong in the same dtype sets the bar.
+    sd = _run(lambda q, k, v: kernels.sdpa_attention(q, k, v, scale), *[_leaf(x, dtype) for x in (q, k, v)], do)
+
+    for name, g, r, s in zip(("out", "dq", "dk", "dv"), got, ref, sd):
+        assert g.shape == r.shape and g.dtype == dtype, name
+        assert not g.isnan().any(), f"{name}: NaN (unwritten or bad) elements, seed {SEED}"
+        err = (g.double() - r).abs().max().item()
+        err_sdpa = (s.double() - r).abs().max().item()
+        tol = 2 * err_sdpa + EPS[dtype] * max(1.0, r.abs().max().item())
+        assert err <= tol, f"{name}: max err {err:.3g} > {tol:.3g} (sdpa {err_sdpa:.3g}), seed {SEED}"
+
+
+def test_only_requested_grads():
+    # k without grad: dK/dV kernel still runs for dV, dQ kernel for dQ; autograd gets None for k.
+    q, k, v = _inputs(1, 40, 24, 1, 40, torch.float32)
+    k = k.detach()
+    dq, dv = torch.autograd.grad(flash_attn.flash_attention(q, k, v).sum(), (q, v))
+    qd, kd, vd = [x.detach().double().requires_grad_() for x in (q, k, v)]
+    rq, rv = torch.autograd.grad(attention_reference(qd, kd, vd).sum(), (qd, vd))
+    assert (dq.double() - rq).abs().max() < 1e-5 and (dv.double() - rv).abs().max() < 1e-5, f"seed {SEED}"
+
+
+def test_head_dim_pieces():
+    assert [flash_attn.head_dim_pieces(d) for d in (8, 40, 64, 80, 160, 256)] == \
+        [(16, 0), (64, 0), (64, 0), (128, 0), (256, 0), (256, 0)]
+    assert [flash_attn.head_dim_pieces(d, split=True) for d in (40, 64, 80, 96, 160, 200)] == \
+        [(32, 16), (64, 0), (64, 16), (64, 32), (128, 32), (256, 0)]
+
+
+def test_rejects_bad_inputs():
+    q = torch.randn(1, 8, 1, 16, device=DEVICE)
+    with pytest.raises(ValueError):
+        flash_attn.flash_attention(q, q[:, :, :, :8], q)
+    with pytest.raises(ValueError):
+        flash_attn.flash_attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError):
+        flash_attn.flash_attention(*[torch.randn(1, 4, 1, 320, device=DEVICE)] * 3)
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Dispatch
+# ---------------------------------------------------------------------------------------------------------
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = flash_attn.flash_attention
+
+    def wrapped(*a, **kw):
+        calls.append("triton")
+        return real(*a, **kw)
+    monkeypatch.setattr(flash_attn, "flash_attention", wrapped)
+    monkeypatch.delenv("JEDI_ATTN", raising=False)
+    return calls
+
+
+def test_dispatch_env_and_backend_argument(spy, monkeypatch):
+    q, k, v = (torch.randn(2, 20, 2, 40, device=DEVICE) for _ in range(3))
+    want = attention_reference(q, k, v)
+
+    monkeypatch.setenv("JEDI_ATTN", "triton")
+    out = kernels.attention(q, k, v)
+    assert spy == ["triton"] and (out - want).abs().max() < 1e-5
+    assert kernels.attention(q, k, v, backend="sdpa").allclose(kernels.sdpa_attention(q, k, v))
+    assert spy == ["triton"]  # the argument beat the environment
+
+    monkeypatch.setenv("JEDI_ATTN", "sdpa")
+    assert kernels.attention(q, k, v).allclose(kernels.sdpa_attention(q, k, v))
+    kernels.attention(q, k, v, backend="triton")
+    assert spy == ["triton", "triton"]
+
+    monkeypatch.setenv("JEDI_ATTN", "bogus")
+    with pytest.raises(ValueError):
+        kernels.attention(q, k, v)
+
+
+def test_dispatch_auto(spy):
+    q = torch.randn(1, 8, 1, 16, device=DEVICE)
+    assert kernels.resolve_backend(q, q, q, "auto") == ("triton" if DEVICE == "cuda" else "sdpa")
+    assert kernels.resolve_backend(q.double(), q.double(), q.double()) == "sdpa"  # unsupported dtype: fallback
+    kernels.attention(q, q, q)
+    assert spy == (["triton"] if DEVICE == "cuda" else [])
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Benchmark and GPU suite must not rot
+# ---------------------------------------------------------------------------------------------------------
+def _sub_env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT), TRITON_INTERPRET="1")
+    env.pop("JEDI_ATTN", None)
+    return env
+
+
+def test_bench_cpu_smoke(tmp_path):
+    out = tmp_path / "bench.md"
+    r = subprocess.run([sys.executable, "bench/bench_attention.py", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
+                       env=_sub_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert "TFLOP/s" in text and "triton" in text.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
+def test_gpu_suite_fails_fast_without_cuda(tmp_path):
+    t = time.time()
+    r = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path / "suite")], cwd=ROOT, env=_sub_env(),
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode != 0 and "CUDA" in r.stderr, r.stdout + r.stderr
+    assert time.time() - t < 60
