@@ -1,0 +1,234 @@
+"""JeDi's diffusion core: schedule, forward noising, the training loss (eq. 2), samplers, and
+personalization as inpainting (replacement trick + image guidance, eq. 3). Not inside the UNet.
+
+Conventions (one for the whole project):
+- integer timesteps t in [0, T-1], T = 1000; `alphas_cumprod[t]` is ᾱ_t of the noised x_t.
+- images are flat over sets, `(B·N, C, h, w)`, the N images of a set consecutive; the UNet gets `set_size=N`.
+- the UNet input is `[x_t, reference, mask]` (model/unet.py): mask = 1 where the image's clean latent is given.
+- a model predicts `eps` (SD-1.4, the paper) or `v` (v = √ᾱ·ε − √(1−ᾱ)·x0, used by the toy config).
+"""
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+
+def make_alphas_cumprod(kind: str = "scaled_linear", T: int = 1000, beta_start: float = 0.00085,
+                        beta_end: float = 0.012) -> torch.Tensor:
+    """ᾱ_t, float64, shape (T,). 'scaled_linear' is SD's schedule (CompVis calls it 'linear')."""
+    if kind == "scaled_linear":
+        betas = torch.linspace(beta_start ** 0.5, beta_end ** 0.5, T, dtype=torch.float64) ** 2
+    elif kind == "linear":  # DDPM's
+        betas = torch.linspace(beta_start, beta_end, T, dtype=torch.float64)
+    elif kind == "cosine":  # Nichol & Dhariwal; betas clipped at 0.999 so ᾱ_{T-1} stays > 0
+        s, steps = 0.008, torch.arange(T + 1, dtype=torch.float64) / T
+        f = torch.cos((steps + s) / (1 + s) * math.pi / 2) ** 2
+        betas = (1 - f[1:] / f[:-1]).clamp(max=0.999)
+    else:
+        raise ValueError(f"unknown schedule {kind!r} (scaled_linear, linear, cosine)")
+    return torch.cumprod(1 - betas, dim=0)
+
+
+@dataclass
+class Diffusion:
+    """Noise schedule + parameterisation. `Diffusion()` is SD-1.4: scaled-linear, 1000 steps, eps-prediction."""
+
+    schedule: str = "scaled_linear"
+    num_timesteps: int = 1000
+    beta_start: float = 0.00085
+    beta_end: float = 0.012
+    prediction: str = "eps"
+
+    def __post_init__(self):
+        if self.prediction not in ("eps", "v"):
+            raise ValueError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
+        self.alphas_cumprod = make_alphas_cumprod(self.schedule, self.num_timesteps, self.beta_start, self.beta_end)
+
+    def _ab(self, t, x):
+        """ᾱ_t as (len(t), 1, 1, 1) in x's dtype/device."""
+        ab = self.alphas_cumprod.to(x.device)[t.to(x.device).long()]
+        return ab.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+
+    def q_sample(self, x0, t, noise):
+        ab = self._ab(t, x0)
+        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+    def target(self, x0, noise, t):
+        if self.prediction == "eps":
+            return noise
+        ab = self._ab(t, x0)
+        return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+    def to_eps_x0(self, x_t, t, out):
+        """Model output -> (ε, x0)."""
+        ab = self._ab(t, x_t)
+        if self.prediction == "eps":
+            eps = out
+            x0 = (x_t - (1 - ab).sqrt() * eps) / ab.sqrt()
+        else:
+            eps = ab.sqrt() * out + (1 - ab).sqrt() * x_t
+            x0 = ab.sqrt() * x_t - (1 - ab).sqrt() * out
+        return eps, x0
+
+
+# ----------------------------------------------------------------------------- training (eq. 2)
+
+def jedi_input(x_t, reference, mask):
+    """UNet input (B·N, 2C+1, h, w) = [x_t, reference ⊙ mask, mask]; mask: (B·N,) with 1 = reference given."""
+    m = mask.to(x_t.dtype).reshape(-1, 1, 1, 1)
+    return torch.cat([x_t, reference * m, m.expand(-1, 1, *x_t.shape[2:])], dim=1)
+
+
+def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: int, p_ref: float = 0.5,
+              p_drop: float = 0.1, p_drop_text: float = 0.0, ref_loss_weight: float = 1.0, generator=None):
+    """The JeDi training loss (eq. 2) on a batch of sets.
+
+    x0: (B·N, C, h, w) clean latents; context: (B·N, L, D) text states; null_context: (1, L, D) for "".
+    Per image a reference flag ~ Bernoulli(p_ref). Per set, with p_drop the text becomes "" AND every reference
+    is zeroed while the mask stays (ε⁰ of eq. 3); with p_drop_text only the text is dropped (for 3-pass guidance).
+    One t per set, as for one joint sample. ref_loss_weight weighs the loss on images given as reference
+    (1 = the paper's plain MSE over the whole set). Returns the scalar loss.
+    """
+    BN, dev = x0.shape[0], x0.device
+    B = BN // set_size
+    rand = lambda *s: torch.rand(*s, generator=generator, device=dev)  # noqa: E731
+    t = torch.randint(0, diffusion.num_timesteps, (B,), generator=generator, device=dev).repeat_interleave(set_size)
+    noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+    mask = rand(BN) < p_ref  # (B·N,)
+    u = rand(B).repeat_interleave(set_size)  # one draw per set: joint drop | text-only drop | keep
+    drop_all, drop_text = u < p_drop, (u >= p_drop) & (u < p_drop + p_drop_text)
+    context = torch.where((drop_all | drop_text)[:, None, None], null_context.to(context.dtype), context)
+    reference = x0 * (~drop_all).to(x0.dtype).reshape(-1, 1, 1, 1)
+    x_t = diffusion.q_sample(x0, t, noise)
+    out = unet(jedi_input(x_t, reference, mask), t, context, set_size=set_size)
+    per_image = F.mse_loss(out.float(), diffusion.target(x0, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
+    w = torch.where(mask, ref_loss_weight, 1.0)
+    return (per_image * w).sum() / w.sum()
+
+
+# ----------------------------------------------------------------------------- sampling
+
+def ddim_timesteps(steps: int, T: int = 1000) -> list[int]:
+    """CompVis' uniform DDIM spacing, high to low: range(0, T, T // steps) + 1 (so 981 ... 1 for 50 steps)."""
+    if not 1 <= steps <= T:
+        raise ValueError(f"steps must be in [1, {T}]")
+    ts = [i * (T // steps) for i in range(steps)]  # exactly `steps` of them, even when steps does not divide T
+    if steps < T:  # the +1 offset; with every step (c = 1) it would index past T-1
+        ts = [t + 1 for t in ts]
+    return ts[::-1]
+
+
+def ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator):
+    """One DDIM update x_t -> x_{t_prev} (t_prev = -1 means ᾱ = ᾱ_0 as in CompVis' last step)."""
+    ab = diffusion.alphas_cumprod[t].item()
+    ab_prev = diffusion.alphas_cumprod[max(t_prev, 0)].item()
+    sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
+    x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
+    if sigma > 0:
+        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+    return x
+
+
+def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+           generator=None, device="cpu", dtype=torch.float32, replace=None, progress=None):
+    """Generic sampler loop.
+
+    model_fn(x_t, t:int) -> (ε, x0) for the whole batch (guidance is inside model_fn).
+    replace(x_t, t) -> x_t with the known images swapped for noised references (RePaint-style), or None.
+    sampler: 'ddim' (η) or 'dpmpp_2m' (DPM-Solver++ 2M, deterministic, good at 10-25 steps).
+    """
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    ts = ddim_timesteps(steps, diffusion.num_timesteps)
+    it = progress(ts) if progress else ts
+    ab = diffusion.alphas_cumprod
+    prev_x0, prev_lam = None, None
+    for i, t in enumerate(it):
+        if replace is not None:
+            x = replace(x, t)
+        eps, x0 = model_fn(x, t)
+        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
+        if sampler == "ddim":
+            x = ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator)
+        elif sampler == "dpmpp_2m":
+            a_s, s_s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+            lam_s = math.log(a_s / s_s)
+            if t_prev < 0:  # final step to the clean image: σ=0, so the update is the data prediction itself
+                x = x0
+            else:
+                a_t, s_t = math.sqrt(ab[t_prev]), math.sqrt(1 - ab[t_prev])
+                h = math.log(a_t / s_t) - lam_s
+                d = x0
+                if prev_x0 is not None:  # second order: extrapolate the data prediction in λ
+                    r = (lam_s - prev_lam) / h
+                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+                x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
+            prev_x0, prev_lam = x0, lam_s
+        else:
+            raise ValueError(f"unknown sampler {sampler!r} (ddim, dpmpp_2m)")
+    return x
+
+
+def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_new: int, num_sets: int = 1,
+                steps: int = 50, guidance: float = 3.0, text_guidance: float | None = None, sampler: str = "ddim",
+                eta: float = 0.0, generator=None, progress=None, latent_shape=None):
+    """Generate `num_new` images per set that share the subject of `refs` (personalization as inpainting, §3.3).
+
+    refs: (n, C, h, w) clean reference latents, n >= 0 (n = 0: a same-subject set from text alone, Fig. 2b).
+    context: (n + num_new, L, D) text states, the references' captions first; null_context: (1, L, D) for "".
+    Each set is [refs..., new...]; `num_sets` sets are drawn at once with independent noise.
+    guidance λ (eq. 3): ε̃ = ε⁰ + λ(ε(x_t, x̂, M) − ε⁰), ε⁰ = ε(x_t, 0, M) with text "": two passes in one call.
+    text_guidance s_T (beyond the paper, 3 passes): ε⁰ + λ(ε(x̂, "") − ε⁰) + s_T(ε(x̂, text) − ε(x̂, "")); needs a
+    model trained with text-only dropout (train.py p_drop_text > 0).
+    Returns (num_sets·N, C, h, w) latents, references in place (exactly the given latents).
+    """
+    n = 0 if refs is None else refs.shape[0]
+    N = n + num_new
+    if latent_shape is None:
+        latent_shape = tuple(refs.shape[1:])
+    dev, dtype = context.device, context.dtype
+    mask = torch.zeros(N, device=dev)
+    mask[:n] = 1
+    mask = mask.repeat(num_sets)  # (S·N,)
+    ref_full = torch.zeros(num_sets, N, *latent_shape, device=dev, dtype=dtype)
+    if n:
+        ref_full[:, :n] = refs.to(dev, dtype)
+    ref_full = ref_full.reshape(num_sets * N, *latent_shape)  # (S, N, C, h, w) -> (S·N, C, h, w)
+    known = mask.bool()
+    ctx = context.repeat(num_sets, 1, 1)  # (S·N, L, D)
+    null = null_context.expand_as(ctx)
+    zeros = torch.zeros_like(ref_full)
+
+    passes = [(ref_full, ctx), (zeros, null)]  # conditional, ε⁰
+    if text_guidance is not None:
+        passes.append((ref_full, null))  # ε(x̂, "")
+
+    def model_fn(x, t):
+        k = len(passes)
+        inp = torch.cat([jedi_input(x, r, mask) for r, _ in passes])  # (k·S·N, 2C+1, h, w), whole sets stay together
+        c = torch.cat([c for _, c in passes])
+        tt = torch.full((inp.shape[0],), t, device=dev, dtype=torch.long)
+        out = unet(inp, tt, c, set_size=N).chunk(k)
+        # Guidance is linear and every pass sees the same x_t, so guiding the raw output (ε or v) equals guiding ε,
+        # and converting once afterwards stays stable where ᾱ_t -> 0 (v-prediction, cosine schedule).
+        guided = guide(out[0], out[1], guidance, None if text_guidance is None else (out[2], text_guidance))
+        return diffusion.to_eps_x0(x, tt[: x.shape[0]], guided)
+
+    def replace(x, t):
+        if not n:
+            return x
+        tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
+        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=dtype)  # fresh noise every step
+        return torch.where(known.reshape(-1, 1, 1, 1), diffusion.q_sample(ref_full, tt, noise), x)
+
+    x = sample(model_fn, diffusion, (num_sets * N, *latent_shape), steps=steps, sampler=sampler, eta=eta,
+               generator=generator, device=dev, dtype=dtype, replace=replace, progress=progress)
+    return torch.where(known.reshape(-1, 1, 1, 1), ref_full, x)
+
+
+def guide(eps_cond, eps_null, scale: float, text=None):
+    """Image guidance (eq. 3); with text=(ε(x̂, ""), s_T) the three-pass variant. Works on ε or v outputs alike."""
+    if text is None:
+        return eps_null + scale * (eps_cond - eps_null)
+    eps_ref_only, s_t = text
+    return eps_null + scale * (eps_ref_only - eps_null) + s_t * (eps_cond - eps_ref_only)
