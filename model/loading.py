@@ -275,3 +275,67 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
     strict_load(text_encoder, text_sd, "text encoder")
     mods = [m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
     return StableDiffusion(*mods, Tokenizer())
+
+
+# ----------------------------------------------------------------------------- JeDi checkpoints (one file)
+
+JEDI_FORMAT = 1
+
+
+class JeDi(NamedTuple):
+    unet: nn.Module
+    vae: nn.Module | None  # None: the model works in pixel space
+    text_encoder: nn.Module
+    tokenizer: object
+    meta: dict  # resolution, space, diffusion settings, configs
+
+
+def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None = None, *,
+              resolution: int, diffusion: dict, **extra) -> None:
+    """One safetensors file with everything sample.py needs: `unet.*`, `text.*`, `vae.*` tensors and the
+    configs as JSON metadata, so `--ckpt` is all a user passes. Written to a temp name and renamed (atomic)."""
+    from safetensors.torch import save_file
+
+    tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
+    tensors.update({f"text.{k}": v for k, v in text_encoder.state_dict().items()})
+    if vae is not None:
+        tensors.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
+    meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text_encoder.config.to_dict(),
+                vae=vae.config if vae is not None else None, space="latent" if vae is not None else "pixel",
+                resolution=resolution, diffusion=diffusion, **extra)
+    tmp = path + ".tmp"
+    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"jedi": json.dumps(meta)})
+    os.replace(tmp, path)
+
+
+def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
+    """Load a checkpoint written by `save_jedi` (train.py's export)."""
+    from safetensors import safe_open
+    from transformers import CLIPTextConfig
+
+    from .text import Tokenizer, build_text_encoder
+    from .vae import AutoencoderKL
+
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"checkpoint not found: {path}")
+    try:
+        with safe_open(path, framework="pt") as f:
+            raw = (f.metadata() or {}).get("jedi")
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error types for non-safetensors files
+        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+    if raw is None:
+        raise CheckpointError(f"{path}: no JeDi metadata; an original SD checkpoint is loaded with load_sd()")
+    meta = json.loads(raw)
+    if meta.get("format") != JEDI_FORMAT:
+        raise CheckpointError(f"{path}: JeDi checkpoint format {meta.get('format')} is not supported ({JEDI_FORMAT})")
+    unet = UNet(UNetConfig(**meta["unet"]))
+    strict_load(unet, strip_prefix(tensors, "unet."), "UNet")
+    text_encoder = build_text_encoder(CLIPTextConfig(**meta["text"]))
+    strict_load(text_encoder, strip_prefix(tensors, "text."), "text encoder")
+    vae = None
+    if meta["vae"] is not None:
+        vae = AutoencoderKL(**meta["vae"])
+        strict_load(vae, strip_prefix(tensors, "vae."), "VAE")
+    mods = [None if m is None else m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
+    return JeDi(mods[0], mods[1], mods[2], Tokenizer(), meta)
