@@ -371,7 +371,9 @@ class WebDatasetSource:
             ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
             if ext is None:
                 raise BadSample("missing", f"{key}: no image")
-            cap = sample["txt"].decode() if "txt" in sample else meta.get("caption", "")
+            if "txt" not in sample and "caption" not in meta:  # e.g. the last sample of a truncated shard
+                raise BadSample("missing", f"{key}: no caption")
+            cap = sample["txt"].decode() if "txt" in sample else meta["caption"]
             return [fit(load_image(sample[ext], resolution), resolution, rng, crop)], [cap], None, key
         members = sorted((int(_SET_MEMBER.match(k).group(1)), k) for k in sample if _SET_MEMBER.match(k))
         if len(members) < n:
@@ -384,8 +386,10 @@ class WebDatasetSource:
                 caps.append(sample[f"{idx}.txt"].decode())
             elif "captions" in meta:
                 caps.append(meta["captions"][idx])
+            elif "txt" in sample or "caption" in meta:
+                caps.append(sample["txt"].decode() if "txt" in sample else meta["caption"])
             else:
-                caps.append(sample["txt"].decode() if "txt" in sample else meta.get("caption", ""))
+                raise BadSample("missing", f"{key}: no caption for image {idx}")
         imgs = [fit(load_image(sample[members[i][1]], resolution), resolution, rng, crop) for i in pick]
         return imgs, caps, None, key
 
