@@ -367,8 +367,10 @@ def _autotuned(kernel, kind):
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
         key=["HEAD_DIM", "BD0", "BD1", "LQ_KEY", "LK_KEY"],  # tensor dtypes are added to the key by Triton
         prune_configs_by={"early_config_prune": _make_prune(kind)},
-        # Short benchmarks keep first-call tuning cheap (3 configs x 3 kernels per key).
+        # Short benchmarks keep first-call tuning cheap (<= 3 configs x 3 kernels per key), and picks are cached
+        # on disk (Triton's cache dir), so later processes on the machine skip the tuning.
         do_bench=lambda fn, quantiles: triton.testing.do_bench(fn, warmup=5, rep=25, quantiles=quantiles),
+        cache_results=True,
     )(kernel)
 
 

@@ -202,6 +202,14 @@ def test_bench_cpu_smoke(tmp_path):
     assert "TFLOP/s" in text and "triton" in text.lower()
 
 
+def test_cuda_check_cpu_smoke(tmp_path):
+    out = tmp_path / "check.md"
+    r = subprocess.run([sys.executable, "bench/check_attention_cuda.py", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
+                       env=_sub_env(), capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 failing rows" in out.read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
 def test_gpu_suite_fails_fast_without_cuda(tmp_path):
     t = time.time()

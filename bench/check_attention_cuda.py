@@ -1,0 +1,123 @@
+"""CUDA correctness of the Triton attention at every benchmarked shape, fp16 and bf16, forward and backward.
+
+    python bench/check_attention_cuda.py --out OUTDIR/check_attention.md
+
+Reference: SDPA on fp32 copies of the inputs (TF32 off), which never materialises L x L, so the 16k-token
+shapes fit. Pass: for O, dQ, dK, dV,  max|triton - ref| <= 2 * max|sdpa_lowp - ref| + eps * max(1, max|ref|),
+where sdpa_lowp is PyTorch's default SDPA in the same dtype as the kernel -- the same rule as
+tests/test_kernels.py. Every buffer the kernel allocates starts as NaN, so unwritten elements fail.
+Exits 1 if any case fails, 2 without CUDA. --cpu-smoke runs two tiny cases under TRITON_INTERPRET=1 (CI rot check).
+"""
+import argparse
+import datetime
+import math
+import os
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+EPS = {"fp16": 5e-4, "bf16": 4e-3, "fp32": 1e-5}
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, default=None)
+    p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--modes", default="pad,split", help="head-dim handling to check: pad, split or both")
+    p.add_argument("--split-dtypes", default="fp16",
+                   help="dtypes in which split mode is checked too (each mode x dtype costs its own compiles)")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: two tiny cases under the interpreter")
+    args = p.parse_args()
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before kernels.flash_attn is imported
+
+    import torch
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("check_attention_cuda: error: no CUDA device (torch.cuda.is_available() is False).", file=sys.stderr)
+        return 2
+    import triton
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    import kernels
+    from bench_attention import HEADS, SHAPES
+    from kernels import flash_attn
+
+    torch.backends.cuda.matmul.allow_tf32 = False
+    flash_attn._DEBUG_FILL = float("nan")  # poison: unwritten output elements become NaN
+    seed = torch.seed()
+    dts = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+    # (B, Lq, Lk, H, D, dtypes, packed): the SD coupled shapes, then cross-attention, odd lengths, fp32, strides.
+    cases = [(b, n * hw, n * hw, HEADS, d, args.dtypes.split(","), False) for b, n, hw, d in SHAPES]
+    cases += [(2, 4096, 77, 8, 40, ["fp16"], False),  # cross-attention to the 77 text tokens
+              (2, 1000, 1000, 8, 80, ["bf16"], False), (1, 333, 77, 8, 160, ["fp16"], False),
+              (2, 1024, 1024, 8, 64, ["fp32"], False), (2, 777, 777, 8, 80, ["fp16"], True)]
+    device = "cuda"
+    if args.cpu_smoke:
+        device = "cpu"
+        cases = [(1, 40, 77, 2, 40, ["fp16"], False), (1, 50, 50, 1, 80, ["fp32"], True)]
+
+    def run(fn, q, k, v, do):
+        out = fn(q, k, v)
+        return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+    def ref_fn(q, k, v):
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return kernels.sdpa_attention(q, k, v)
+
+    lines = [f"# Triton attention CUDA correctness", "",
+             f"- card: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, interpreter'}; torch {torch.__version__}, triton {triton.__version__}",
+             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; seed {seed}",
+             "- errors: max abs vs fp32 SDPA, shown as triton / sdpa-same-dtype", "",
+             "| B | Lq | Lk | D | dtype | mode | out | dq | dk | dv | ok |", "|" + "---|" * 11]
+    failures, t0 = 0, time.time()
+    for b, lq, lk, h, d, dtypes, packed in cases:
+        for dname in dtypes:
+            dtype = dts[dname]
+            if packed:  # q, k, v as strided views of one (B, L, 3, H, D) projection
+                qkv = torch.randn(b, lq, 3, h, d, device=device, dtype=dtype)
+                q, k, v = (t.requires_grad_() for t in qkv.unbind(2))
+            else:
+                q = torch.randn(b, lq, h, d, device=device, dtype=dtype, requires_grad=True)
+                k, v = (torch.randn(b, lk, h, d, device=device, dtype=dtype, requires_grad=True) for _ in range(2))
+            do = torch.randn(b, lq, h, d, device=device, dtype=dtype)
+            leaf = lambda x, dt: x.detach().to(dt).requires_grad_()  # noqa: E731
+            ref = run(ref_fn, *[leaf(x, torch.float32) for x in (q, k, v)], do.float())
+            low = run(kernels.sdpa_attention, *[leaf(x, dtype) for x in (q, k, v)], do)
+            for mode in args.modes.split(","):
+                if mode == "split" and dname not in args.split_dtypes.split(","):
+                    continue
+                got = run(lambda q, k, v: flash_attn.flash_attention(q, k, v, split_d=mode == "split"), q, k, v, do)
+                cells, ok = [], True
+                for g, r, s in zip(got, ref, low):
+                    err = (g.float() - r).abs().max().item()  # NaN if any element was left unwritten
+                    err_s = (s.float() - r).abs().max().item()
+                    tol = 2 * err_s + EPS[dname] * max(1.0, r.abs().max().item())
+                    good = err <= tol and not math.isnan(err)
+                    ok &= good
+                    cells.append(f"{err:.2e} / {err_s:.2e}{'' if good else ' FAIL'}")
+                failures += not ok
+                row = f"| {b} | {lq} | {lk} | {d} | {dname} | {mode}{' strided' if packed else ''} | " \
+                      + " | ".join(cells) + f" | {'ok' if ok else 'FAIL'} |"
+                lines.append(row)
+                print(row, flush=True)
+            del q, k, v, do, ref, low
+    # Dispatch: on CUDA the model's entry point must pick the kernel by default.
+    x = torch.randn(1, 64, 8, 40, device=device, dtype=torch.float16)
+    dispatch_ok = kernels.resolve_backend(x, x, x) == ("triton" if device == "cuda" else "sdpa")
+    failures += not dispatch_ok
+    lines += ["", f"- dispatch default on {device} fp16: {kernels.resolve_backend(x, x, x)}{'' if dispatch_ok else ' FAIL'}",
+              f"- {failures} failing rows; {time.time() - t0:.0f} s"]
+    print("\n".join(lines[-2:]))
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text("\n".join(lines) + "\n")
+    return 1 if failures else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
