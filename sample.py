@@ -1,0 +1,276 @@
+"""Personalized text-to-image generation with JeDi: new images of the subject in your reference images.
+
+    python sample.py --refs dog1.jpg dog2.jpg --prompt "a dog on the beach" "a dog in the snow"
+    python sample.py --prompt "a toy on the beach" "a toy in a forest"       # no refs: a same-subject set from text
+
+Personalization is inpainting (paper §3.3): each set is [references..., one new image per prompt]; at every step
+the references' x_t are replaced by freshly noised references, and image guidance (eq. 3) mixes the conditional
+prediction with ε⁰ (text "" and references zeroed, mask kept), both in one batched UNet call.
+Without --ckpt the small model shipped in assets/ is used (see config/toy.py).
+"""
+import argparse
+import os
+import sys
+import warnings
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from model.diffusion import Diffusion, personalize
+from model.loading import CheckpointError, load_jedi, load_sd
+from model.text import encode
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+DEFAULT_CKPT = os.path.join(HERE, "assets", "jedi_toy.safetensors")
+
+
+class UserError(Exception):
+    """Bad input: reported as one line and a non-zero exit."""
+
+
+# ----------------------------------------------------------------------------- model
+
+class Model:
+    """A loaded JeDi checkpoint: UNet, text encoder, optional VAE, and how to use them."""
+
+    def __init__(self, unet, vae, text_encoder, tokenizer, meta, device):
+        self.unet, self.vae, self.text_encoder, self.tokenizer, self.meta = unet, vae, text_encoder, tokenizer, meta
+        self.device = device
+        self.resolution = int(meta["resolution"])
+        self.diffusion = Diffusion(**meta.get("diffusion", {}))
+        c = unet.config
+        self.channels = c.out_channels
+        if c.in_channels != 2 * c.out_channels + 1:
+            raise UserError(f"the checkpoint's UNet takes {c.in_channels} input channels, not JeDi's "
+                            f"[x_t, reference, mask] = {2 * c.out_channels + 1}: not a JeDi model")
+        self.down = vae.downsample_factor if vae is not None else 1
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
+        ids, cut = self.tokenizer(prompts, return_truncated=True)
+        for p, c in zip(prompts, cut.tolist()):
+            if c:
+                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
+        return encode(self.text_encoder, ids.to(self.device))
+
+    @torch.no_grad()
+    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> the space the UNet works in (VAE latents, or pixels themselves)."""
+        pixels = pixels.to(self.device)
+        return self.vae.encode_latents(pixels) if self.vae is not None else pixels
+
+    @torch.no_grad()
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        x = self.vae.decode_latents(z) if self.vae is not None else z
+        return x.clamp(-1, 1)
+
+
+def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> Model:
+    """A JeDi checkpoint (train.py's export) or, for experiments, an original SD-1.x checkpoint (its reference
+    channels start at zero, so it ignores references until trained). None: the shipped toy model."""
+    path = ckpt or DEFAULT_CKPT
+    if not os.path.exists(path):
+        hint = "" if ckpt else " (the default toy checkpoint is missing from assets/; pass --ckpt)"
+        raise UserError(f"checkpoint not found: {path}{hint}")
+    try:
+        if os.path.isdir(path) or not path.endswith(".safetensors") or not _has_jedi_meta(path):
+            warnings.warn("an original SD checkpoint is not JeDi-trained: its reference and mask input channels are zero")
+            sd = load_sd(path, num_heads=num_heads, device=device)
+            meta = dict(resolution=512, diffusion={}, space="latent")
+            return Model(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, meta, device)
+        m = load_jedi(path, device=device)
+    except CheckpointError as e:
+        raise UserError(str(e).replace("\n", " ")) from None
+    return Model(m.unet, m.vae, m.text_encoder, m.tokenizer, m.meta, device)
+
+
+def _has_jedi_meta(path: str) -> bool:
+    from safetensors import safe_open
+
+    try:
+        with safe_open(path, framework="pt") as f:
+            return "jedi" in (f.metadata() or {})
+    except Exception:
+        raise UserError(f"{path}: not a readable safetensors file") from None
+
+
+# ----------------------------------------------------------------------------- images
+
+def load_image(path: str, resolution: int) -> torch.Tensor:
+    """Any size or mode (RGBA, grayscale, 16-bit, palette, EXIF-rotated) -> (3, R, R) RGB in [-1, 1],
+    center-cropped to a square and resized."""
+    return image_to_tensor(open_image(path), resolution)
+
+
+def open_image(path: str) -> Image.Image:
+    """Read an image file, upright (EXIF), as RGB: transparency onto white, 16-bit rescaled (not clipped)."""
+    if not os.path.isfile(path):
+        raise UserError(f"reference image not found: {path}")
+    try:
+        img = Image.open(path)
+        img = ImageOps.exif_transpose(img)
+        img.load()
+    except (UnidentifiedImageError, OSError) as e:
+        raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/32-bit grayscale: rescale, don't clip
+        a = np.asarray(img, dtype=np.float64)
+        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        img = Image.fromarray(a.round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent -> white, not black
+        img = Image.alpha_composite(bg, img)
+    return img.convert("RGB")
+
+
+def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
+    """PIL -> center square crop -> (3, R, R) in [-1, 1]."""
+    img = img.convert("RGB")
+    w, h = img.size
+    s = min(w, h)
+    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
+    img = img.resize((resolution, resolution), Image.BICUBIC)
+    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
+    return x / 127.5 - 1
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB."""
+    a = ((x.float().cpu().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+    return Image.fromarray(a)
+
+
+def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
+    w, h = rows[0][0].size
+    cols = max(len(r) for r in rows)
+    grid = Image.new("RGB", (cols * (w + pad) + pad, len(rows) * (h + pad) + pad), (255, 255, 255))
+    for i, row in enumerate(rows):
+        for j, im in enumerate(row):
+            grid.paste(im, (pad + j * (w + pad), pad + i * (h + pad)))
+    return grid
+
+
+# ----------------------------------------------------------------------------- generation
+
+def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: str | None = None,
+             num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
+             sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
+             progress: bool = False) -> list[list[Image.Image]]:
+    """New images of the references' subject, one per prompt, for `num_sets` independent sets.
+
+    ref_images: paths, PIL images or (3, R, R) tensors in [-1, 1]; may be empty (text-only joint generation).
+    ref_prompt: caption of the references (default: the first prompt).
+    Sets larger than max_set_size are split into chunks of prompts, each with all references.
+    Returns num_sets lists of len(prompts) PIL images. Same seed, same images.
+    """
+    if not prompts:
+        raise UserError("give at least one --prompt")
+    refs = [_as_tensor(r, model.resolution) for r in ref_images]
+    n = len(refs)
+    room = max_set_size - n
+    if room < 1:
+        raise UserError(f"{n} references leave no room in a set of at most {max_set_size} images "
+                        f"(raise --max_set_size if memory allows; JeDi was trained on sets of 2-4)")
+    if not n and len(prompts) > max_set_size:
+        raise UserError(f"without references all {len(prompts)} prompts must share one set, but the set size is "
+                        f"capped at {max_set_size} (raise --max_set_size or give fewer prompts)")
+    ref_prompt = prompts[0] if ref_prompt is None else ref_prompt
+    ref_latents = model.to_latents(torch.stack(refs)) if n else None
+    r = model.resolution // model.down
+    latent_shape = (model.channels, r, r)
+    null = model.encode_text([""])
+    gen = torch.Generator(device=model.device).manual_seed(seed)
+    out = [[] for _ in range(num_sets)]
+    for start in range(0, len(prompts), room):
+        chunk = prompts[start : start + room]
+        context = model.encode_text([ref_prompt] * n + chunk)  # (n + K, 77, D)
+        bar = None
+        if progress:
+            from tqdm import tqdm
+
+            bar = lambda ts: tqdm(ts, desc=f"sampling {num_sets}x[{n} refs + {len(chunk)}]", leave=False)  # noqa: E731
+        with torch.no_grad():
+            z = personalize(model.unet, model.diffusion, refs=ref_latents, context=context, null_context=null,
+                            num_new=len(chunk), num_sets=num_sets, steps=steps, guidance=guidance,
+                            text_guidance=text_guidance, sampler=sampler, eta=eta, generator=gen, progress=bar,
+                            latent_shape=latent_shape)
+            N = n + len(chunk)
+            new = z.reshape(num_sets, N, *latent_shape)[:, n:]  # (S·N, ...) -> (S, N, ...), drop the references
+            R = model.resolution
+            pixels = model.to_pixels(new.reshape(-1, *latent_shape)).reshape(num_sets, len(chunk), 3, R, R)
+        for s in range(num_sets):
+            out[s].extend(to_pil(p) for p in pixels[s])
+    return out
+
+
+def _as_tensor(r, resolution):
+    if isinstance(r, torch.Tensor):
+        return r
+    return image_to_tensor(r if isinstance(r, Image.Image) else open_image(str(r)), resolution)
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--refs", nargs="*", default=[], help="reference images of the subject (zero or more; any size "
+                   "or mode, center-cropped and resized to the model's resolution)")
+    p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts; each set gets one new image per "
+                   "prompt, generated jointly (so without --refs they share one subject)")
+    p.add_argument("--ref_prompt", default=None, help="caption of the reference images (default: the first --prompt)")
+    p.add_argument("--num", type=int, default=1, help="independent sets to draw (each: one image per prompt)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
+    p.add_argument("--guidance", type=float, default=None, help="image guidance λ of eq. 3 (text and references "
+                   "together; 1 = no guidance; default: the checkpoint's, else 5)")
+    p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
+                   "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
+                   "p_drop_text > 0")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"], help="DDIM (default) or "
+                   "DPM-Solver++ 2M (same quality in ~20 steps)")
+    p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
+    p.add_argument("--seed", type=int, default=0, help="same seed, same images")
+    p.add_argument("--ckpt", default=None, help="JeDi checkpoint (.safetensors from train.py); default: the toy "
+                   "model in assets/. An original SD-1.x .ckpt/.safetensors/diffusers folder also loads (text only)")
+    p.add_argument("--out", default="samples", help="output folder: one PNG per image and grid.png")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: "
+                   "cuda when available)")
+    p.add_argument("--max_set_size", type=int, default=8, help="images per set at most (refs + new); more prompts "
+                   "are split into chunks that each contain all references")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    try:
+        if args.num < 1:
+            raise UserError("--num must be at least 1")
+        model = load_model(args.ckpt, args.device)
+        refs = [load_image(p, model.resolution) for p in args.refs]  # all inputs checked before any work
+        steps = args.steps or int(model.meta.get("steps", 50))
+        guidance = args.guidance if args.guidance is not None else float(model.meta.get("guidance", 5.0))
+        sets = generate(model, refs, args.prompt, ref_prompt=args.ref_prompt, num_sets=args.num, steps=steps,
+                        guidance=guidance, text_guidance=args.text_guidance, sampler=args.sampler, eta=args.eta,
+                        seed=args.seed, max_set_size=args.max_set_size, progress=True)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    # Everything succeeded: only now touch the output folder, so a failure leaves no partial files.
+    os.makedirs(args.out, exist_ok=True)
+    ref_pils = [to_pil(r) for r in refs]
+    paths = []
+    for s, images in enumerate(sets):
+        for j, im in enumerate(images):
+            path = os.path.join(args.out, f"set{s}_prompt{j}.png")
+            im.save(path)
+            paths.append(path)
+    grid = os.path.join(args.out, "grid.png")
+    make_grid([ref_pils + images for images in sets]).save(grid)  # each row: references | generated
+    for p in paths + [grid]:
+        print(p)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,133 @@
+"""sample.py: image loading, the CLI end to end on tiny random checkpoints, determinism, clear errors."""
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+import sample
+from model.loading import save_jedi
+from model.text import build_text_encoder, sd14_text_config
+from model.unet import UNet, UNetConfig
+from model.vae import AutoencoderKL, sd14_vae_config
+
+TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
+
+
+def tiny_ckpt(path, latent: bool):
+    torch.manual_seed(0)
+    c = 4 if latent else 3
+    unet = UNet(UNetConfig(in_channels=2 * c + 1, out_channels=c, model_channels=32, channel_mult=(1, 2),
+                           attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2, context_dim=32))
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    vae = AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)) if latent else None
+    save_jedi(str(path), unet, build_text_encoder(sd14_text_config(**TEXT)), vae, resolution=16,
+              diffusion={"prediction": "eps"}, steps=3, guidance=2.0)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory):
+    d = tmp_path_factory.mktemp("ckpt")
+    return {"latent": tiny_ckpt(d / "latent.safetensors", True), "pixel": tiny_ckpt(d / "pixel.safetensors", False)}
+
+
+@pytest.fixture
+def refs(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    rgba = rng.integers(0, 255, (30, 50, 4), dtype=np.uint8)
+    Image.fromarray(rgba, "RGBA").save(tmp_path / "rgba.png")  # non-square, alpha
+    Image.fromarray(rng.integers(0, 255, (40, 40), dtype=np.uint8), "L").save(tmp_path / "gray.jpg")
+    Image.fromarray((np.arange(64 * 64).reshape(64, 64) * 16).astype(np.uint16)).save(tmp_path / "deep.png")  # 16-bit
+    paths += [tmp_path / "rgba.png", tmp_path / "gray.jpg", tmp_path / "deep.png"]
+    return [str(p) for p in paths]
+
+
+def test_image_loading_handles_modes_exif_and_depth(tmp_path):
+    img = np.zeros((40, 40, 3), np.uint8)
+    img[:20] = (255, 0, 0)  # top red
+    img[20:] = (0, 0, 255)  # bottom blue
+    exif = Image.Exif()
+    exif[0x0112] = 3  # orientation: rotated 180°
+    Image.fromarray(img).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    x = sample.load_image(str(tmp_path / "rot.jpg"), 16)
+    assert x.shape == (3, 16, 16) and x[2, 2, 8] > 0.5 and x[0, 2, 8] < -0.5  # upright: blue on top
+    Image.fromarray(np.full((10, 10, 4), 0, np.uint8), "RGBA").save(tmp_path / "clear.png")
+    assert sample.load_image(str(tmp_path / "clear.png"), 8).min() > 0.99  # transparent -> white
+    ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
+    Image.fromarray(ramp).save(tmp_path / "deep.png")
+    y = sample.load_image(str(tmp_path / "deep.png"), 32)
+    assert y.min() < -0.95 and y.max() > 0.95 and len(torch.unique(y)) > 100  # rescaled, not clipped to white
+    Image.fromarray(np.zeros((30, 90, 3), np.uint8)).save(tmp_path / "wide.png")
+    assert sample.load_image(str(tmp_path / "wide.png"), 12).shape == (3, 12, 12)
+
+
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
+    args = ["--ckpt", ckpts[space], "--refs", *refs, "--prompt", "a toy on the beach", "a toy in the snow",
+            "--num", "2", "--steps", "2"]
+    assert sample.main(args + ["--out", str(tmp_path / "a")]) == 0
+    printed = capsys.readouterr().out.split()
+    assert len(printed) == 5 and all(os.path.isfile(p) for p in printed)
+    grid = Image.open(tmp_path / "a" / "grid.png")
+    assert grid.size == (5 * 18 + 2, 2 * 18 + 2)  # rows: sets; columns: 3 refs | 2 generated
+    assert sample.main(args + ["--out", str(tmp_path / "b")]) == 0
+    assert sample.main(args + ["--out", str(tmp_path / "c"), "--seed", "1", "--sampler", "dpmpp_2m"]) == 0
+    a, b, c = (np.asarray(Image.open(tmp_path / d / "set0_prompt1.png")) for d in "abc")
+    assert np.array_equal(a, b) and not np.array_equal(a, c)
+
+
+def test_without_references_and_text_guidance(ckpts, tmp_path):
+    assert sample.main(["--ckpt", ckpts["latent"], "--prompt", "a", "b", "c", "--steps", "2", "--text_guidance", "3",
+                        "--out", str(tmp_path / "o")]) == 0
+    assert len([f for f in os.listdir(tmp_path / "o") if f.startswith("set0_")]) == 3
+
+
+def test_replacement_returns_the_references_exactly(ckpts, refs):
+    m = sample.load_model(ckpts["pixel"])
+    x = torch.stack([sample.load_image(p, 16) for p in refs[:2]])
+    from model.diffusion import personalize
+
+    z = personalize(m.unet, m.diffusion, refs=m.to_latents(x), context=m.encode_text(["a"] * 3),
+                    null_context=m.encode_text([""]), num_new=1, steps=2, latent_shape=(3, 16, 16))
+    torch.testing.assert_close(m.to_pixels(z[:2]), x.clamp(-1, 1), rtol=0, atol=0)
+
+
+def test_chunking_and_set_size_cap(ckpts, refs):
+    m = sample.load_model(ckpts["latent"])
+    sets = sample.generate(m, refs[:1], ["p1", "p2", "p3"], steps=1, max_set_size=2, num_sets=1)
+    assert len(sets[0]) == 3  # three chunks of [ref + 1 prompt]
+    with pytest.raises(sample.UserError, match="no room"):
+        sample.generate(m, refs, ["p"], steps=1, max_set_size=3)
+    with pytest.raises(sample.UserError, match="capped"):
+        sample.generate(m, [], ["p"] * 5, steps=1, max_set_size=4)
+
+
+def bad(args, capsys, tmp_path, match):
+    out = tmp_path / "never"
+    assert sample.main(args + ["--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("error:") and match in err and len(err.splitlines()) == 1, err
+    assert not out.exists()  # nothing half-written
+
+
+def test_bad_inputs_give_one_line_errors_and_no_files(ckpts, refs, tmp_path, capsys):
+    ck = ["--ckpt", ckpts["latent"], "--steps", "1", "--prompt", "x"]
+    bad(ck + ["--refs", str(tmp_path / "missing.jpg")], capsys, tmp_path, "not found")
+    (tmp_path / "notes.txt").write_text("hello")
+    bad(ck + ["--refs", str(tmp_path / "notes.txt")], capsys, tmp_path, "cannot read")
+    bad(["--ckpt", str(tmp_path / "none.safetensors"), "--prompt", "x"], capsys, tmp_path, "checkpoint not found")
+    save_file({"w": torch.zeros(2)}, tmp_path / "other.safetensors")
+    bad(["--ckpt", str(tmp_path / "other.safetensors"), "--prompt", "x"], capsys, tmp_path, "UNet")
+    (tmp_path / "trunc.safetensors").write_bytes(open(ckpts["latent"], "rb").read()[:5000])
+    bad(["--ckpt", str(tmp_path / "trunc.safetensors"), "--prompt", "x"], capsys, tmp_path, "trunc.safetensors")
+
+
+def test_long_prompt_warns_and_truncates(ckpts, tmp_path):
+    with pytest.warns(UserWarning, match="truncated"):
+        assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", "a dog " * 60, "--steps", "1",
+                            "--out", str(tmp_path / "o")]) == 0
