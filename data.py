@@ -78,7 +78,8 @@ Images with alpha (renders) are composited on white.
 
 Bad samples (missing, zero-size, corrupt, truncated files; unreadable tar members) are skipped and
 replaced by another sample of the same source, counted in loader.bad_samples; a source that yields 20
-bad samples in a row stops the run with an error (a wrong path, not bad luck).
+bad samples in a row stops the run with an error (a wrong path, not bad luck). Sets too small for the
+batch's N are passed over and counted apart (loader.counts()['skipped_too_small']), as they are normal.
 """
 import argparse
 import io
@@ -223,6 +224,9 @@ class JsonlRecords:
 
     def __len__(self):
         return len(self.offsets)
+
+    def __getstate__(self):  # DataLoader workers under 'spawn' pickle the dataset: not the file handle
+        return {**self.__dict__, "_f": None, "_pid": None}
 
     def __getitem__(self, i):
         if self._pid != os.getpid():  # one handle per (worker) process
@@ -454,7 +458,11 @@ class Plan:
         self.seed, self.rank = seed, rank
         q = defaultdict(float)  # (source k, N) -> target share of sets
         total = sum(s.weight for s in sources)
+        if total <= 0:
+            raise ValueError("source weights must sum to more than 0")
         for k, s in enumerate(sources):
+            if s.weight <= 0:
+                continue
             biggest = int(s.sizes.max()) if hasattr(s, "sizes") else MANY
             ok = [n for n in s.set_sizes if n <= biggest]
             if not ok:
@@ -533,6 +541,42 @@ class SetBatches(torch.utils.data.IterableDataset):
             _warn(stats, f"unreadable shard member: {exn}")
             return True
 
+        def fetch(k, N, rng, step):
+            """One set of N images from source k; bad samples are replaced and counted."""
+            src, bad, small = self.sources[k], 0, 0
+            while True:
+                try:
+                    if src.streaming:
+                        raw = next(streams[k])
+                        consumed[k] += 1
+                        if src.count(raw) < N:  # not eligible for this N: passed over, not decoded
+                            raise BadSample("too_small", f"{raw['__key__']}")
+                        return src.decode(raw, N, rng, self.resolution, self.crop)
+                    if bad + small == 0:  # the planned item
+                        idx = shares[k].item(N, cursor[k, N])
+                        cursor[k, N] += 1
+                    else:  # a replacement: a random eligible item of this rank's share
+                        e = shares[k].eligible(N)
+                        idx = int(e[rng.integers(len(e))])
+                    return src.load(idx, N, rng, self.resolution, self.crop)
+                except RuntimeError:  # ours: a source with nothing readable, PyAV missing
+                    raise
+                except Exception as e:
+                    if src.streaming:  # keep the count of raw samples read exact, for resume
+                        consumed[k] -= 1
+                        skips[src.name] += 1
+                    r = _reason(e)
+                    if r == "too_small":  # a short set (WebDataset sets, short clips): normal, but not forever
+                        stats["skipped_too_small"] += 1
+                        small += 1
+                    else:
+                        stats[r] += 1
+                        bad += 1
+                        _warn(stats, f"skipped bad sample of {src.name}: {e!r}")
+                    if bad >= MAX_TRIES or small >= 100 * MAX_TRIES:
+                        raise RuntimeError(f"source {src.name!r}: {bad} bad and {small} too-small samples in a row "
+                                           f"at step {step} (N={N}); counts so far {dict(stats)}") from e
+
         step = 0
         while True:
             N, ks = self.plan(step)
@@ -552,36 +596,9 @@ class SetBatches(torch.utils.data.IterableDataset):
                 src, rng = self.sources[k], np.random.default_rng([self.seed, self.rank, step, j, 7])
                 if src.streaming and k not in streams:
                     streams[k] = src.stream(self.rank * W + lane, self.world_size * W, self.seed, on_error)
-                    for _ in range(consumed[k] + skips[src.name]):  # resume: skip what this lane already used
+                    for _ in range(consumed[k] + skips[src.name]):  # resume: skip what this lane already read
                         next(streams[k])
-                for attempt in range(MAX_TRIES):
-                    try:
-                        if src.streaming:
-                            raw = next(streams[k])
-                            consumed[k] += 1
-                            if src.count(raw) < N:  # not eligible for this N: passed over, not decoded
-                                raise BadSample("too_small", f"{raw['__key__']}")
-                            imgs, caps, att, key = src.decode(raw, N, rng, self.resolution, self.crop)
-                        else:
-                            if attempt == 0:
-                                idx = shares[k].item(N, cursor[k, N])
-                                cursor[k, N] += 1
-                            else:  # replacement for a bad sample: a random eligible item of this rank
-                                e = shares[k].eligible(N)
-                                idx = int(e[rng.integers(len(e))])
-                            imgs, caps, att, key = src.load(idx, N, rng, self.resolution, self.crop)
-                        break
-                    except Exception as e:
-                        if src.streaming:
-                            consumed[k] -= 1
-                            skips[src.name] += 1
-                        r = _reason(e)
-                        stats["skipped_" + r if r == "too_small" else r] += 1
-                        if r != "too_small":
-                            _warn(stats, f"skipped bad sample of {src.name}: {e!r}")
-                else:
-                    raise RuntimeError(f"source {src.name!r}: {MAX_TRIES} bad samples in a row at step {step}; "
-                                       f"counts so far {dict(stats)}")
+                imgs, caps, att, key = fetch(k, N, rng, step)
                 imgs = np.stack(imgs)  # (N, H, W, 3)
                 if src.allow_flip and self.flip == "set" and rng.random() < 0.5:
                     imgs = imgs[:, :, ::-1]
