@@ -428,3 +428,26 @@ def test_cli_count_and_grid(tmp_path, capsys):
     assert h == 3 * 16 and w in (32, 48, 64)
     assert data.parse_spec("sets:a.jsonl@2,procedural") == [
         {"type": "sets", "path": "a.jsonl", "weight": 2.0}, {"type": "procedural", "split": "train"}]
+
+
+def test_flip_policies(tmp_path):
+    lines = []
+    for i in range(4):  # left half dark, right half bright: a flip is visible
+        paths = []
+        for j in range(4):
+            arr = np.zeros((16, 32, 3), np.uint8)
+            arr[:, 16:] = 255
+            Image.fromarray(arr).save(tmp_path / f"{i}_{j}.png")
+            paths.append(f"{i}_{j}.png")
+        lines.append(json.dumps({"images": paths, "caption": "x"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(lines))
+    spec = [{"type": "sets", "path": str(tmp_path / "m.jsonl"), "set_sizes": [4]}]
+    mixed = Counter()
+    for flip in ("none", "set", "image"):
+        for b in take(data.build_loader(spec, resolution=8, images_per_batch=8, flip=flip), 8):
+            flipped = (b["pixels"][:, :, 0, 4, 0] > 0)  # (B, N): left column bright = mirrored
+            for row in flipped.tolist():
+                mixed[flip, len(set(row)) > 1] += 1
+                if flip == "none":
+                    assert not any(row)
+    assert mixed["set", True] == 0 and mixed["image", True] > 0
