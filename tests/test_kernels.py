@@ -3,7 +3,6 @@
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (slow: shapes are kept small).
 Inputs are fresh random tensors each run; the seed is in every failure message.
 """
-import importlib
 import math
 import os
 import subprocess
@@ -15,15 +14,16 @@ import pytest
 import torch
 
 if not torch.cuda.is_available():
-    # triton.jit chooses interpreter vs compiler when kernels.flash_attn is imported: set it first.
-    os.environ["TRITON_INTERPRET"] = "1"
+    # tests/conftest.py sets this before anything imports triton; this line covers runs without the conftest.
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import kernels  # noqa: E402
 from kernels import flash_attn  # noqa: E402
 from kernels.reference import attention_reference  # noqa: E402
 
 if not torch.cuda.is_available() and not flash_attn.INTERPRET:
-    flash_attn = importlib.reload(flash_attn)  # another module imported it before the variable was set
+    raise RuntimeError("triton was imported before TRITON_INTERPRET=1 was set, so its kernels cannot run on CPU; "
+                       "set it in the environment or import nothing that imports triton before tests/conftest.py")
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ROOT = Path(__file__).resolve().parents[1]
