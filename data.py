@@ -88,6 +88,7 @@ import os
 import re
 import sys
 import time
+import zlib
 from collections import Counter, defaultdict
 
 import numpy as np
@@ -399,7 +400,7 @@ class WebDatasetSource:
 
 
 def _stable_hash(s):
-    return int.from_bytes(s.encode()[:8].ljust(8, b"\0"), "little") ^ len(s)
+    return zlib.crc32(s.encode())  # hash() of a str changes per process
 
 
 # ----------------------------------------------------------------------------- specs
@@ -430,8 +431,11 @@ def make_source(d, index=0, set_sizes=(2, 3, 4)):
     sizes = tuple(d.pop("set_sizes", (1,) if typ == "images" else set_sizes))
     path = d.pop("path", None) or d.pop("urls", None)
     name = d.pop("name", None) or (typ if typ == "procedural" else f"{typ}{index}")
+    split = d.pop("split", "train")
+    if d:
+        raise ValueError(f"source {name!r}: unknown keys {sorted(d)}")
     if typ == "procedural":
-        return ProceduralSource(name, split=d.pop("split", "train"), set_sizes=sizes, weight=weight)
+        return ProceduralSource(name, split=split, set_sizes=sizes, weight=weight)
     if typ not in ("sets", "video", "multiview", "images"):
         raise ValueError(f"unknown source type {typ!r} (sets, video, multiview, images, procedural)")
     if path is None:
@@ -534,11 +538,12 @@ class SetBatches(torch.utils.data.IterableDataset):
         cursor = Counter()  # (k, N) -> draws so far from this rank's share (indexable)
         consumed = Counter()  # k -> raw samples this lane has taken from stream k (streaming)
         skips = Counter(self.lane_skips.get(lane, {}))  # k name -> extra raw samples skipped (bad/too small)
-        streams = {}
+        streams, fast_forward = {}, [False]
 
-        def on_error(exn):  # tar-level errors inside webdataset: count and go on
-            stats["corrupt"] += 1
-            _warn(stats, f"unreadable shard member: {exn}")
+        def on_error(exn):  # tar-level errors inside webdataset: count (once, not again on resume) and go on
+            if not fast_forward[0]:
+                stats["corrupt"] += 1
+                _warn(stats, f"unreadable shard member: {exn}")
             return True
 
         def fetch(k, N, rng, step):
@@ -596,8 +601,10 @@ class SetBatches(torch.utils.data.IterableDataset):
                 src, rng = self.sources[k], np.random.default_rng([self.seed, self.rank, step, j, 7])
                 if src.streaming and k not in streams:
                     streams[k] = src.stream(self.rank * W + lane, self.world_size * W, self.seed, on_error)
+                    fast_forward[0] = True
                     for _ in range(consumed[k] + skips[src.name]):  # resume: skip what this lane already read
                         next(streams[k])
+                    fast_forward[0] = False
                 imgs, caps, att, key = fetch(k, N, rng, step)
                 imgs = np.stack(imgs)  # (N, H, W, 3)
                 if src.allow_flip and self.flip == "set" and rng.random() < 0.5:
