@@ -57,6 +57,9 @@ class Subject(tuple):
     def __new__(cls, shape, color, pattern, pattern_color="none"):
         return super().__new__(cls, (shape, color, pattern, "none" if pattern == "solid" else pattern_color))
 
+    def __getnewargs__(self):  # pickle (DataLoader workers under 'spawn') rebuilds from the four fields
+        return tuple(self)
+
     shape = property(lambda s: s[0])
     color = property(lambda s: s[1])
     pattern = property(lambda s: s[2])

@@ -3,6 +3,7 @@ resume, bad samples, and the procedural generator's guarantees (held-out subject
 import io
 import json
 import os
+import pickle
 import re
 import sys
 from collections import Counter
@@ -74,6 +75,7 @@ def test_procedural_split_deterministic_and_complete():
     assert a.shape == (32, 32, 3) and a.dtype == np.uint8 and np.array_equal(a, b) and not np.array_equal(a, c)
     assert info["subject"] == s.id and info["background"] == "beach" and info["position"] == "left"
     assert {k: info[k] for k in P.ATTRIBUTES} == s.attrs() and P.Subject.from_id(s.id) == s
+    assert pickle.loads(pickle.dumps(s)) == s  # DataLoader workers under 'spawn' pickle subjects
     big, _ = P.render(s, ctx, resolution=64, rng=3)
     assert big.shape == (64, 64, 3)
     # the subject changes the pixels, the same pose and context otherwise
@@ -304,6 +306,7 @@ def test_loader_follows_the_plan_and_mixes_sources(tmp_path):
     path = write_manifest(str(tmp_path), [2, 3, 4, 4])
     spec = [{"type": "sets", "path": path, "weight": 1}, {"type": "procedural", "weight": 3}]
     loader = data.build_loader(spec, resolution=8, images_per_batch=12, seed=5)
+    pickle.loads(pickle.dumps(loader.dataset))  # spawn-started workers (macOS, Windows) get a pickled copy
     plan = loader.dataset.plan
     counts = Counter()
     for b in take(loader, 20):
