@@ -11,16 +11,18 @@ Contract with train.py (kept stable)
         batch['pixels']    FloatTensor (B, N, 3, H, W) in [-1, 1], H = W = resolution
         batch['captions']  B lists of N str
         batch['set_size']  N (one N per batch: bucketed), B = max(1, images_per_batch // N)
-        batch['step']      the global step this batch belongs to
+        batch['step']      the loader step (micro-batch on this rank) this batch belongs to
         batch['sources']   B source names;  batch['keys'] B set ids (for debugging)
         batch['attrs']     B entries: a list of N ground-truth dicts (procedural sets) or None
     loader.state()         small dict to save in a checkpoint; build_loader(..., state=it) resumes
     loader.bad_samples     {'missing': 3, 'corrupt': 1, ...} skipped bad samples so far (log it);
-    loader.num_bad         their total
+    loader.num_bad         their total; loader.counts() adds 'skipped_too_small' (normal, see below)
+Full reference with formats, guarantees and measured throughput: docs/data.md.
 
 The data of step s on rank r is a function of (seed, s, r, world_size) only, so a run restarted with
 start_step=s sees exactly the batches it would have seen (WebDataset sources: also pass `state`, and
-keep world_size and num_workers; see "Determinism").
+keep world_size and num_workers; see "Determinism"). With gradient accumulation K, optimizer step s
+starts at loader step s*K.
 
 Specs
 -----

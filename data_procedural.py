@@ -102,7 +102,7 @@ def subjects(split="train"):
     return [every[i] for i in pick]
 
 
-def caption(context, rng=None, template=None):
+def caption(context, rng=0, template=None):
     """Caption of an image of a subject in `context`; a random template unless `template` is an index."""
     bg, pos = context
     if template is None:
