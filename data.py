@@ -228,6 +228,10 @@ class JsonlRecords:
     def __len__(self):
         return len(self.offsets)
 
+    def __del__(self):
+        if getattr(self, "_f", None) is not None:
+            self._f.close()
+
     def __getstate__(self):  # DataLoader workers under 'spawn' pickle the dataset: not the file handle
         return {**self.__dict__, "_f": None, "_pid": None}
 
