@@ -177,7 +177,7 @@ def _shape_distance(shape, u, v):
         n = [(0.0, -1.0), (math.cos(math.pi / 6), 0.5), (-math.cos(math.pi / 6), 0.5)]
         return np.maximum.reduce([a * u + b * (v + 0.1) for a, b in n]) - 0.55
     if shape == "diamond":  # tall, so it never looks like a rotated square
-        return (np.abs(u) / 0.68 + np.abs(v) / 1.05 - 1) * 0.57
+        return (np.abs(u) / 0.8 + np.abs(v) / 1.15 - 1) * 0.65
     if shape == "cross":
         au, av = np.abs(u), np.abs(v)
         return np.minimum(np.maximum(au - 0.34, av - 0.95), np.maximum(av - 0.34, au - 0.95))
