@@ -1,0 +1,647 @@
+"""JeDi on the DreamBooth benchmark: CLIP-T, CLIP-I, MCLIP-I, DINO and MDINO (paper §4, Table 2).
+
+    python eval.py --dataset dreambooth/dataset --ckpt jedi.safetensors --num_refs 1 --out eval/jedi_1ref \
+        --clip_model ViT-B-32-quickgelu --clip_weights weights/ViT-B-32.pt --dino weights/dino-vits16 \
+        --grounding_dino weights/grounding-dino-tiny --sam weights/sam-vit-base
+
+For each of the 30 subjects and each of its 25 prompts, 4 images are generated from the subject's first 1 (or 3)
+images with sample.py's `generate`, saved under --out/images (a rerun only generates what is missing), then scored:
+  CLIP-T   cosine(CLIP image, CLIP text of the prompt)
+  CLIP-I   cosine(CLIP image, CLIP image of each of the subject's real images), averaged over them
+  DINO     the same with the DINO-v1 ViT-S/16 CLS embedding
+  MCLIP-I, MDINO   CLIP-I and DINO on foreground-only images (background painted a constant colour)
+Tables per subject and overall (mean ± std) go to --out/results.md and --out/results.json. Weights are only read
+from local paths; nothing is downloaded. docs/eval.md has the protocol details and where to get the weights.
+"""
+import argparse
+import json
+import os
+import re
+import sys
+import time
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image, ImageOps
+
+METRICS = ("CLIP-T", "CLIP-I", "MCLIP-I", "DINO", "MDINO")  # Table 2's column order
+LIVE_CLASSES = {"cat", "dog"}  # prompts_and_classes.txt doesn't mark live subjects; these 9 are the cats and dogs
+MASK_SUFFIX = ".mask.png"  # x.jpg -> x.mask.png: white (>= 128) is foreground
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
+DEFAULT_BACKGROUND = (255, 255, 255)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+
+
+class EvalError(Exception):
+    """Bad input or setup: reported as one line and exit status 2."""
+
+
+class MissingWeights(EvalError, FileNotFoundError):
+    """A weight file or folder the user must supply is not where we were told to look."""
+
+
+# ----------------------------------------------------------------------------- images and masks
+
+def open_rgb(path) -> Image.Image:
+    """An image file as upright (EXIF) RGB."""
+    img = Image.open(path)
+    img = ImageOps.exif_transpose(img)
+    return img.convert("RGB")
+
+
+def mask_file_for(image_path) -> str:
+    return os.path.splitext(str(image_path))[0] + MASK_SUFFIX
+
+
+def read_mask(path) -> np.ndarray:
+    return np.asarray(Image.open(path).convert("L")) >= 128
+
+
+def write_mask(path, mask: np.ndarray):
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    _save_atomic(Image.fromarray(mask.astype(np.uint8) * 255), path)
+
+
+def apply_mask(img: Image.Image, mask: np.ndarray, background=DEFAULT_BACKGROUND) -> Image.Image:
+    """Foreground kept, everything else one constant colour, so only the subject can differ between images."""
+    if mask.shape != (img.height, img.width):  # a mask file saved at another size: follow the image
+        mask = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize(img.size, Image.NEAREST)) >= 128
+    out = np.empty((img.height, img.width, 3), np.uint8)
+    out[:] = background
+    out[mask] = np.asarray(img)[mask]
+    return Image.fromarray(out)
+
+
+def _save_atomic(img: Image.Image, path):
+    """Write to a temporary name, then rename: an interrupted run never leaves a truncated image that a resumed
+    run would take as done."""
+    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
+    img.save(tmp, format="PNG")
+    os.replace(tmp, path)
+
+
+class GroundedSAM:
+    """Text-prompted foreground masks (the paper's detection [18] + segmentation [13]): Grounding-DINO finds the
+    best box for "<class>.", SAM segments inside that box. Both load from local transformers folders.
+
+    Any object with `name` and `__call__(image: PIL.Image, class_name: str) -> bool array (H, W)` can stand in
+    for this class (see `Masks`); an all-False mask means "nothing found"."""
+
+    name = "grounded-sam"
+
+    def __init__(self, grounding_dino: str, sam: str, device="cpu", box_threshold: float = 0.35,
+                 text_threshold: float = 0.25):
+        try:
+            from transformers import GroundingDinoForObjectDetection, GroundingDinoProcessor, SamModel, SamProcessor
+        except ImportError:
+            import transformers
+
+            raise EvalError(f"the installed transformers {transformers.__version__} has no Grounding-DINO/SAM: "
+                            f"upgrade it, or put mask files ({MASK_SUFFIX}) next to the images") from None
+        self.device, self.box_threshold, self.text_threshold = device, box_threshold, text_threshold
+        self.det_processor = _load_hf(GroundingDinoProcessor, grounding_dino, "Grounding-DINO", processor=True)
+        self.detector = _load_hf(GroundingDinoForObjectDetection, grounding_dino, "Grounding-DINO").to(device)
+        self.sam_processor = _load_hf(SamProcessor, sam, "SAM", processor=True)
+        self.sam = _load_hf(SamModel, sam, "SAM").to(device)
+        self.description = f"{self.name} (Grounding-DINO {grounding_dino}, SAM {sam})"
+
+    @torch.no_grad()
+    def __call__(self, image: Image.Image, class_name: str) -> np.ndarray:
+        w, h = image.size
+        # Grounding-DINO's text format: lower case, each phrase ends with a period.
+        inputs = self.det_processor(images=image, text=f"{class_name.lower()}.", return_tensors="pt").to(self.device)
+        det = self.det_processor.post_process_grounded_object_detection(
+            self.detector(**inputs), inputs["input_ids"], threshold=self.box_threshold,
+            text_threshold=self.text_threshold, target_sizes=[(h, w)])[0]
+        if len(det["scores"]) == 0:
+            return np.zeros((h, w), bool)
+        box = det["boxes"][det["scores"].argmax()].tolist()  # the subject is the one most confident detection
+        s_in = self.sam_processor(images=image, input_boxes=[[box]], return_tensors="pt").to(self.device)
+        s_out = self.sam(pixel_values=s_in["pixel_values"], input_boxes=s_in["input_boxes"], multimask_output=False)
+        masks = self.sam_processor.post_process_masks(s_out.pred_masks.cpu(), s_in["original_sizes"].cpu(),
+                                                      s_in["reshaped_input_sizes"].cpu())
+        return masks[0][0, 0].numpy().astype(bool)
+
+
+class Masks:
+    """Foreground masks for MCLIP-I/MDINO. A mask file next to the image (x.jpg -> x.mask.png) wins; otherwise
+    the segmenter's mask, cached under `cache_dir` so a rerun does not segment again. Counts where each came from
+    (per kind: the first part of the cache key, 'refs' or 'images'), since masked scores are only comparable
+    between runs with the same mask source."""
+
+    def __init__(self, segmenter=None, cache_dir=None):
+        self.segmenter, self.cache_dir = segmenter, cache_dir
+        self.sources = Counter()
+        self.empty = 0  # nothing found: the whole image is used (counted and reported, not hidden)
+
+    def get(self, image_path, image: Image.Image, class_name: str, cache_key: str) -> np.ndarray:
+        path = mask_file_for(image_path)
+        if os.path.isfile(path):
+            mask, source = read_mask(path), "mask files"
+        elif self.segmenter is not None:
+            cached = os.path.join(self.cache_dir, self.segmenter.name, cache_key + MASK_SUFFIX)
+            if os.path.isfile(cached):
+                mask = read_mask(cached)
+            else:
+                mask = np.asarray(self.segmenter(image, class_name), bool)
+                write_mask(cached, mask)
+            source = self.segmenter.name
+        else:
+            raise EvalError(f"no foreground mask for {image_path}: expected {path}, or pass --grounding_dino and "
+                            f"--sam to segment, or --no_masked to skip MCLIP-I/MDINO")
+        self.sources[cache_key.split("/")[0], source] += 1
+        if not mask.any():
+            self.empty += 1
+            mask = np.ones_like(mask)
+        return mask
+
+    def describe(self) -> str:
+        if not self.sources:
+            return "none (masked metrics skipped)"
+        parts = [f"{kind}: {n} from {src}" for (kind, src), n in sorted(self.sources.items(), reverse=True)]
+        if self.segmenter is not None and hasattr(self.segmenter, "description"):
+            parts.append(self.segmenter.description)
+        if self.empty:
+            parts.append(f"{self.empty} with no foreground found, scored unmasked")
+        return "; ".join(parts)
+
+
+# ----------------------------------------------------------------------------- embedders
+
+def _require_file(path, what: str):
+    if not path or not os.path.isfile(path):
+        raise MissingWeights(f"{what} not found: expected the file {path!r}")
+
+
+def _require_hf_folder(folder, what: str):
+    """A transformers model folder as save_pretrained writes it (what the Hugging Face repo holds)."""
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
+    if not folder or not os.path.isfile(os.path.join(folder, "config.json")):
+        raise MissingWeights(f"{what} not found: expected the file {os.path.join(str(folder), 'config.json')!r} "
+                             f"and {' or '.join(weights)} in that folder")
+    if not any(os.path.isfile(os.path.join(folder, w)) for w in weights):
+        raise MissingWeights(f"{what} weights not found: expected {os.path.join(folder, weights[0])!r} "
+                             f"(or {' / '.join(weights[1:])}) next to config.json")
+
+
+def _load_hf(cls, folder, what: str, processor: bool = False, **kwargs):
+    """from_pretrained on a local folder only, refusing silently random-initialised weights."""
+    if processor:
+        if not os.path.isdir(str(folder)):
+            raise MissingWeights(f"{what} not found: expected the folder {folder!r}")
+        try:
+            return cls.from_pretrained(folder, local_files_only=True)
+        except Exception as e:  # transformers raises OSError/ValueError with long texts
+            raise EvalError(f"{what}: cannot load the preprocessing files from {folder} "
+                            f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+    _require_hf_folder(folder, what)
+    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    if info["missing_keys"]:
+        missing = sorted(info["missing_keys"])
+        raise EvalError(f"{what}: {folder} does not hold {cls.__name__} weights ({len(missing)} tensors missing, "
+                        f"e.g. {missing[0]})")
+    return model.eval()
+
+
+def _is_torchscript(path) -> bool:
+    """OpenAI's original CLIP files (ViT-B-32.pt, ...) are TorchScript archives, not state dicts."""
+    import zipfile
+
+    if not zipfile.is_zipfile(path):
+        return False
+    with zipfile.ZipFile(path) as z:
+        return any(n.endswith("constants.pkl") for n in z.namelist())
+
+
+class ClipEmbedder:
+    """open_clip image and text embeddings, L2-normalised.
+
+    model_name: an open_clip architecture (ViT-B-32, ViT-L-14, ...; use the *-quickgelu names for OpenAI and
+    LAION-400M weights) or a path to an architecture .json. weights: a local checkpoint file: an open_clip state
+    dict (open_clip_pytorch_model.bin, .safetensors) or OpenAI's TorchScript ViT-*.pt."""
+
+    def __init__(self, model_name: str, weights: str, device="cpu", batch_size: int = 32):
+        import open_clip
+
+        if model_name.endswith(".json"):  # a custom architecture: open_clip registers it under the file's stem
+            _require_file(model_name, "CLIP architecture config")
+            open_clip.add_model_config(model_name)
+            model_name = Path(model_name).stem
+        if model_name not in open_clip.list_models():
+            raise EvalError(f"unknown --clip_model {model_name!r} (open_clip knows e.g. ViT-B-32, ViT-B-32-quickgelu, "
+                            f"ViT-L-14, ViT-L-14-quickgelu; or give an architecture .json)")
+        _require_file(weights, f"CLIP weights for {model_name}")
+        # An absolute path can never be mistaken for a pretrained tag (a tag would download).
+        weights = os.path.abspath(weights)
+        if _is_torchscript(weights):
+            # OpenAI's own archives: the state dict uses open_clip's names, and all OpenAI CLIPs use QuickGELU.
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=None,
+                                                                         force_quick_gelu=True)
+            state = torch.jit.load(weights, map_location="cpu").state_dict()
+            # Drop OpenAI's bookkeeping entries and derived buffers (the causal attn_mask) the model rebuilds itself.
+            derived = set(dict(model.named_buffers())) - set(model.state_dict())
+            for k in ("input_resolution", "context_length", "vocab_size", *derived):
+                state.pop(k, None)
+            model.load_state_dict(state)
+        else:
+            model, _, preprocess = open_clip.create_model_and_transforms(model_name, pretrained=weights)
+        self.model = model.to(device).eval()
+        self.preprocess, self.tokenizer = preprocess, open_clip.get_tokenizer(model_name)
+        self.device, self.batch_size = device, batch_size
+        self.description = f"open_clip {model_name} ({weights})"
+
+    @torch.no_grad()
+    def images(self, images: list) -> torch.Tensor:
+        feats = [self.model.encode_image(torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]])
+                                         .to(self.device)) for i in range(0, len(images), self.batch_size)]
+        return F.normalize(torch.cat(feats).float(), dim=-1).cpu()
+
+    @torch.no_grad()
+    def texts(self, texts: list[str]) -> torch.Tensor:
+        return F.normalize(self.model.encode_text(self.tokenizer(texts).to(self.device)).float(), dim=-1).cpu()
+
+
+class DinoEmbedder:
+    """DINO-v1 CLS embedding (after the final LayerNorm, as DINO's own evaluation), L2-normalised, with the
+    standard preprocessing: Resize(256, bicubic) -> CenterCrop(224) -> ImageNet normalisation."""
+
+    def __init__(self, folder: str, device="cpu", batch_size: int = 32):
+        from torchvision import transforms
+        from transformers import ViTModel
+
+        self.model = _load_hf(ViTModel, folder, "DINO ViT-S/16 (facebook/dino-vits16)", add_pooling_layer=False)
+        self.model.to(device)
+        self.preprocess = transforms.Compose([
+            transforms.Resize(256, interpolation=transforms.InterpolationMode.BICUBIC),
+            transforms.CenterCrop(224),
+            transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+        ])
+        self.device, self.batch_size = device, batch_size
+        self.description = f"DINO ViT {folder}"
+
+    @torch.no_grad()
+    def images(self, images: list) -> torch.Tensor:
+        feats = []
+        for i in range(0, len(images), self.batch_size):
+            x = torch.stack([self.preprocess(im) for im in images[i:i + self.batch_size]]).to(self.device)
+            feats.append(self.model(pixel_values=x).last_hidden_state[:, 0])
+        return F.normalize(torch.cat(feats).float(), dim=-1).cpu()
+
+
+# ----------------------------------------------------------------------------- metrics
+
+def similarity(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Cosine similarities of L2-normalised embeddings: (n, d), (m, d) -> (n, m), clamped against rounding."""
+    return (a @ b.T).clamp(-1, 1)
+
+
+def image_scores(gen: torch.Tensor, refs: torch.Tensor) -> torch.Tensor:
+    """CLIP-I / DINO per generated image: its similarity to each reference, averaged over the references."""
+    return similarity(gen, refs).mean(dim=1)
+
+
+def text_scores(images: torch.Tensor, texts: torch.Tensor) -> torch.Tensor:
+    """CLIP-T per image: similarity to its own prompt (row i with row i)."""
+    return (images * texts).sum(-1).clamp(-1, 1)
+
+
+# ----------------------------------------------------------------------------- the DreamBooth dataset
+
+@dataclass
+class Subject:
+    name: str
+    class_name: str
+    images: list  # sorted paths of the subject's real images
+    live: bool
+    prompts: list  # filled prompts, e.g. "a dog in the jungle"
+
+
+def read_prompts_and_classes(path) -> tuple[dict, list, list]:
+    """DreamBooth's prompts_and_classes.txt -> ({subject: class}, object templates, live-subject templates).
+
+    The file is a note, not a data format: a "subject_name,class" table, then two Python-looking lists of lines
+    'a {0} {1} in the jungle'.format(unique_token, class_token), under "Object Prompts" and "Live Subject Prompts".
+    """
+    classes, lists, current = {}, {"object": [], "live": []}, None
+    template = re.compile(r"""^\s*(['"])(.*)\1\s*\.format\(""")
+    for line in Path(path).read_text().splitlines():
+        s = line.strip()
+        if s.lower().startswith("object prompts"):
+            current = "object"
+        elif s.lower().startswith("live subject prompts"):
+            current = "live"
+        elif (m := template.match(s)) and current:
+            lists[current].append(m.group(2))
+        elif current is None and s.count(",") == 1 and s != "subject_name,class":
+            name, cls = (x.strip() for x in s.split(","))
+            classes[name] = cls
+    if not classes or not lists["object"] or not lists["live"]:
+        raise EvalError(f"{path}: expected a subject_name,class table and the 'Object Prompts' and 'Live Subject "
+                        f"Prompts' lists (found {len(classes)} subjects, {len(lists['object'])} object and "
+                        f"{len(lists['live'])} live prompts)")
+    return classes, lists["object"], lists["live"]
+
+
+def fill_prompt(template: str, class_name: str) -> str:
+    """JeDi has no unique token: '{0}' becomes empty, so 'a {0} {1} in the snow' -> 'a dog in the snow'."""
+    return " ".join(template.format("", class_name).split())
+
+
+def load_benchmark(root, subjects: list[str] | None = None, num_prompts: int | None = None) -> list[Subject]:
+    root = Path(root)
+    prompts_file = root / "prompts_and_classes.txt"
+    if not prompts_file.is_file():
+        raise EvalError(f"{prompts_file} not found: --dataset is the DreamBooth 'dataset' folder (30 subject "
+                        f"folders and prompts_and_classes.txt)")
+    classes, object_prompts, live_prompts = read_prompts_and_classes(prompts_file)
+    unknown = sorted(set(subjects or []) - set(classes))
+    if unknown:
+        raise EvalError(f"--subjects {', '.join(unknown)} not in {prompts_file}")
+    out = []
+    for name, cls in classes.items():
+        if subjects and name not in subjects:
+            continue
+        images = sorted(str(p) for p in (root / name).glob("*")
+                        if p.suffix.lower() in IMAGE_EXTS and not p.name.endswith(MASK_SUFFIX))
+        if not images:
+            raise EvalError(f"no images for subject {name!r}: expected {root / name}/*.jpg")
+        live = cls in LIVE_CLASSES
+        templates = (live_prompts if live else object_prompts)[:num_prompts]
+        out.append(Subject(name, cls, images, live, [fill_prompt(t, cls) for t in templates]))
+    return out
+
+
+# ----------------------------------------------------------------------------- generation (resumable)
+
+def image_path(out_dir, subject: str, prompt_index: int, k: int) -> str:
+    return os.path.join(out_dir, "images", subject, f"{prompt_index:02d}_{k}.png")
+
+
+def _seed(seed: int, *parts) -> int:
+    """A seed per (subject, prompt, first image): the same images whatever subset or order is run."""
+    return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) % 2**31
+
+
+def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_per_prompt: int, seed: int,
+                     generate_fn, load_model_fn, gen_kwargs: dict) -> int:
+    """Generate every image not yet on disk; returns how many were generated. The model is loaded only if
+    something is missing, so rescoring a finished run needs no checkpoint."""
+    from tqdm import tqdm
+
+    todo = []  # (subject, prompt index, prompt, missing k's)
+    for s in subjects:
+        if len(s.images) < num_refs:
+            raise EvalError(f"subject {s.name} has {len(s.images)} images, fewer than --num_refs {num_refs}")
+        for p, prompt in enumerate(s.prompts):
+            missing = [k for k in range(images_per_prompt) if not os.path.isfile(image_path(out_dir, s.name, p, k))]
+            if missing:
+                todo.append((s, p, prompt, missing))
+    total = sum(len(s.prompts) for s in subjects) * images_per_prompt
+    remaining = sum(len(m) for *_, m in todo)
+    if not remaining:
+        return 0
+    model = load_model_fn()
+    meta = getattr(model, "meta", {}) or {}
+    # The checkpoint's own sampling defaults, exactly as sample.py's CLI resolves them.
+    steps = gen_kwargs["steps"] or int(meta.get("steps", 50))
+    guidance = gen_kwargs["guidance"] if gen_kwargs["guidance"] is not None else float(meta.get("guidance", 5.0))
+    bar = tqdm(total=total, initial=total - remaining, unit="img", desc="generate", dynamic_ncols=True)
+    done = 0
+    for s, p, prompt, missing in todo:
+        # Each image is one set [references..., new image]: 4 independent sets = 4 images of this prompt.
+        sets = generate_fn(model, s.images[:num_refs], [prompt], ref_prompt=f"a photo of a {s.class_name}",
+                           num_sets=len(missing), steps=steps, guidance=guidance, sampler=gen_kwargs["sampler"],
+                           seed=_seed(seed, s.name, p, missing[0]))
+        if len(sets) != len(missing):
+            raise EvalError(f"generate returned {len(sets)} sets for num_sets={len(missing)}")
+        for k, images in zip(missing, sets):
+            path = image_path(out_dir, s.name, p, k)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            for stale in Path(out_dir, "masks").glob(f"*/images/{s.name}/{Path(path).stem}{MASK_SUFFIX}"):
+                stale.unlink()  # a segmenter mask cached for an image that is being replaced
+            _save_atomic(images[0], path)
+        done += len(missing)
+        bar.update(len(missing))
+    bar.close()
+    return done
+
+
+# ----------------------------------------------------------------------------- scoring and tables
+
+def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: ClipEmbedder, dino: DinoEmbedder,
+          masks: Masks | None, background=DEFAULT_BACKGROUND) -> list[dict]:
+    """One record per generated image with its five scores (masked ones None when masks is None)."""
+    from tqdm import tqdm
+
+    records = []
+    bar = tqdm(total=sum(len(s.prompts) for s in subjects) * images_per_prompt, unit="img", desc="score",
+               dynamic_ncols=True)
+    for s in subjects:
+        jobs = [(p, k, image_path(out_dir, s.name, p, k)) for p in range(len(s.prompts))
+                for k in range(images_per_prompt)]
+        absent = [path for *_, path in jobs if not os.path.isfile(path)]
+        if absent:
+            raise EvalError(f"{len(absent)} generated images missing, e.g. {absent[0]} (run without --score_only)")
+        refs = [open_rgb(p) for p in s.images]
+        gens = [open_rgb(path) for *_, path in jobs]
+        ref_clip, ref_dino = clip.images(refs), dino.images(refs)
+        gen_clip, gen_dino = clip.images(gens), dino.images(gens)
+        scores = {
+            "CLIP-T": text_scores(gen_clip, clip.texts([s.prompts[p] for p, _, _ in jobs])),
+            "CLIP-I": image_scores(gen_clip, ref_clip),
+            "DINO": image_scores(gen_dino, ref_dino),
+        }
+        if masks is not None:
+            def cut(paths, images, kind):
+                return [apply_mask(im, masks.get(path, im, s.class_name, f"{kind}/{s.name}/{Path(path).stem}"),
+                                   background) for path, im in zip(paths, images)]
+
+            m_refs, m_gens = cut(s.images, refs, "refs"), cut([path for *_, path in jobs], gens, "images")
+            scores["MCLIP-I"] = image_scores(clip.images(m_gens), clip.images(m_refs))
+            scores["MDINO"] = image_scores(dino.images(m_gens), dino.images(m_refs))
+        for i, (p, k, path) in enumerate(jobs):
+            rec = {"subject": s.name, "class": s.class_name, "live": s.live, "prompt_index": p,
+                   "prompt": s.prompts[p], "k": k, "path": os.path.relpath(path, out_dir)}
+            rec.update({m: (round(float(scores[m][i]), 6) if m in scores else None) for m in METRICS})
+            records.append(rec)
+        bar.update(len(jobs))
+    bar.close()
+    return records
+
+
+def _stats(values: list) -> dict | None:
+    v = np.asarray([x for x in values if x is not None], dtype=np.float64)
+    if not len(v):
+        return None
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "n": int(len(v))}
+
+
+def summarize(records: list[dict]) -> dict:
+    """mean ± std over images, per subject, per kind (objects / live) and overall; overall also gives the std of
+    the per-subject means (how much the score depends on the subject)."""
+    def group(recs):
+        return {m: _stats([r[m] for r in recs]) for m in METRICS}
+
+    subjects = {}
+    for r in records:
+        subjects.setdefault(r["subject"], []).append(r)
+    out = {"subjects": {name: {"class": recs[0]["class"], "live": recs[0]["live"], "n": len(recs), **group(recs)}
+                        for name, recs in subjects.items()}}
+    out["objects"] = group([r for r in records if not r["live"]])
+    out["live"] = group([r for r in records if r["live"]])
+    out["overall"] = group(records)
+    for m in METRICS:
+        means = [v[m]["mean"] for v in out["subjects"].values() if v[m] is not None]
+        if out["overall"][m] is not None and len(means) > 1:
+            out["overall"][m]["std_over_subjects"] = float(np.std(means, ddof=1))
+    return out
+
+
+def markdown(summary: dict, settings: dict) -> str:
+    def cell(st):
+        return "n/a" if st is None else f"{st['mean']:.4f} ± {st['std']:.4f}"
+
+    lines = ["# DreamBooth benchmark", ""]
+    lines += [f"- {k}: {v}" for k, v in settings.items()]
+    lines += ["", "mean ± std over generated images.", "",
+              "| subject | class | images | " + " | ".join(METRICS) + " |",
+              "|---|---|---|" + "---|" * len(METRICS)]
+    for name, row in summary["subjects"].items():
+        lines.append(f"| {name} | {row['class']} | {row['n']} | " + " | ".join(cell(row[m]) for m in METRICS) + " |")
+    for label, key in (("**objects**", "objects"), ("**live**", "live"), ("**overall**", "overall")):
+        row = summary[key]
+        n = max((row[m]["n"] for m in METRICS if row[m]), default=0)
+        if n:
+            lines.append(f"| {label} | | {n} | " + " | ".join(cell(row[m]) for m in METRICS) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# ----------------------------------------------------------------------------- CLI
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--dataset", required=True, help="DreamBooth 'dataset' folder: <subject>/*.jpg and "
+                   "prompts_and_classes.txt (github.com/google/dreambooth)")
+    p.add_argument("--out", required=True, help="output folder: images/, masks/, results.md, results.json; "
+                   "rerunning with the same folder resumes")
+    p.add_argument("--ckpt", default=None, help="JeDi checkpoint, as for sample.py (default: sample.py's default)")
+    p.add_argument("--num_refs", type=int, default=1, help="reference images per subject (its first N, sorted by "
+                   "name); the paper reports 1 and 3")
+    p.add_argument("--images_per_prompt", type=int, default=4)
+    p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
+    p.add_argument("--guidance", type=float, default=None, help="image guidance (default: the checkpoint's, else 5)")
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--clip_model", default="ViT-B-32-quickgelu", help="open_clip architecture name or .json "
+                   "(ViT-B-32-quickgelu for OpenAI's ViT-B/32; ViT-L-14-quickgelu for OpenAI's ViT-L/14)")
+    p.add_argument("--clip_weights", required=True, help="local CLIP weights file: OpenAI's ViT-B-32.pt or an "
+                   "open_clip_pytorch_model.bin / .safetensors")
+    p.add_argument("--dino", required=True, help="local folder of facebook/dino-vits16 (config.json + weights)")
+    p.add_argument("--grounding_dino", default=None, help="local folder of a transformers Grounding-DINO (e.g. "
+                   "IDEA-Research/grounding-dino-tiny), for masks where no mask file exists")
+    p.add_argument("--sam", default=None, help="local folder of a transformers SAM (e.g. facebook/sam-vit-base)")
+    p.add_argument("--no_masked", action="store_true", help="skip MCLIP-I and MDINO (no masks needed)")
+    p.add_argument("--background", default="255,255,255", help="R,G,B painted outside the mask (default white)")
+    p.add_argument("--subjects", default=None, help="comma-separated subset of subjects (default: all)")
+    p.add_argument("--num_prompts", type=int, default=None, help="only the first N prompts per subject (smoke runs)")
+    p.add_argument("--score_only", action="store_true", help="never generate; fail if images are missing")
+    p.add_argument("--batch_size", type=int, default=32, help="images per CLIP/DINO forward pass")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return p.parse_args(argv)
+
+
+def _check_run_settings(out_dir, settings: dict):
+    """Images made with other settings must not be mixed into this folder's table."""
+    path = os.path.join(out_dir, "run.json")
+    if os.path.isfile(path):
+        before = json.loads(Path(path).read_text())
+        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        if diff:
+            raise EvalError(f"{path}: the images here were generated with other settings "
+                            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                            + "; use another --out or the same settings")
+    else:
+        os.makedirs(out_dir, exist_ok=True)
+        Path(path).write_text(json.dumps(settings, indent=1) + "\n")
+
+
+def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> int:
+    """generate_fn/load_model_fn default to sample.py's (imported only when something must be generated);
+    segmenter defaults to GroundedSAM when --grounding_dino and --sam are given. Tests inject all three."""
+    args = parse_args(argv)
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: everything is loaded from local paths
+    try:
+        background = tuple(int(c) for c in args.background.split(","))
+        if len(background) != 3 or not all(0 <= c <= 255 for c in background):
+            raise EvalError(f"--background {args.background!r}: expected R,G,B in 0..255")
+        subjects = load_benchmark(args.dataset, args.subjects.split(",") if args.subjects else None,
+                                  args.num_prompts)
+        # Load the scoring models first: a wrong weight path should fail before hours of generation.
+        clip = ClipEmbedder(args.clip_model, args.clip_weights, args.device, args.batch_size)
+        dino = DinoEmbedder(args.dino, args.device, args.batch_size)
+        if segmenter is None and (args.grounding_dino or args.sam) and not args.no_masked:
+            if not (args.grounding_dino and args.sam):
+                raise EvalError("masks by segmentation need both --grounding_dino and --sam")
+            segmenter = GroundedSAM(args.grounding_dino, args.sam, args.device)
+        masks = None if args.no_masked else Masks(segmenter, os.path.join(args.out, "masks"))
+
+        gen_settings = {"ckpt": args.ckpt, "num_refs": args.num_refs, "images_per_prompt": args.images_per_prompt,
+                        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed}
+        t0 = time.time()
+        if not args.score_only:
+            _check_run_settings(args.out, gen_settings)
+            # sample.py is imported only when something is to be generated: it pulls in the whole model stack.
+            if generate_fn is None:
+                def generate_fn(*a, **kw):
+                    import sample
+
+                    try:
+                        return sample.generate(*a, **kw)
+                    except sample.UserError as e:
+                        raise EvalError(str(e)) from None
+            if load_model_fn is None:
+                def load_model_fn():
+                    import sample
+
+                    try:
+                        return sample.load_model(args.ckpt, args.device)
+                    except sample.UserError as e:
+                        raise EvalError(str(e)) from None
+
+            n = generate_missing(subjects, args.out, num_refs=args.num_refs, images_per_prompt=args.images_per_prompt,
+                                 seed=args.seed, generate_fn=generate_fn, load_model_fn=load_model_fn,
+                                 gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+            print(f"generated {n} images in {time.time() - t0:.0f} s", file=sys.stderr)
+        records = score(subjects, args.out, images_per_prompt=args.images_per_prompt, clip=clip, dino=dino,
+                        masks=masks, background=background)
+    except EvalError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+    summary = summarize(records)
+    run_json = Path(args.out, "run.json")  # how the images were made (may predate a --score_only run's flags)
+    made = json.loads(run_json.read_text()) if run_json.is_file() else gen_settings
+    settings = {"checkpoint": made["ckpt"] or "sample.py default", "references per subject": made["num_refs"],
+                "steps": made["steps"] or "checkpoint default", "guidance": "checkpoint default" if made["guidance"] is None else made["guidance"],
+                "sampler": made["sampler"], "seed": made["seed"],
+                "reference caption": "a photo of a {class}", "images per prompt": args.images_per_prompt,
+                "subjects": len(subjects), "CLIP": clip.description, "DINO": dino.description,
+                "masks": masks.describe() if masks else "none (--no_masked)",
+                "mask background": ",".join(map(str, background))}
+    md = markdown(summary, settings)
+    Path(args.out, "results.md").write_text(md)
+    Path(args.out, "results.json").write_text(json.dumps({"settings": settings, **summary, "images": records},
+                                                         indent=1) + "\n")
+    print(md)
+    print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,389 @@
+"""eval.py: metric properties with random-weight tiny CLIP/DINO loaded through the user's weight-path code, the
+DreamBooth prompt file, masks, and the resumable protocol runner on a miniature dataset."""
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+import eval as jeval
+
+TINY_CLIP = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": 1, "width": 32, "patch_size": 8,
+                                             "head_width": 16},
+             "text_cfg": {"context_length": 77, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1}}
+
+
+@pytest.fixture(scope="module")
+def weights(tmp_path_factory):
+    """Tiny random backbones written to disk the way real ones are distributed: an open_clip architecture .json
+    + state-dict file, and a transformers ViT folder (save_pretrained, as facebook/dino-vits16 on the hub)."""
+    import open_clip
+    from transformers import ViTConfig, ViTModel
+
+    d = tmp_path_factory.mktemp("weights")
+    cfg = d / "tiny-clip-eval.json"
+    cfg.write_text(json.dumps(TINY_CLIP))
+    open_clip.add_model_config(str(cfg))
+    torch.manual_seed(0)
+    clip = open_clip.create_model("tiny-clip-eval", pretrained=None)
+    torch.save(clip.state_dict(), d / "open_clip_pytorch_model.bin")
+    vit = ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1,
+                             num_attention_heads=2, intermediate_size=64), add_pooling_layer=False)
+    vit.save_pretrained(d / "dino-vits16")
+    return {"clip_cfg": str(cfg), "clip_bin": str(d / "open_clip_pytorch_model.bin"), "dino": str(d / "dino-vits16"),
+            "clip_model": clip, "dir": d}
+
+
+@pytest.fixture(scope="module")
+def embedders(weights):
+    return jeval.ClipEmbedder(weights["clip_cfg"], weights["clip_bin"]), jeval.DinoEmbedder(weights["dino"])
+
+
+def picture(fg, bg, size=(48, 40), box=(12, 10, 36, 30)):
+    """A flat 'subject' rectangle on a flat background; mask = the rectangle."""
+    w, h = size
+    a = np.empty((h, w, 3), np.uint8)
+    a[:] = bg
+    x0, y0, x1, y1 = box
+    a[y0:y1, x0:x1] = fg
+    m = np.zeros((h, w), bool)
+    m[y0:y1, x0:x1] = True
+    return Image.fromarray(a), m
+
+
+# ----------------------------------------------------------------------------- metric properties
+
+def test_identical_images_score_one_and_scores_symmetric_bounded(embedders):
+    clip, dino = embedders
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 56, 3), dtype=np.uint8)) for i in range(4)]
+    for emb in (clip, dino):
+        f = emb.images(imgs)
+        g = emb.images(list(reversed(imgs)))
+        assert torch.allclose(jeval.image_scores(f[:1], f[:1]), torch.ones(1), atol=1e-5)  # identical -> 1
+        # 3 copies of the same image as references: still 1 (averaging over references)
+        assert torch.allclose(jeval.image_scores(f[:1], f[[0, 0, 0]]), torch.ones(1), atol=1e-5)
+        s = jeval.similarity(f, g.flip(0))
+        assert torch.allclose(s, s.T, atol=1e-6)  # symmetric
+        assert torch.allclose(torch.diagonal(s), torch.ones(4), atol=1e-5)
+        assert s.min() >= -1 and s.max() <= 1
+        assert (s - torch.eye(4)).abs().max() > 1e-4  # different images are told apart
+        # exact bounds also on adversarial inputs: anti-parallel and rounding above 1
+        v = torch.nn.functional.normalize(torch.randn(3, 8), dim=-1)
+        assert jeval.similarity(v, -v).min() >= -1 and jeval.similarity(v * (1 + 1e-6), v).max() <= 1
+
+
+def test_masking_changes_score_only_through_background(embedders):
+    clip, dino = embedders
+    a, mask = picture((200, 30, 30), (20, 120, 20))
+    b, _ = picture((200, 30, 30), (30, 30, 180))  # same subject, other background
+    c, _ = picture((30, 200, 200), (20, 120, 20))  # other subject, same background
+    for emb in (clip, dino):
+        plain = jeval.image_scores(emb.images([a]), emb.images([b]))
+        masked = jeval.image_scores(emb.images([jeval.apply_mask(a, mask)]), emb.images([jeval.apply_mask(b, mask)]))
+        assert plain.item() < 1 - 1e-4
+        assert masked.item() == pytest.approx(1, abs=1e-5)
+        other = jeval.image_scores(emb.images([jeval.apply_mask(a, mask)]), emb.images([jeval.apply_mask(c, mask)]))
+        assert other.item() < 1 - 1e-4  # the foreground still counts
+    # the background is one constant colour, the foreground untouched; a mask at another size is rescaled
+    out = np.asarray(jeval.apply_mask(a, mask, (7, 8, 9)))
+    assert (out[~mask] == (7, 8, 9)).all() and (out[mask] == np.asarray(a)[mask]).all()
+    small = np.asarray(Image.fromarray(mask.astype(np.uint8) * 255).resize((24, 20), Image.NEAREST)) > 0
+    assert (np.asarray(jeval.apply_mask(a, small)) == np.asarray(jeval.apply_mask(a, mask))).all()
+
+
+def test_clip_t_shape_range_and_prompt(embedders):
+    clip, _ = embedders
+    imgs = [picture((200, 30, 30), (20, 120, 20))[0], picture((30, 30, 200), (250, 250, 250))[0]]
+    f = clip.images(imgs)
+    t1 = clip.texts(["a dog in the jungle", "a red toy"])
+    t2 = clip.texts(["a purple cube shaped teapot", "a cat wearing a santa hat"])
+    s1, s2 = jeval.text_scores(f, t1), jeval.text_scores(f, t2)
+    assert s1.shape == (2,) and s1.abs().max() <= 1
+    assert torch.allclose(s1, torch.diagonal(jeval.similarity(f, t1)), atol=1e-6)  # row i scored with prompt i
+    assert (s1 - s2).abs().min() > 1e-4  # other prompts, other scores
+
+
+@pytest.mark.filterwarnings("ignore::torch.jit.TracerWarning")
+def test_openai_torchscript_weights_load_like_the_state_dict(weights, embedders, tmp_path):
+    """OpenAI's ViT-*.pt are TorchScript archives; they must give the same embeddings as the state dict
+    (apart from QuickGELU, which is forced for them: compare with a QuickGELU model)."""
+    import open_clip
+
+    cfg = dict(TINY_CLIP, quick_gelu=True)
+    (tmp_path / "tiny-clip-eval-qg.json").write_text(json.dumps(cfg))
+    open_clip.add_model_config(str(tmp_path / "tiny-clip-eval-qg.json"))
+    ref = open_clip.create_model("tiny-clip-eval-qg", pretrained=None)
+    ref.load_state_dict(weights["clip_model"].state_dict())
+    torch.save(ref.state_dict(), tmp_path / "qg.bin")
+    traced = torch.jit.trace(ref.eval(), (torch.randn(1, 3, 32, 32), torch.zeros(1, 77, dtype=torch.long)),
+                             check_trace=False)
+    traced.save(str(tmp_path / "ViT-tiny.pt"))
+    a = jeval.ClipEmbedder(weights["clip_cfg"], str(tmp_path / "ViT-tiny.pt"))
+    b = jeval.ClipEmbedder(str(tmp_path / "tiny-clip-eval-qg.json"), str(tmp_path / "qg.bin"))
+    img = [picture((200, 30, 30), (20, 120, 20))[0]]
+    assert torch.allclose(a.images(img), b.images(img), atol=1e-5)
+    assert torch.allclose(a.texts(["a dog"]), b.texts(["a dog"]), atol=1e-5)
+
+
+def test_missing_weights_errors_name_the_file(weights, tmp_path):
+    with pytest.raises(jeval.MissingWeights, match="nowhere/open_clip_pytorch_model.bin"):
+        jeval.ClipEmbedder("ViT-B-32", str(tmp_path / "nowhere/open_clip_pytorch_model.bin"))
+    with pytest.raises(jeval.MissingWeights, match="dino-vits16/config.json"):
+        jeval.DinoEmbedder(str(tmp_path / "dino-vits16"))
+    (tmp_path / "dino-empty").mkdir()
+    (tmp_path / "dino-empty/config.json").write_text(open(os.path.join(weights["dino"], "config.json")).read())
+    with pytest.raises(jeval.MissingWeights, match="dino-empty/model.safetensors"):
+        jeval.DinoEmbedder(str(tmp_path / "dino-empty"))
+    with pytest.raises(jeval.MissingWeights, match="gdino"):
+        jeval.GroundedSAM(str(tmp_path / "gdino"), str(tmp_path / "sam"))
+    with pytest.raises(jeval.EvalError, match="unknown --clip_model"):
+        jeval.ClipEmbedder("no-such-arch", weights["clip_bin"])
+    # A folder whose weights are for another architecture must not load as randomly initialised DINO.
+    from transformers import BertConfig, BertModel
+
+    BertModel(BertConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)) \
+        .save_pretrained(tmp_path / "bert")
+    with pytest.raises(jeval.EvalError):
+        jeval.DinoEmbedder(str(tmp_path / "bert"))
+
+
+# ----------------------------------------------------------------------------- segmenter
+
+def test_grounded_sam_tiny_random_weights(tmp_path):
+    """The Grounding-DINO + SAM segmenter runs end to end from local folders (random tiny weights: the mask is
+    meaningless, its shape and type are not)."""
+    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
+                              GroundingDinoImageProcessor, GroundingDinoProcessor, SamConfig,
+                              SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
+                              SamPromptEncoderConfig, SamVisionConfig, SwinConfig)
+
+    torch.manual_seed(0)
+    gd, sam = tmp_path / "grounding-dino", tmp_path / "sam"
+    gd.mkdir()
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "toy", "."]
+    (gd / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
+                           tokenizer=BertTokenizer(str(gd / "vocab.txt"))).save_pretrained(gd)
+    GroundingDinoForObjectDetection(GroundingDinoConfig(
+        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
+                                   window_size=4, out_features=["stage1", "stage2"]),
+        text_config=BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                               intermediate_size=32, max_position_embeddings=64),
+        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
+        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, num_feature_levels=2, max_text_len=32,
+        encoder_n_points=1, decoder_n_points=1)).save_pretrained(gd)
+    SamModel(SamConfig(
+        vision_config=SamVisionConfig(image_size=64, patch_size=16, hidden_size=16, output_channels=16,
+                                      num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, global_attn_indexes=[0],
+                                      window_size=2, num_pos_feats=8),
+        prompt_encoder_config=SamPromptEncoderConfig(image_size=64, patch_size=16, hidden_size=16,
+                                                     mask_input_channels=4),
+        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                                                 mlp_dim=32, iou_head_hidden_dim=16))).save_pretrained(sam)
+    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
+                                                   pad_size={"height": 64, "width": 64})).save_pretrained(sam)
+
+    seg = jeval.GroundedSAM(str(gd), str(sam), box_threshold=0.0, text_threshold=0.0)  # random scores: keep all
+    img, _ = picture((200, 30, 30), (20, 120, 20), size=(80, 48), box=(20, 10, 60, 40))
+    mask = seg(img, "Dog")
+    assert mask.shape == (48, 80) and mask.dtype == bool
+    seg.box_threshold = 1.01  # nothing passes: "nothing found" is an all-False mask
+    assert not seg(img, "dog").any()
+
+
+def test_masks_files_first_then_segmenter_cached(tmp_path):
+    img, m = picture((200, 30, 30), (20, 120, 20))
+    img.save(tmp_path / "a.jpg")
+    jeval.write_mask(str(tmp_path / "a.mask.png"), m)
+    calls = []
+
+    class Seg:
+        name = "box-seg"
+
+        def __call__(self, image, class_name):
+            calls.append(class_name)
+            return np.zeros((image.height, image.width), bool) if class_name == "nothing" else m
+
+    masks = jeval.Masks(Seg(), str(tmp_path / "cache"))
+    assert (masks.get(tmp_path / "a.jpg", img, "toy", "refs/s/a") == m).all() and not calls  # file wins
+    for _ in range(2):
+        assert (masks.get(tmp_path / "b.png", img, "toy", "images/s/b") == m).all()
+    assert calls == ["toy"]  # computed once, then read from the cache
+    assert (tmp_path / "cache/box-seg/images/s/b.mask.png").is_file()
+    assert masks.get(tmp_path / "c.png", img, "nothing", "images/s/c").all()  # nothing found: whole image
+    assert masks.sources == {("refs", "mask files"): 1, ("images", "box-seg"): 3} and masks.empty == 1
+    assert "images: 3 from box-seg" in masks.describe() and "no foreground found" in masks.describe()
+    with pytest.raises(jeval.EvalError, match="b.mask.png"):
+        jeval.Masks().get(tmp_path / "b.png", img, "toy", "x")
+
+
+# ----------------------------------------------------------------------------- the protocol runner
+
+PROMPTS_FILE = """Classes
+
+subject_name,class
+toy_a,toy
+dog_b,dog
+
+Prompts
+
+Object Prompts
+
+prompt_list = [
+'a {0} {1} in the jungle'.format(unique_token, class_token),
+'a red {0} {1}'.format(unique_token, class_token)
+]
+
+Live Subject Prompts
+
+prompt_list = [
+'a {0} {1} wearing a santa hat'.format(unique_token, class_token),
+'a cube shaped {0} {1}'.format(unique_token, class_token)
+]
+"""
+
+
+def test_prompts_and_classes_format(tmp_path):
+    (tmp_path / "p.txt").write_text(PROMPTS_FILE)
+    classes, obj, live = jeval.read_prompts_and_classes(tmp_path / "p.txt")
+    assert classes == {"toy_a": "toy", "dog_b": "dog"}
+    assert obj == ["a {0} {1} in the jungle", "a red {0} {1}"] and len(live) == 2
+    assert jeval.fill_prompt(obj[1], "stuffed animal") == "a red stuffed animal"  # no unique token, no double space
+
+
+@pytest.fixture
+def mini_dataset(tmp_path):
+    """2 subjects (an object and a live one), 3 images each with mask files, the prompts file."""
+    root = tmp_path / "dataset"
+    for i, (name, fg) in enumerate((("toy_a", (200, 40, 40)), ("dog_b", (90, 60, 20)))):
+        (root / name).mkdir(parents=True)
+        for j in range(3):
+            img, m = picture(fg, (30 + 60 * j, 160, 90 + 40 * i), box=(10 + 2 * j, 8, 34 + 2 * j, 30))
+            img.save(root / name / f"{j:02d}.jpg", quality=95)
+            jeval.write_mask(str(root / name / f"{j:02d}.mask.png"), m)
+    (root / "prompts_and_classes.txt").write_text(PROMPTS_FILE)
+    return root
+
+
+class FakeGenerator:
+    """Deterministic stand-in for sample.generate: the subject's colour on a prompt- and seed-dependent background.
+    Counts the images it makes and can fail after `fail_after` of them (an interruption)."""
+
+    def __init__(self, fail_after=None):
+        self.fail_after, self.images, self.calls = fail_after, 0, []
+
+    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed):
+        self.calls.append(dict(refs=list(ref_images), prompts=prompts, ref_prompt=ref_prompt, num_sets=num_sets,
+                               steps=steps, guidance=guidance, sampler=sampler, seed=seed))
+        fg = Image.open(ref_images[0]).convert("RGB").getpixel((20, 15))
+        out = []
+        for s in range(num_sets):
+            if self.fail_after is not None and self.images >= self.fail_after:
+                raise RuntimeError("interrupted")
+            self.images += 1
+            rng = np.random.default_rng(seed + s)
+            out.append([picture(fg, tuple(int(c) for c in rng.integers(0, 256, 3)), size=(40, 40),
+                                box=(8, 8, 30, 30))[0] for _ in prompts])
+        return out
+
+
+class FakeSegmenter:
+    name = "fake-seg"
+
+    def __init__(self):
+        self.calls = 0
+
+    def __call__(self, image, class_name):
+        self.calls += 1
+        m = np.zeros((image.height, image.width), bool)
+        m[8:30, 8:30] = True
+        return m
+
+
+def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
+    out = tmp_path / "out"
+    argv = ["--dataset", str(mini_dataset), "--out", str(out), "--num_refs", "3", "--steps", "7",
+            "--clip_model", weights["clip_cfg"], "--clip_weights", weights["clip_bin"], "--dino", weights["dino"],
+            "--device", "cpu"]
+    loads = []
+
+    def load_model():
+        loads.append(1)
+        return type("M", (), {"meta": {"guidance": 2.5}})()
+
+    def run(gen, seg=None, extra=()):
+        return jeval.main(argv + list(extra), generate_fn=gen, load_model_fn=load_model,
+                          segmenter=seg or FakeSegmenter())
+
+    # 1. interrupted after 6 images: the first prompt's 4 are on disk, the second call's images never were
+    with pytest.raises(RuntimeError, match="interrupted"):
+        run(FakeGenerator(fail_after=6))
+    assert len(list(out.glob("images/*/*.png"))) == 4
+
+    # 2. the rerun makes only the remaining 12 (3 calls of 4 sets), then scores everything
+    gen, seg = FakeGenerator(), FakeSegmenter()
+    assert run(gen, seg) == 0
+    assert gen.images == 12 and [c["num_sets"] for c in gen.calls] == [4, 4, 4]
+    c = gen.calls[-1]
+    assert c["prompts"] == ["a cube shaped dog"]
+    assert c["ref_prompt"] == "a photo of a dog" and [os.path.basename(r) for r in c["refs"]] == \
+        ["00.jpg", "01.jpg", "02.jpg"]
+    assert c["steps"] == 7 and c["guidance"] == 2.5  # flag wins, else the checkpoint's default
+    assert seg.calls == 16  # generated images only: the references have mask files
+    assert len(list(out.glob("images/*/*.png"))) == 16 and len(list(out.glob("masks/fake-seg/**/*.png"))) == 16
+
+    res = json.loads((out / "results.json").read_text())
+    assert set(res["subjects"]) == {"toy_a", "dog_b"} and len(res["images"]) == 16
+    assert res["subjects"]["dog_b"]["live"] and not res["subjects"]["toy_a"]["live"]
+    for m in jeval.METRICS:
+        assert -1 <= res["overall"][m]["mean"] <= 1 and res["overall"][m]["n"] == 16
+        vals = [r[m] for r in res["images"] if r["subject"] == "toy_a"]
+        assert res["subjects"]["toy_a"][m]["mean"] == pytest.approx(np.mean(vals), abs=1e-6)
+        assert res["subjects"]["toy_a"][m]["std"] == pytest.approx(np.std(vals, ddof=1), abs=1e-6)
+    # same subject colour, different backgrounds: masking can only bring the images closer
+    assert res["overall"]["MDINO"]["mean"] > res["overall"]["DINO"]["mean"]
+    prompts = {r["prompt"] for r in res["images"]}
+    assert prompts == {"a toy in the jungle", "a red toy", "a dog wearing a santa hat", "a cube shaped dog"}
+    md = (out / "results.md").read_text()
+    assert "| toy_a | toy | 8 |" in md and "**overall**" in md and "tiny-clip-eval" in md
+    assert "refs: 6 from mask files" in md and "images: 16 from fake-seg" in md  # which mask source was used, printed with the table
+    first = (out / "images/toy_a/00_0.png").read_bytes()
+
+    # 3. one image lost: exactly that one is regenerated (with a fresh mask); nothing else is touched
+    (out / "images/dog_b/01_2.png").unlink()
+    gen, seg = FakeGenerator(), FakeSegmenter()
+    assert run(gen, seg) == 0
+    assert gen.images == 1 and gen.calls[0]["num_sets"] == 1 and seg.calls == 1
+    assert (out / "images/toy_a/00_0.png").read_bytes() == first
+
+    # 4. complete: rescoring loads no model and generates nothing
+    n_loads, gen = len(loads), FakeGenerator()
+    assert run(gen, extra=["--score_only"]) == 0
+    assert gen.images == 0 and len(loads) == n_loads
+
+    # 5. other generation settings into the same folder are refused, not mixed into the table
+    assert run(FakeGenerator(), extra=["--num_refs", "1"]) == 2
+    assert len(list(out.glob("images/*/*.png"))) == 16
+
+
+def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_path, capsys):
+    """Same seed, same images across runs and subsets; --no_masked needs no masks; num_refs 1 passes one ref."""
+    base = ["--dataset", str(mini_dataset), "--clip_model", weights["clip_cfg"], "--clip_weights",
+            weights["clip_bin"], "--dino", weights["dino"], "--num_refs", "1", "--no_masked", "--num_prompts", "1",
+            "--images_per_prompt", "2"]
+    gen = FakeGenerator()
+    assert jeval.main(base + ["--out", str(tmp_path / "a")], generate_fn=gen, load_model_fn=lambda: None) == 0
+    assert all(len(c["refs"]) == 1 for c in gen.calls) and gen.images == 4
+    assert jeval.main(base + ["--out", str(tmp_path / "b"), "--subjects", "dog_b"], generate_fn=FakeGenerator(),
+                      load_model_fn=lambda: None) == 0
+    assert (tmp_path / "a/images/dog_b/00_1.png").read_bytes() == (tmp_path / "b/images/dog_b/00_1.png").read_bytes()
+    res = json.loads((tmp_path / "b/results.json").read_text())
+    assert res["overall"]["MDINO"] is None and res["overall"]["DINO"]["n"] == 2
+    assert "n/a" in (tmp_path / "b/results.md").read_text()
+    # masked metrics with no mask file for the generated images and no segmenter: the error names the file
+    rc = jeval.main([a for a in base if a != "--no_masked"] + ["--out", str(tmp_path / "a")],
+                    generate_fn=FakeGenerator(), load_model_fn=lambda: None)
+    assert rc == 2 and "00_0.mask.png" in capsys.readouterr().err
