@@ -1,0 +1,544 @@
+"""Train JeDi: one file, read top to bottom. The same code path runs 1 process or K under torchrun (any nodes).
+
+    python train.py config/tiny.py                                   # one process (CPU or one GPU)
+    python train.py config/tiny.py --max_iters=100 --learning_rate=3e-4
+    torchrun --standalone --nproc_per_node=8 train.py config/jedi_sd14.py
+    torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py config/jedi_sd14.py
+    python train.py config/tiny.py --init_from=resume --export_only=True   # consolidated EMA -> {out_dir}/jedi.safetensors
+
+Config: the typed globals below, overridden by `config/*.py` files (plain assignments, run in order) and then by
+`--key=value` (a Python literal, checked against the default's type). A config file may only set known keys;
+helpers it needs must start with `_`.
+
+Batch: a micro-batch is `images_per_batch` images per rank (data.py buckets sets of one size N, so B·N ≈ constant);
+`gradient_accumulation_steps` counts micro-batches per optimizer step over ALL ranks (nanoGPT's convention), so
+each rank accumulates gradient_accumulation_steps // world_size of them and the global batch stays the same at any
+world size: images/step ≈ images_per_batch × gradient_accumulation_steps. Sets/step depend on the set-size mix
+(config/jedi_sd14.py works it out for the paper's recipe); the log prints the measured rates.
+
+Parallelism (here only; model/ has none): every UNet block (`unet.blocks`), the UNet and the root are FSDP2
+`fully_shard` units; params are bf16 for compute and gradients reduced in fp32 on GPU, plain fp32 on CPU (gloo).
+Activation checkpointing and torch.compile are applied per block before sharding. The UNet is built on the meta
+device, sharded, materialised with to_empty and filled from a full state dict (init) or a checkpoint (resume).
+The frozen VAE and text encoder are replicated, unsharded, gradient-free, in `dtype` on GPU.
+
+Checkpoints: {out_dir}/ckpt/step_XXXXXXXX/ with torch.distributed.checkpoint shards (model, AdamW, EMA), meta.json
+and each rank's data-loader state; written to .tmp_step_XXXXXXXX and renamed when complete, so a half-written one
+never counts. Every `ckpt_interval` steps, at the end and on SIGTERM; the last `keep_checkpoints` kept. out_dir must
+be on a filesystem every node sees. A resume restores weights, optimizer, EMA, step and data position at any world
+size (exactly at the same one). There is no RNG state to save: every random draw of step s on rank r comes from a
+generator seeded by (seed, s, r, micro-batch), so a resumed run draws what the uninterrupted one would have.
+
+MFU: UNet forward FLOPs per image are counted once per set size with torch.utils.flop_counter on the meta device
+(no compute), ×3 for forward+backward (activation-checkpoint recompute not counted: model FLOPs, not hardware
+FLOPs; the VAE and text encoder are not counted), divided by wall time × world size × the card's dense bf16 peak.
+"""
+import ast
+import functools
+import json
+import math
+import os
+import re
+import shutil
+import signal
+import sys
+import time
+import types
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+# ----------------------------------------------------------------------------- config
+# I/O
+out_dir: str = 'out'
+init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
+sd_path: str = ''  # original SD-1.x .ckpt/.safetensors or diffusers folder; with scratch it gives the VAE + text encoder
+num_heads: int = 8  # UNet heads of the SD checkpoint (the one size its shapes cannot tell)
+log_interval: int = 10
+ckpt_interval: int = 1000
+keep_checkpoints: int = 3
+export_path: str = ''  # consolidated EMA weights for sample.py; '' = {out_dir}/jedi.safetensors
+export_only: bool = False  # load (usually --init_from=resume), write the export, stop
+tensorboard: bool = False  # only if the tensorboard package is installed
+# data
+data_spec: str = 'procedural'  # see data.py: 'procedural' | 'type:path@weight,...'
+resolution: int = 32  # pixels
+images_per_batch: int = 12  # per rank and micro-batch
+set_sizes: tuple = (2, 3, 4)
+num_workers: int = 2
+overfit_one_batch: bool = False  # repeat the first batch AND its noise, timesteps and masks: the loss must go down
+# model
+space: str = 'latent'  # 'latent' (SD VAE, 4 channels) | 'pixel' (the image itself, 3 channels; no VAE)
+unet_config: dict = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(1, 2, 4),
+                         num_res_blocks=2, num_heads=8)  # scratch only; UNetConfig fields (channels, context_dim set here)
+text_config: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)  # scratch, no sd_path
+train_text_encoder: bool = False
+# diffusion and the JeDi loss (model/diffusion.py)
+schedule: str = 'scaled_linear'  # 'scaled_linear' (SD) | 'linear' | 'cosine'
+prediction: str = 'eps'  # 'eps' | 'v'
+p_ref: float = 0.5  # per image: its clean latent is given as reference
+p_drop: float = 0.1  # per set: text AND references dropped (image-guidance null)
+p_drop_text: float = 0.0  # per set: only the text dropped (3-pass guidance)
+ref_loss_weight: float = 1.0
+# optimizer
+learning_rate: float = 5e-5
+lr_decay: str = 'constant'  # after warm-up: 'constant' (SD fine-tuning) | 'cosine' (to min_lr at max_iters)
+min_lr: float = 0.0
+warmup_iters: int = 1000  # linear warm-up from 0
+max_iters: int = 140000
+weight_decay: float = 1e-2
+beta1: float = 0.9
+beta2: float = 0.999
+grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
+gradient_accumulation_steps: int = 1  # micro-batches per step over ALL ranks (keep it a multiple of the world size)
+ema_decay: float = 0.9999
+# system
+device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
+dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU
+compile: bool = False
+activation_checkpointing: bool = False
+seed: int = 0
+peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
+
+
+def configure(argv):
+    """nanoGPT's configurator: config files in order, then --key=value. Types must match the defaults'."""
+    def put(key, value, where):
+        if key not in config_keys:
+            raise SystemExit(f'{where}: unknown config key {key!r}')
+        old = globals()[key]
+        if isinstance(old, float) and type(value) is int:
+            value = float(value)
+        if isinstance(old, tuple) and type(value) is list:
+            value = tuple(value)
+        if type(value) is not type(old):
+            raise SystemExit(f'{where}: {key} must be {type(old).__name__}, got {value!r}')
+        globals()[key] = value
+
+    for arg in argv:
+        if not arg.startswith('--'):
+            scope = {}
+            with open(arg) as f:
+                exec(f.read(), scope)
+            for k, v in scope.items():
+                if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                    put(k, v, arg)
+        else:
+            key, eq, raw = arg[2:].partition('=')
+            if not eq:
+                raise SystemExit(f'{arg}: expected --key=value')
+            try:
+                value = ast.literal_eval(raw)
+            except (ValueError, SyntaxError):
+                value = raw  # a bare string: --out_dir=runs/a
+            put(key, value, arg)
+
+
+# ----------------------------------------------------------------------------- helpers
+
+def lr_at(step):
+    """Linear warm-up to learning_rate, then constant or cosine down to min_lr at max_iters."""
+    if step < warmup_iters:
+        return learning_rate * (step + 1) / warmup_iters
+    if lr_decay == 'constant':
+        return learning_rate
+    if lr_decay != 'cosine':
+        raise ValueError(f"lr_decay must be 'constant' or 'cosine', not {lr_decay!r}")
+    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
+    return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def step_generator(step, rank, micro, device):
+    """Every random draw of a micro-batch (timesteps, noise, masks, drops, VAE posterior) comes from here."""
+    g = torch.Generator(device=device)
+    return g.manual_seed(int(np.random.SeedSequence([seed, step, rank, micro]).generate_state(1)[0]))
+
+
+def latest_checkpoint(root):
+    """Newest complete checkpoint dir (meta.json is written last, before the rename), or None."""
+    done = [d for d in os.listdir(root) if re.fullmatch(r'step_\d{8}', d) and os.path.isfile(f'{root}/{d}/meta.json')] \
+        if os.path.isdir(root) else []
+    return os.path.join(root, max(done)) if done else None
+
+
+def unet_flops_per_image(cfg, hw, context_len=77):
+    """{N: forward FLOPs per image of the UNet on sets of N}, counted on the meta device (no compute)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from model.unet import UNet
+    with torch.device('meta'):
+        net = UNet(cfg)
+    flops = {}
+    for n in set_sizes:
+        x = torch.empty(n, cfg.in_channels, hw, hw, device='meta')
+        ctx = torch.empty(n, context_len, cfg.context_dim, device='meta')
+        with FlopCounterMode(display=False) as counter:
+            net(x, torch.zeros(n, dtype=torch.long, device='meta'), ctx, set_size=n)
+        flops[n] = counter.get_total_flops() / n
+    return flops
+
+
+def guess_peak_flops(device_name):
+    """Dense bf16 tensor-core peak per card (vendor data sheets)."""
+    for key, value in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
+        if key in device_name:
+            return value
+    return 0.0
+
+
+class Trainee(nn.Module):
+    """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss."""
+
+    def __init__(self, unet, text_encoder=None, null_ids=None):
+        super().__init__()
+        self.unet, self.text_encoder = unet, text_encoder
+        self.null_ids = null_ids  # (1, 77) ids of "", not a buffer: it stays out of the state dict
+
+    def forward(self, x0, set_size, generator, diffusion, context=None, null_context=None, ids=None):
+        from model.diffusion import jedi_loss
+        if self.text_encoder is not None:
+            states = self.text_encoder(input_ids=torch.cat([ids, self.null_ids.to(ids.device)])).last_hidden_state
+            context, null_context = states[:-1], states[-1:]  # (B·N + 1, 77, D) -> captions, ""
+        return jedi_loss(self.unet, diffusion, x0, context, null_context, set_size, p_ref=p_ref, p_drop=p_drop,
+                         p_drop_text=p_drop_text, ref_loss_weight=ref_loss_weight, generator=generator)
+
+
+class TrainState:
+    """Model, AdamW and EMA for torch.distributed.checkpoint (Stateful): sharded, resharded on load."""
+
+    def __init__(self, model, optimizer, ema):
+        self.model, self.optimizer, self.ema = model, optimizer, ema
+
+    def state_dict(self):
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+        model_sd, optim_sd = get_state_dict(self.model, self.optimizer)
+        return {'model': model_sd, 'optim': optim_sd, 'ema': self.ema}
+
+    def load_state_dict(self, sd):
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+        set_state_dict(self.model, self.optimizer, model_state_dict=sd['model'], optim_state_dict=sd['optim'])
+        with torch.no_grad():
+            for k, v in sd['ema'].items():  # DCP usually loads in place; copy in case it handed back new tensors
+                if v is not self.ema[k]:
+                    self.ema[k].copy_(v)
+
+
+_stop_requested = False  # set by SIGTERM; acted on at the end of the current step, by all ranks together
+
+
+def _on_sigterm(signum, frame):
+    global _stop_requested
+    _stop_requested = True
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    configure(argv)
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import load_file, save_file
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    from torch.utils.checkpoint import checkpoint
+
+    import data
+    from model.diffusion import Diffusion
+    from model.loading import load_sd, save_jedi, strict_load, strip_prefix
+    from model.text import Tokenizer, build_text_encoder, encode, sd14_text_config
+    from model.unet import UNet, UNetConfig
+
+    # --- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; alone we are a world of one, same code path
+    distributed = int(os.environ.get('RANK', -1)) != -1
+    rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')) if distributed else (0, 1, 0)
+    dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
+    if dev == 'cuda':
+        dev = f'cuda:{local_rank}'
+        torch.cuda.set_device(dev)
+        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True
+    backend = 'nccl' if dev.startswith('cuda') else 'gloo'
+    if distributed:
+        dist.init_process_group(backend)
+    else:
+        dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    mesh = init_device_mesh(dev.split(':')[0], (world,))
+    master = rank == 0
+    accum = max(1, gradient_accumulation_steps // world)  # micro-batches per rank and step
+    compute_dtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32,
+                     'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
+    ckpt_root = os.path.join(out_dir, 'ckpt')
+    if master:
+        os.makedirs(ckpt_root, exist_ok=True)
+
+    def log(msg):
+        if master:
+            print(msg, flush=True)
+            with open(os.path.join(out_dir, 'train.log'), 'a') as f:
+                f.write(msg + '\n')
+
+    # --- what to build: a checkpoint's meta.json wins over the config for everything that shapes the model
+    resume_dir = latest_checkpoint(ckpt_root) if init_from == 'resume' else None
+    if init_from == 'resume' and resume_dir is None:
+        raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
+    meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
+    model_space, src = meta.get('space', space), meta.get('sd_path', sd_path)
+    if model_space not in ('latent', 'pixel'):
+        raise SystemExit(f"space must be 'latent' or 'pixel', not {model_space!r}")
+    if init_from not in ('scratch', 'sd', 'resume'):
+        raise SystemExit(f"init_from must be 'scratch', 'sd' or 'resume', not {init_from!r}")
+    if (init_from == 'sd' or model_space == 'latent') and not src:
+        raise SystemExit('sd_path is needed for init_from=sd and for latent space (the VAE and text encoder come from it)')
+    if init_from == 'sd' and model_space == 'pixel':
+        raise SystemExit('init_from=sd works in latent space only')
+
+    vae, full_unet_sd, text_random = None, None, False
+    if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
+        sd = load_sd(src, num_heads=num_heads, ema=True)
+        text_encoder, vae = sd.text_encoder, (sd.vae if model_space == 'latent' else None)
+        if init_from == 'sd':
+            full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
+        del sd
+    else:  # pixel space without SD: a small random text encoder, saved with every checkpoint so resumes match
+        tcfg = sd14_text_config(**meta.get('text_config', text_config))
+        torch.manual_seed(seed)
+        text_encoder, text_random = build_text_encoder(tcfg), True
+        if resume_dir and not meta.get('train_text_encoder'):
+            strict_load(text_encoder, load_file(os.path.join(resume_dir, 'text_encoder.safetensors')), 'text encoder')
+    if init_from != 'sd':
+        channels = 4 if model_space == 'latent' else 3
+        ucfg = UNetConfig(**meta['unet_config']) if resume_dir else UNetConfig(
+            **{**unet_config, 'in_channels': 2 * channels + 1, 'out_channels': channels,
+               'context_dim': text_encoder.config.hidden_size})
+        if init_from == 'scratch':
+            torch.manual_seed(seed)
+            full_unet_sd = UNet(ucfg).state_dict()  # the same seeded init on every rank
+    diffusion = Diffusion(schedule=meta.get('schedule', schedule), prediction=meta.get('prediction', prediction))
+    tokenizer = Tokenizer()
+    tokenize = functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
+    null_ids = tokenizer([''])  # (1, 77)
+
+    # frozen parts: replicated, no grads, reduced precision on GPU
+    frozen_text = not train_text_encoder
+    for m in (vae, text_encoder if frozen_text else None):
+        if m is not None:
+            m.to(dev, compute_dtype).eval().requires_grad_(False)
+    null_context = encode(text_encoder, null_ids).detach() if frozen_text else None  # (1, 77, D) for ""
+
+    # --- the trained model: meta device -> AC / compile per block -> fully_shard -> to_empty -> load
+    with torch.device('meta'):
+        unet = UNet(ucfg)
+    for block in unet.blocks:
+        if activation_checkpointing:  # recompute the block in backward; state-dict names stay unchanged
+            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
+        if compile:
+            block.compile()
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
+    for block in unet.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(unet, mesh=mesh, mp_policy=mp)  # time embedding and output head; casts the UNet's inputs
+    trained_text = None if frozen_text else text_encoder.train().requires_grad_(True)
+    if trained_text is not None:
+        fully_shard(trained_text, mesh=mesh, mp_policy=mp)
+    model = Trainee(unet, trained_text, null_ids)
+    # the root keeps x0 and the noise in fp32 (targets are computed outside the UNet); it holds no parameters itself
+    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
+                                                                 cast_forward_inputs=False), reshard_after_forward=False)
+    unet.to_empty(device=dev)
+    if full_unet_sd is not None:
+        full = {f'unet.{k}': v for k, v in full_unet_sd.items()}
+        if trained_text is not None:
+            full.update({f'text_encoder.{k}': v for k, v in text_encoder.state_dict().items()})
+        set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
+        del full, full_unet_sd
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    with torch.no_grad():
+        ema = {n: p.detach().clone() for n, p in model.named_parameters()}  # sharded like the params (DTensors)
+    state = TrainState(model, optimizer, ema)
+
+    step, data_state = 0, None
+    if resume_dir:
+        dcp.load({'train': state}, checkpoint_id=resume_dir)
+        step = meta['step']
+        f = os.path.join(resume_dir, f'data_rank{rank}.json')
+        if meta['world_size'] == world and os.path.isfile(f):  # exact data position; else start_step (approximate
+            data_state = json.load(open(f))  # for streaming WebDataset shards, exact for indexable sources)
+        log(f'resumed from {resume_dir} at step {step} (saved at world size {meta["world_size"]}, now {world})')
+    n_params = sum(p.numel() for p in params)
+    if accum * world != gradient_accumulation_steps:
+        log(f'note: gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the world size '
+            f'{world}: a step takes {accum * world} micro-batches')
+    log(f'{init_from}: UNet {ucfg}\n{n_params / 1e6:.2f}M trained parameters, {model_space} space, world {world}, '
+        f'{accum} micro-batch(es) of {images_per_batch} images per rank and step, device {dev}, {compute_dtype}')
+
+    # --- checkpoints, export
+    def save_checkpoint():
+        final, tmp = f'{ckpt_root}/step_{step:08d}', f'{ckpt_root}/.tmp_step_{step:08d}'
+        if master:
+            for d in os.listdir(ckpt_root):  # leftovers of a killed save
+                if d.startswith('.tmp_'):
+                    shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+            os.makedirs(tmp)
+        dist.barrier()
+        dcp.save({'train': state}, checkpoint_id=tmp)
+        with open(os.path.join(tmp, f'data_rank{rank}.json'), 'w') as f:
+            json.dump(loader.state() if loader is not None else {}, f)
+        dist.barrier()
+        if master:
+            if text_random and frozen_text:
+                save_file({k: v.detach().float().cpu().contiguous() for k, v in text_encoder.state_dict().items()},
+                          os.path.join(tmp, 'text_encoder.safetensors'))
+            with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
+                json.dump(dict(step=step, world_size=world, space=model_space, sd_path=src, unet_config=ucfg.to_dict(),
+                               text_config=meta.get('text_config', text_config), train_text_encoder=train_text_encoder,
+                               schedule=diffusion.schedule, prediction=diffusion.prediction,
+                               config={k: globals()[k] for k in config_keys}), f, indent=1)
+            if os.path.isdir(final):
+                shutil.rmtree(final)
+            os.replace(tmp, final)
+            done = sorted(d for d in os.listdir(ckpt_root) if re.fullmatch(r'step_\d{8}', d))
+            for d in done[:-keep_checkpoints] if keep_checkpoints > 0 else []:
+                shutil.rmtree(os.path.join(ckpt_root, d))
+        dist.barrier()
+        log(f'saved checkpoint {final}')
+        return final
+
+    def export():
+        path = export_path or os.path.join(out_dir, 'jedi.safetensors')
+        full = {k: v.full_tensor().cpu() for k, v in ema.items()}  # collective: every rank takes part
+        if master:
+            with torch.device('meta'):
+                ema_unet = UNet(ucfg)
+            ema_unet = ema_unet.to_empty(device='cpu')
+            strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
+            # fp32 CPU copies of the text encoder (EMA when trained) and the VAE: the frozen ones may be bf16 on GPU
+            text_sd = strip_prefix(full, 'text_encoder.') if trained_text is not None else \
+                {k: v.float().cpu() for k, v in text_encoder.state_dict().items()}
+            out_text = build_text_encoder(text_encoder.config)
+            strict_load(out_text, text_sd, 'text encoder')
+            out_vae = None
+            if vae is not None:
+                from model.vae import AutoencoderKL
+                out_vae = AutoencoderKL(**vae.config)
+                out_vae.load_state_dict({k: v.float().cpu() for k, v in vae.state_dict().items()})
+            save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
+                      diffusion=dict(schedule=diffusion.schedule, num_timesteps=diffusion.num_timesteps,
+                                     beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
+                                     prediction=diffusion.prediction),
+                      step=step, ema_decay=ema_decay)
+        dist.barrier()
+        log(f'exported EMA weights at step {step} to {path}')
+
+    loader = None
+    if export_only:
+        export()
+        dist.destroy_process_group()
+        return
+
+    # --- data: loader step = optimizer step × micro-batches per rank, so resuming at any step is exact
+    loader = data.build_loader(data_spec, resolution=resolution, images_per_batch=images_per_batch, rank=rank,
+                               world_size=world, seed=seed, start_step=0 if overfit_one_batch else step * accum,
+                               num_workers=num_workers, state=None if overfit_one_batch else data_state,
+                               set_sizes=set_sizes)
+    first_batch = next(loader) if overfit_one_batch else None
+
+    def micro_batch(step, micro):
+        """-> (model inputs, sets, images, set size, generator) with latents/text states computed on the fly."""
+        batch = first_batch if overfit_one_batch else next(loader)
+        g = step_generator(0 if overfit_one_batch else step, rank, micro, dev)
+        B, N = batch['pixels'].shape[:2]
+        px = batch['pixels'].flatten(0, 1).to(dev, non_blocking=True)  # (B, N, 3, H, W) -> (B·N, 3, H, W)
+        ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, 77)
+        with torch.no_grad():
+            x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=g).float()
+            context = encode(text_encoder, ids) if frozen_text else None
+        return dict(x0=x0, context=context, null_context=null_context, ids=ids), B, B * N, N, g
+
+    # --- logging
+    on_gpu = dev.startswith('cuda')
+    peak = (peak_flops or guess_peak_flops(torch.cuda.get_device_name(dev))) if on_gpu else 0.0
+    flops_per_image = unet_flops_per_image(ucfg, resolution // (vae.downsample_factor if vae is not None else 1)) \
+        if peak else {}
+    writer = None
+    if tensorboard and master:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+            writer = SummaryWriter(os.path.join(out_dir, 'tb'))
+        except ImportError:
+            log('tensorboard is not installed: logging to stdout and train.log only')
+
+    signal.signal(signal.SIGTERM, _on_sigterm)
+    last_saved = step if resume_dir else None
+    interval = torch.zeros(4, dtype=torch.float64)  # loss sum, sets, images, UNet model FLOPs since the last log line
+    t_log, n_log = time.perf_counter(), 0
+    while step < max_iters:
+        lr = lr_at(step)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        stats = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, sets, images, flops, stop requested
+        for micro in range(accum):
+            inputs, sets, images, N, g = micro_batch(step, micro)
+            model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once, on the last micro-batch
+            loss = model(set_size=N, generator=g, diffusion=diffusion, **inputs)
+            (loss / accum).backward()
+            stats[0] += loss.detach().double() / accum
+            stats[1:4] += torch.tensor([sets, images, 3 * images * flops_per_image.get(N, 0.0)], dtype=torch.float64,
+                                       device=dev)
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
+        stats[4] = float(_stop_requested)
+        dist.all_reduce(stats)  # one collective: the loss of every rank, the counts, and whether anyone got SIGTERM
+        loss_sum, sets, images, flops, stop = stats.tolist()
+        loss_avg, gnorm = loss_sum / world, grad_norm.item()
+        if not (math.isfinite(loss_avg) and math.isfinite(gnorm)):
+            last = latest_checkpoint(ckpt_root)
+            log(f'stopping: loss {loss_avg} / grad norm {gnorm} at step {step + 1} (the update from step {step}); '
+                f'not applied, nothing saved; the last good checkpoint is {last}')
+            dist.destroy_process_group()
+            sys.exit(1)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        with torch.no_grad():  # EMA on the local shards: no communication
+            torch._foreach_lerp_([e.to_local() for e in ema.values()],
+                                 [p.detach().to_local() for p in model.parameters()], 1 - ema_decay)
+        step += 1
+
+        interval += torch.tensor([loss_avg, sets, images, flops], dtype=torch.float64)
+        n_log += 1
+        if step % log_interval == 0 or step == max_iters or stop:
+            dt = time.perf_counter() - t_log
+            l_sum, s_sum, i_sum, f_sum = interval.tolist()
+            msg = (f'step {step} | loss {l_sum / n_log:.4f} | grad norm {gnorm:.3f} | lr {lr:.3e} | '
+                   f'{s_sum / dt:.2f} sets/s | {i_sum / dt:.2f} images/s | {1000 * dt / n_log:.1f} ms/step')
+            if on_gpu:
+                msg += f' | peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
+                torch.cuda.reset_peak_memory_stats(dev)
+            if peak:
+                msg += f' | MFU {100 * f_sum / (dt * world * peak):.1f}%'
+            log(msg)
+            if writer is not None:
+                for k, v in (('loss', l_sum / n_log), ('grad_norm', gnorm), ('lr', lr), ('images_per_s', i_sum / dt)):
+                    writer.add_scalar(k, v, step)
+            interval.zero_()
+            t_log, n_log = time.perf_counter(), 0
+        if step % ckpt_interval == 0 or step == max_iters or stop:
+            save_checkpoint()
+            last_saved = step
+        if stop:
+            log(f'SIGTERM: stopped after saving step {step}')
+            dist.destroy_process_group()
+            return
+    if last_saved != step:  # e.g. resumed at or past max_iters
+        save_checkpoint()
+    export()
+    if writer is not None:
+        writer.close()
+    dist.destroy_process_group()
+
+
+if __name__ == '__main__':
+    main(sys.argv[1:])
