@@ -387,3 +387,27 @@ def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_pa
     rc = jeval.main([a for a in base if a != "--no_masked"] + ["--out", str(tmp_path / "a")],
                     generate_fn=FakeGenerator(), load_model_fn=lambda: None)
     assert rc == 2 and "00_0.mask.png" in capsys.readouterr().err
+
+
+def test_runner_through_sample_py(mini_dataset, weights, tmp_path):
+    """No injection: images come from sample.load_model + sample.generate on a tiny pixel-space JeDi checkpoint,
+    exactly the call a real evaluation makes; the checkpoint's steps/guidance defaults are used."""
+    from model.loading import save_jedi
+    from model.text import build_text_encoder, sd14_text_config
+    from model.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=7, out_channels=3, model_channels=32, channel_mult=(1, 2),
+                           attention_resolutions=(2,), num_res_blocks=1, num_heads=2, context_dim=32))
+    text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                               intermediate_size=64))
+    ckpt = str(tmp_path / "tiny_jedi.safetensors")
+    save_jedi(ckpt, unet, text, None, resolution=16, diffusion={"prediction": "eps"}, steps=2, guidance=2.0)
+    argv = ["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"), "--ckpt", ckpt, "--num_refs", "1",
+            "--num_prompts", "1", "--images_per_prompt", "2", "--clip_model", weights["clip_cfg"],
+            "--clip_weights", weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--device", "cpu"]
+    assert jeval.main(argv) == 0
+    images = sorted((tmp_path / "out/images").glob("*/*.png"))
+    assert len(images) == 4 and all(Image.open(p).size == (16, 16) for p in images)
+    res = json.loads((tmp_path / "out/results.json").read_text())
+    assert res["overall"]["CLIP-I"]["n"] == 4 and res["settings"]["checkpoint"] == ckpt
