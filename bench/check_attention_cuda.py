@@ -31,7 +31,12 @@ def main():
     p.add_argument("--split-dtypes", default="fp16",
                    help="dtypes in which split mode is checked too (each mode x dtype costs its own compiles)")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: two tiny cases under the interpreter")
+    p.add_argument("--compile-only", choices=["quick", "all"], default=None,
+                   help="no GPU needed: compile the kernels for sm_90 with ptxas (quick: a few; all: every autotune "
+                        "config, pad and split, fp16) and report registers / spills / shared memory")
     args = p.parse_args()
+    if args.compile_only:
+        return compile_only(args.compile_only)
     if args.cpu_smoke:
         os.environ["TRITON_INTERPRET"] = "1"  # before kernels.flash_attn is imported
 
@@ -116,6 +121,69 @@ def main():
     if args.out:
         args.out.parent.mkdir(parents=True, exist_ok=True)
         args.out.write_text("\n".join(lines) + "\n")
+    return 1 if failures else 0
+
+
+def compile_only(which):
+    """Compile for an H100 (sm_90) target offline: catches errors the interpreter cannot (static-if scoping, dot
+    shapes, shared memory) and shows register spills. Needs no GPU or driver, only the ptxas in the triton wheel."""
+    import contextlib
+    import io
+    import re
+
+    os.environ.pop("TRITON_INTERPRET", None)  # must hold before triton is imported
+    os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
+    os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from kernels import flash_attn as fa
+    fns = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel}
+    jobs = []  # (kind, dtype, D, split, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N)
+    if which == "quick":
+        jobs = [("fwd", "fp16", 40, False, (128, 64, 4, 3), True, True),
+                ("fwd", "fp32", 64, False, (64, 64, 4, 3), False, False),
+                ("dkdv", "bf16", 80, False, (32, 64, 4, 2), True, True),
+                ("dq", "fp16", 160, True, (64, 32, 8, 2), True, False),
+                ("dkdv", "fp16", 160, True, (32, 64, 8, 2), False, True)]
+    else:
+        for kind in fns:
+            for d in (40, 80, 160):
+                for split in (False, True):
+                    for cfg in fa._TABLES[kind][fa._tier(*fa.head_dim_pieces(d, split))]:
+                        jobs.append((kind, "fp16", d, split, cfg, False, False))
+    failures = 0
+    for kind, dtype, d, split, (bm, bn, w, st), check_m, check_n in jobs:
+        fn = fns[kind]
+        bd0, bd1 = fa.head_dim_pieces(d, split)
+        cx = dict(HEAD_DIM=d, BD0=bd0, BD1=bd1, CHECK_D0=bd0 > d, CHECK_D1=bd0 + bd1 > d, UPCAST=False,
+                  PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, CHECK_M=check_m, CHECK_N=check_n)
+        sig = {}
+        for name in fn.arg_names:
+            if name in cx:
+                sig[name] = "constexpr"
+            elif name in ("LSE", "DELTA"):
+                sig[name] = "*fp32"
+            elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+                sig[name] = "*" + dtype
+            else:
+                sig[name] = "fp32" if name == "sm_scale" else "i32"
+        log = io.StringIO()
+        t = time.time()
+        try:
+            with contextlib.redirect_stdout(log):  # triton prints the ptxas -v log
+                k = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
+                                   options=dict(num_warps=w, num_stages=st))
+            regs = re.findall(r"Used (\d+) registers", log.getvalue())
+            spill = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+            res = f"regs {regs[-1] if regs else '?'}, spill {spill[-1] if spill else '?'} B, " \
+                  f"smem {k.metadata.shared // 1024} KB, {time.time() - t:.1f} s"
+        except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
+            failures += 1
+            res = f"FAIL {type(e).__name__}: {str(e)[:500]}"
+        print(f"{kind:5s} {dtype} D{d} {'split' if split else 'pad'} BM{bm} BN{bn} w{w} s{st}: {res}", flush=True)
+    print(f"{failures} compile failures of {len(jobs)}")
     return 1 if failures else 0
 
 

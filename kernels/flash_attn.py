@@ -84,9 +84,10 @@ def _store(ptrs, x, rows, n_rows, cols, n_cols, CHECK_ROWS: tl.constexpr, CHECK_
 @triton.jit
 def _load_row(ptrs, rows, n_rows, CHECK_ROWS: tl.constexpr):
     if CHECK_ROWS:
-        return tl.load(ptrs, mask=rows < n_rows, other=0.0)
+        x = tl.load(ptrs, mask=rows < n_rows, other=0.0)
     else:
-        return tl.load(ptrs)
+        x = tl.load(ptrs)
+    return x
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -326,34 +327,46 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale,
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration: Hopper autotune tables (GPU) or one fixed config (interpreter)
 # ----------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per padded head-dim tier (BD0 + BD1 <= 64 / 128 / 256).
-# Starting points from the Triton tutorial (d64/d128 on H100) and FlagAttention; scaled down for d256 where
-# the fp32 accumulators and the shared-memory K/V stages grow. Not yet measured on a GPU: retune with
-# bench/gpu_suite.sh. For dK/dV, BLOCK_N is the key block a program owns and BLOCK_M the query step;
-# for dQ, BLOCK_M is owned and BLOCK_N the step.
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per (tier, split): tier = BD0 + BD1 rounded up to 64 / 128 / 256,
+# split = two head-dim pieces (they use fewer registers than one padded tile of the same tier).
+# For dK/dV, BLOCK_N is the key block a program owns and BLOCK_M the query step; for dQ, BLOCK_M is owned and
+# BLOCK_N the step. Chosen without a GPU: starting points from the Triton tutorial and FlagAttention, kept
+# preferring configs for which ptxas (sm_90, fp16) reports no register spills; two that spill a little are
+# marked. Reproduce with `python bench/check_attention_cuda.py --compile-only all` (no GPU needed).
+# Not yet timed on a GPU: retune with bench/gpu_suite.sh.
 _TABLES = {
-    "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
-            128: [(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)],
-            256: [(128, 64, 8, 2), (64, 64, 4, 2), (64, 32, 4, 3)]},
-    "dkdv": {64: [(32, 128, 4, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
-             128: [(32, 128, 8, 2), (64, 64, 4, 2), (64, 128, 8, 2)],
-             256: [(32, 64, 4, 2), (64, 64, 8, 1), (32, 128, 8, 1)]},
-    "dq": {64: [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
-           128: [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
-           256: [(64, 32, 4, 2), (64, 64, 8, 1), (128, 32, 8, 1)]},
+    "fwd": {(64, False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+            (64, True): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
+            (128, False): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+            (128, True): [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
+            (256, False): [(64, 64, 8, 2), (64, 32, 4, 2), (64, 128, 8, 2)],  # the last spills a little
+            (256, True): [(128, 64, 8, 2), (64, 64, 8, 2), (64, 128, 8, 2)]},
+    "dkdv": {(64, False): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+             (64, True): [(32, 128, 8, 3), (64, 128, 8, 3), (64, 64, 4, 3)],
+             (128, False): [(32, 64, 4, 2), (64, 64, 8, 2), (32, 64, 8, 2)],
+             (128, True): [(32, 128, 8, 2), (64, 128, 8, 2), (64, 64, 8, 2)],
+             (256, False): [(32, 32, 8, 2), (16, 32, 4, 2), (32, 32, 4, 2)],  # the last spills a little
+             (256, True): [(32, 64, 8, 2), (16, 64, 8, 2), (64, 64, 8, 1)]},
+    "dq": {(64, False): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+           (64, True): [(128, 32, 4, 3), (128, 64, 8, 3), (64, 64, 4, 3)],
+           (128, False): [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
+           (128, True): [(128, 32, 8, 2), (64, 64, 4, 2), (128, 64, 8, 2)],
+           (256, False): [(32, 64, 8, 2), (32, 32, 8, 2), (32, 32, 4, 2)],
+           (256, True): [(64, 32, 8, 2), (64, 16, 8, 2), (32, 32, 8, 2)]},
 }
 # Interpreter: numpy runs each program serially; unequal M/N blocks catch index mix-ups in the tests.
 INTERPRET_CONFIG = dict(BLOCK_M=32, BLOCK_N=16, num_warps=4, num_stages=1)
 
 
-def _tier(bd):
-    return 64 if bd <= 64 else 128 if bd <= 128 else 256
+def _tier(bd0, bd1):
+    bd = bd0 + bd1
+    return 64 if bd <= 64 else 128 if bd <= 128 else 256, bd1 > 0
 
 
 def _make_prune(kind):
     def prune(configs, named_args, **kwargs):
         args = {**named_args, **kwargs}
-        table = _TABLES[kind][_tier(args["BD0"] + args["BD1"])]
+        table = _TABLES[kind][_tier(args["BD0"], args["BD1"])]
         keep = [c for c in configs
                 if (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages) in table]
         # Blocks far longer than the sequence only waste work (SD's smallest coupled length is 2*64 tokens).

@@ -210,6 +210,16 @@ def test_cuda_check_cpu_smoke(tmp_path):
     assert "0 failing rows" in out.read_text()
 
 
+def test_kernels_compile_for_sm90():
+    # The interpreter runs the kernels as Python, so it cannot catch what only the compiler rejects; compile a
+    # few variants (masks, split, fp32/bf16) for an H100 with the wheel's ptxas. No GPU needed.
+    env = _sub_env()
+    env.pop("TRITON_INTERPRET")
+    r = subprocess.run([sys.executable, "bench/check_attention_cuda.py", "--compile-only", "quick"], cwd=ROOT,
+                       env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0 and "0 compile failures" in r.stdout, r.stdout + r.stderr
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
 def test_gpu_suite_fails_fast_without_cuda(tmp_path):
     t = time.time()
