@@ -184,6 +184,28 @@ def test_dispatch_auto(spy):
     assert spy == (["triton"] if DEVICE == "cuda" else [])
 
 
+def test_model_same_output_either_backend(spy, monkeypatch):
+    # A tiny coupled UNet (head dims 40 and 80, sets of 2, 7 text tokens): forward and input gradient agree.
+    from model.unet import CrossAttention, UNet, UNetConfig
+    cfg = UNetConfig(model_channels=40, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1,
+                     num_heads=1, context_dim=16, norm_groups=8)
+    net = UNet(cfg).to(DEVICE)
+    torch.nn.init.normal_(net.out[-1].weight, std=0.02)  # zero-initialised output conv would hide differences
+    x = torch.randn(4, cfg.in_channels, 8, 8, device=DEVICE)
+    t = torch.randint(0, 1000, (2,), device=DEVICE)
+    ctx = torch.randn(4, 7, 16, device=DEVICE)
+    res = {}
+    for backend in ("sdpa", "triton"):
+        monkeypatch.setenv("JEDI_ATTN", backend)
+        xi = x.clone().requires_grad_()
+        out = net(xi, t, ctx, set_size=2)
+        res[backend] = (out, torch.autograd.grad(out.square().sum(), xi)[0])
+        n_attn = sum(isinstance(m, CrossAttention) for m in net.modules())  # attn1 and attn2 of each block
+        assert len(spy) == (0 if backend == "sdpa" else n_attn)
+    for a, b in zip(res["sdpa"], res["triton"]):
+        assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()), f"seed {SEED}"
+
+
 # ---------------------------------------------------------------------------------------------------------
 # Benchmark and GPU suite must not rot
 # ---------------------------------------------------------------------------------------------------------
