@@ -1,4 +1,4 @@
-"""JeDi on the DreamBooth benchmark: CLIP-T, CLIP-I, MCLIP-I, DINO and MDINO (paper §4, Table 2).
+r"""JeDi on the DreamBooth benchmark: CLIP-T, CLIP-I, MCLIP-I, DINO and MDINO (paper §4, Table 2).
 
     python eval.py --dataset dreambooth/dataset --ckpt jedi.safetensors --num_refs 1 --out eval/jedi_1ref \
         --clip_model ViT-B-32-quickgelu --clip_weights weights/ViT-B-32.pt --dino weights/dino-vits16 \
@@ -389,9 +389,9 @@ def _seed(seed: int, *parts) -> int:
 
 
 def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_per_prompt: int, seed: int,
-                     generate_fn, load_model_fn, gen_kwargs: dict) -> int:
-    """Generate every image not yet on disk; returns how many were generated. The model is loaded only if
-    something is missing, so rescoring a finished run needs no checkpoint."""
+                     generate_fn, load_model_fn, gen_kwargs: dict) -> tuple[int, dict | None]:
+    """Generate every image not yet on disk. Returns how many were generated and the steps/guidance used (None
+    when nothing was missing: the model is only loaded then, so rescoring a finished run needs no checkpoint)."""
     from tqdm import tqdm
 
     todo = []  # (subject, prompt index, prompt, missing k's)
@@ -405,7 +405,7 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
     total = sum(len(s.prompts) for s in subjects) * images_per_prompt
     remaining = sum(len(m) for *_, m in todo)
     if not remaining:
-        return 0
+        return 0, None
     model = load_model_fn()
     meta = getattr(model, "meta", {}) or {}
     # The checkpoint's own sampling defaults, exactly as sample.py's CLI resolves them.
@@ -429,7 +429,7 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
         done += len(missing)
         bar.update(len(missing))
     bar.close()
-    return done
+    return done, {"steps_used": steps, "guidance_used": guidance}
 
 
 # ----------------------------------------------------------------------------- scoring and tables
@@ -582,7 +582,21 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
             raise EvalError(f"--background {args.background!r}: expected R,G,B in 0..255")
         subjects = load_benchmark(args.dataset, args.subjects.split(",") if args.subjects else None,
                                   args.num_prompts)
-        # Load the scoring models first: a wrong weight path should fail before hours of generation.
+        # Check every weight path up front and report all that are missing at once, then load the scoring models
+        # before generating: a wrong path should fail before hours of generation, not after.
+        checks = [lambda: _require_file(args.clip_weights, f"CLIP weights for {args.clip_model}"),
+                  lambda: _require_hf_folder(args.dino, "DINO ViT-S/16 (facebook/dino-vits16)")]
+        if not args.no_masked and segmenter is None:
+            checks += [lambda: args.grounding_dino and _require_hf_folder(args.grounding_dino, "Grounding-DINO"),
+                       lambda: args.sam and _require_hf_folder(args.sam, "SAM")]
+        missing = []
+        for check in checks:
+            try:
+                check()
+            except MissingWeights as e:
+                missing.append(str(e))
+        if missing:
+            raise MissingWeights("\n       ".join(missing))
         clip = ClipEmbedder(args.clip_model, args.clip_weights, args.device, args.batch_size)
         dino = DinoEmbedder(args.dino, args.device, args.batch_size)
         if segmenter is None and (args.grounding_dino or args.sam) and not args.no_masked:
@@ -614,10 +628,14 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
                     except sample.UserError as e:
                         raise EvalError(str(e)) from None
 
-            n = generate_missing(subjects, args.out, num_refs=args.num_refs, images_per_prompt=args.images_per_prompt,
-                                 seed=args.seed, generate_fn=generate_fn, load_model_fn=load_model_fn,
-                                 gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+            n, used = generate_missing(
+                subjects, args.out, num_refs=args.num_refs, images_per_prompt=args.images_per_prompt, seed=args.seed,
+                generate_fn=generate_fn, load_model_fn=load_model_fn,
+                gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
             print(f"generated {n} images in {time.time() - t0:.0f} s", file=sys.stderr)
+            if used:  # the checkpoint defaults actually applied, for the report
+                run_json = Path(args.out, "run.json")
+                run_json.write_text(json.dumps({**json.loads(run_json.read_text()), **used}, indent=1) + "\n")
         records = score(subjects, args.out, images_per_prompt=args.images_per_prompt, clip=clip, dino=dino,
                         masks=masks, background=background)
     except EvalError as e:
@@ -628,7 +646,7 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
     run_json = Path(args.out, "run.json")  # how the images were made (may predate a --score_only run's flags)
     made = json.loads(run_json.read_text()) if run_json.is_file() else gen_settings
     settings = {"checkpoint": made["ckpt"] or "sample.py default", "references per subject": made["num_refs"],
-                "steps": made["steps"] or "checkpoint default", "guidance": "checkpoint default" if made["guidance"] is None else made["guidance"],
+                "steps": made.get("steps_used", made["steps"]), "guidance": made.get("guidance_used", made["guidance"]),
                 "sampler": made["sampler"], "seed": made["seed"],
                 "reference caption": "a photo of a {class}", "images per prompt": args.images_per_prompt,
                 "subjects": len(subjects), "CLIP": clip.description, "DINO": dino.description,

@@ -349,7 +349,8 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
     assert prompts == {"a toy in the jungle", "a red toy", "a dog wearing a santa hat", "a cube shaped dog"}
     md = (out / "results.md").read_text()
     assert "| toy_a | toy | 8 |" in md and "**overall**" in md and "tiny-clip-eval" in md
-    assert "refs: 6 from mask files" in md and "images: 16 from fake-seg" in md  # which mask source was used, printed with the table
+    assert "refs: 6 from mask files" in md and "images: 16 from fake-seg" in md  # the mask source, with the table
+    assert res["settings"]["steps"] == 7 and res["settings"]["guidance"] == 2.5  # what was actually used
     first = (out / "images/toy_a/00_0.png").read_bytes()
 
     # 3. one image lost: exactly that one is regenerated (with a fresh mask); nothing else is touched
@@ -411,3 +412,15 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path):
     assert len(images) == 4 and all(Image.open(p).size == (16, 16) for p in images)
     res = json.loads((tmp_path / "out/results.json").read_text())
     assert res["overall"]["CLIP-I"]["n"] == 4 and res["settings"]["checkpoint"] == ckpt
+    assert res["settings"]["steps"] == 2 and res["settings"]["guidance"] == 2.0  # the checkpoint's defaults
+
+
+def test_cli_reports_every_missing_weight_path(mini_dataset, tmp_path, capsys):
+    rc = jeval.main(["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"),
+                     "--clip_weights", str(tmp_path / "ViT-B-32.pt"), "--dino", str(tmp_path / "dino-vits16"),
+                     "--grounding_dino", str(tmp_path / "grounding-dino-tiny"), "--sam", str(tmp_path / "sam-vit-base")])
+    err = capsys.readouterr().err
+    assert rc == 2 and not (tmp_path / "out").exists()  # nothing started
+    for expected in ("ViT-B-32.pt", "dino-vits16/config.json", "grounding-dino-tiny/config.json",
+                     "sam-vit-base/config.json"):
+        assert expected in err
