@@ -38,7 +38,7 @@ IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
 
 class EvalError(Exception):
-    """Bad input or setup: reported as one line and exit status 2."""
+    """Bad input or setup: reported as `error: ...` (no traceback) and exit status 2."""
 
 
 class MissingWeights(EvalError, FileNotFoundError):
@@ -86,8 +86,9 @@ def _save_atomic(img: Image.Image, path):
 
 
 class GroundedSAM:
-    """Text-prompted foreground masks (the paper's detection [18] + segmentation [13]): Grounding-DINO finds the
-    best box for "<class>.", SAM segments inside that box. Both load from local transformers folders.
+    """Text-prompted foreground masks with the tools the paper cites for its masked metrics (Grounding DINO [18],
+    SAM [13]): Grounding-DINO finds the best box for "<class>.", SAM segments inside it. Both load from local
+    transformers folders.
 
     Any object with `name` and `__call__(image: PIL.Image, class_name: str) -> bool array (H, W)` can stand in
     for this class (see `Masks`); an all-False mask means "nothing found"."""

@@ -418,7 +418,8 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path):
 def test_cli_reports_every_missing_weight_path(mini_dataset, tmp_path, capsys):
     rc = jeval.main(["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"),
                      "--clip_weights", str(tmp_path / "ViT-B-32.pt"), "--dino", str(tmp_path / "dino-vits16"),
-                     "--grounding_dino", str(tmp_path / "grounding-dino-tiny"), "--sam", str(tmp_path / "sam-vit-base")])
+                     "--grounding_dino", str(tmp_path / "grounding-dino-tiny"),
+                     "--sam", str(tmp_path / "sam-vit-base")])
     err = capsys.readouterr().err
     assert rc == 2 and not (tmp_path / "out").exists()  # nothing started
     for expected in ("ViT-B-32.pt", "dino-vits16/config.json", "grounding-dino-tiny/config.json",
