@@ -21,8 +21,9 @@ Design (FlashAttention-2, as in the Triton tutorial, without its causal-only bac
   torch.backends.cuda.matmul.allow_tf32 is set. Under TRITON_INTERPRET=1 bf16 arithmetic is silently
   wrong (numpy has no bf16), so the constexpr UPCAST -- true only when interpreting bf16 -- upcasts each
   loaded tile to fp32; compiled GPU code never takes that branch.
-- Autotuning (GPU): a few Hopper configs per padded head dim, pruned by sequence length, keyed on
-  (head dim pieces, Lq bucket, Lk bucket) and the dtypes. Under the interpreter one fixed small config.
+- Autotuning (GPU): three Hopper configs per kernel and (head-dim tier, pad/split), pruned by sequence
+  length, keyed on (head dim pieces, Lq bucket, Lk bucket) and the dtypes, picks cached on disk. Under the
+  interpreter one fixed small config (autotuning there would take minutes).
 """
 import math
 import os
@@ -35,7 +36,6 @@ import triton.language as tl
 # ...) when `triton` is first imported, ours when this module is. Both must have seen TRITON_INTERPRET=1.
 INTERPRET = type(tl.zeros).__name__ == "InterpretedFunction"
 _INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
-LOG2E = 1.4426950408889634
 
 # Tests set this to float("nan") so that any output element a kernel fails to write shows up.
 _DEBUG_FILL = None
@@ -330,9 +330,9 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale,
 # (BLOCK_M, BLOCK_N, num_warps, num_stages) per (tier, split): tier = BD0 + BD1 rounded up to 64 / 128 / 256,
 # split = two head-dim pieces (they use fewer registers than one padded tile of the same tier).
 # For dK/dV, BLOCK_N is the key block a program owns and BLOCK_M the query step; for dQ, BLOCK_M is owned and
-# BLOCK_N the step. Chosen without a GPU: starting points from the Triton tutorial and FlagAttention, kept
-# preferring configs for which ptxas (sm_90, fp16) reports no register spills; two that spill a little are
-# marked. Reproduce with `python bench/check_attention_cuda.py --compile-only all` (no GPU needed).
+# BLOCK_N the step. Chosen without a GPU: starting points from the Triton tutorial and FlagAttention,
+# preferring configs for which ptxas (sm_90, fp16) reports no register spills (two that spill a little are
+# marked). Reproduce with `python bench/check_attention_cuda.py --compile-only all` (no GPU needed).
 # Not yet timed on a GPU: retune with bench/gpu_suite.sh.
 _TABLES = {
     "fwd": {(64, False): [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
@@ -399,7 +399,7 @@ if not INTERPRET:
 
 
 def _launch(kernel, grid_rows, bh, *args, **meta):
-    """grid_rows: the sequence length whose blocks index program_id(0); 'M' or 'N' picks the block."""
+    """grid_rows: (sequence length whose blocks index program_id(0), "BLOCK_M" or "BLOCK_N")."""
     length, which = grid_rows
     if INTERPRET:
         kernel[(triton.cdiv(length, INTERPRET_CONFIG[which]), bh)](*args, **meta, **INTERPRET_CONFIG)
