@@ -576,7 +576,6 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
     """generate_fn/load_model_fn default to sample.py's (imported only when something must be generated);
     segmenter defaults to GroundedSAM when --grounding_dino and --sam are given. Tests inject all three."""
     args = parse_args(argv)
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # belt and braces: everything is loaded from local paths
     try:
         background = tuple(int(c) for c in args.background.split(","))
         if len(background) != 3 or not all(0 <= c <= 255 for c in background):
@@ -663,4 +662,6 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
 
 
 if __name__ == "__main__":
+    # Belt and braces: everything is loaded from local paths; set before transformers reads it at import.
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
     sys.exit(main())
