@@ -110,6 +110,9 @@ def main():
                       + " | ".join(cells) + f" | {'ok' if ok else 'FAIL'} |"
                 lines.append(row)
                 print(row, flush=True)
+                if args.out:  # rewritten after every row, so a timeout still leaves the rows so far
+                    args.out.parent.mkdir(parents=True, exist_ok=True)
+                    args.out.write_text("\n".join(lines + ["", "(in progress)"]) + "\n")
             del q, k, v, do, ref, low
     # Dispatch: on CUDA the model's entry point must pick the kernel by default.
     x = torch.randn(1, 64, 8, 40, device=device, dtype=torch.float16)
