@@ -355,7 +355,8 @@ def main(argv):
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
         del full, full_unet_sd
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay)
+    optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
+                                  fused=True)  # one kernel over all params: far less DTensor dispatch
     with torch.no_grad():
         ema = {n: p.detach().clone() for n, p in model.named_parameters()}  # sharded like the params (DTensors)
     state = TrainState(model, optimizer, ema)
@@ -400,7 +401,8 @@ def main(argv):
             if os.path.isdir(final):
                 shutil.rmtree(final)
             os.replace(tmp, final)
-            done = sorted(d for d in os.listdir(ckpt_root) if re.fullmatch(r'step_\d{8}', d))
+            done = sorted(d for d in os.listdir(ckpt_root)
+                          if re.fullmatch(r'step_\d{8}', d) and os.path.isfile(f'{ckpt_root}/{d}/meta.json'))
             for d in done[:-keep_checkpoints] if keep_checkpoints > 0 else []:
                 shutil.rmtree(os.path.join(ckpt_root, d))
         dist.barrier()
@@ -488,7 +490,7 @@ def main(argv):
             stats[0] += loss.detach().double() / accum
             stats[1:4] += torch.tensor([sets, images, 3 * images * flops_per_image.get(N, 0.0)], dtype=torch.float64,
                                        device=dev)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'))
+        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
         grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
         stats[4] = float(_stop_requested)
         dist.all_reduce(stats)  # one collective: the loss of every rank, the counts, and whether anyone got SIGTERM

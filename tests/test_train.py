@@ -1,0 +1,239 @@
+"""train.py end to end on CPU (gloo): torchrun with 2 processes, world-size change on resume, SIGKILL/SIGTERM and
+resume (bitwise), init from an original SD checkpoint, NaN stop, export. Each run is a real subprocess."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+import train  # noqa: E402  (config globals and helpers only; main() is not run on import)
+
+ENV = {**os.environ, 'OMP_NUM_THREADS': '1', 'PYTHONUNBUFFERED': '1'}
+TORCHRUN = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2']
+
+
+def cmd(out, args, nproc=1):
+    launcher = TORCHRUN if nproc == 2 else [sys.executable]
+    return [*launcher, 'train.py', 'config/tiny.py', f'--out_dir={out}', *args]
+
+
+def run(out, args, nproc=1, expect_rc=0):
+    p = subprocess.run(cmd(out, args, nproc), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode == expect_rc, p.stdout[-3000:] + p.stderr[-3000:]
+    return p.stdout
+
+
+def start(out, args, name):
+    """A single-process run whose log lines the test reads as they come (to signal it mid-run)."""
+    err = open(f'{out}.{name}.stderr', 'w')
+    return subprocess.Popen(cmd(out, args), cwd=ROOT, env=ENV, stdout=subprocess.PIPE, stderr=err, text=True)
+
+
+def signal_at(proc, step, sig):
+    """Send `sig` when the log shows `step`; return everything logged until the process ends."""
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        if line.startswith(f'step {step} |'):
+            proc.send_signal(sig)
+    proc.wait(timeout=120)
+    return ''.join(lines)
+
+
+def losses(log):
+    return {int(m[1]): float(m[2]) for m in re.finditer(r'^step (\d+) \| loss ([\d.]+)', log, re.M)}
+
+
+def saved_steps(out):
+    root = os.path.join(out, 'ckpt')
+    return sorted(int(d[5:]) for d in os.listdir(root) if re.fullmatch(r'step_\d{8}', d)
+                  and os.path.isfile(os.path.join(root, d, 'meta.json')))
+
+
+def checkpoint_tensors(ckpt_dir, tmp_path):
+    """Everything a DCP checkpoint holds (model, AdamW moments and steps, EMA), consolidated."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+    f = tmp_path / f'{os.path.basename(os.path.dirname(os.path.dirname(ckpt_dir)))}.pt'
+    dcp_to_torch_save(ckpt_dir, f)
+    flat = {}
+
+    def walk(prefix, obj):
+        if isinstance(obj, dict):
+            for k, v in obj.items():
+                walk(f'{prefix}.{k}', v)
+        elif isinstance(obj, torch.Tensor):
+            flat[prefix] = obj
+    walk('', torch.load(f, weights_only=False))
+    return flat
+
+
+def assert_same_tensors(a, b):
+    assert a.keys() == b.keys() and len(a) > 0
+    bad = [k for k in a if not torch.equal(a[k], b[k])]
+    assert not bad, f'{len(bad)} tensors differ, e.g. {bad[:3]}'
+
+
+# ----------------------------------------------------------------------------- in process: config and helpers
+
+def test_config_overrides_are_typed_and_unknown_keys_fail(monkeypatch, tmp_path):
+    for k in ('learning_rate', 'max_iters', 'set_sizes', 'out_dir', 'compile'):
+        monkeypatch.setattr(train, k, getattr(train, k))
+    cfg = tmp_path / 'c.py'
+    cfg.write_text("import math\n_helper = 3\nmax_iters = 7 * _helper\nset_sizes = [2, 3]\n")
+    train.configure([str(cfg), '--learning_rate=1', '--out_dir=runs/a', '--compile=True'])
+    assert (train.max_iters, train.set_sizes, train.learning_rate, train.out_dir, train.compile) == \
+        (21, (2, 3), 1.0, 'runs/a', True)
+    for bad in (['--max_iters=1.5'], ['--no_such_key=1'], ['--compile']):
+        with pytest.raises(SystemExit):
+            train.configure(bad)
+    cfg.write_text("learning_rat = 1e-4\n")  # a typo must not be silently ignored
+    with pytest.raises(SystemExit, match='learning_rat'):
+        train.configure([str(cfg)])
+
+
+def test_lr_schedule(monkeypatch):
+    for k, v in dict(learning_rate=1.0, min_lr=0.1, warmup_iters=10, max_iters=110, lr_decay='cosine').items():
+        monkeypatch.setattr(train, k, v)
+    assert train.lr_at(0) == pytest.approx(0.1) and train.lr_at(9) == pytest.approx(1.0)
+    assert train.lr_at(60) == pytest.approx(0.55) and train.lr_at(110) == pytest.approx(0.1)
+    monkeypatch.setattr(train, 'lr_decay', 'constant')
+    assert train.lr_at(100) == 1.0
+
+
+def test_latest_checkpoint_ignores_incomplete(tmp_path):
+    for d in ('step_00000004', 'step_00000008', 'step_00000012', '.tmp_step_00000016'):
+        (tmp_path / d).mkdir()
+    for d in ('step_00000004', 'step_00000008', '.tmp_step_00000016'):
+        (tmp_path / d / 'meta.json').write_text('{}')
+    assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'step_00000008')
+    assert train.latest_checkpoint(str(tmp_path / 'missing')) is None
+
+
+# ----------------------------------------------------------------------------- subprocess runs
+
+def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp_path):
+    from model.loading import load_jedi
+
+    out = str(tmp_path / 'run')
+    log = run(out, ['--overfit_one_batch=True', '--max_iters=30', '--ckpt_interval=15', '--log_interval=1',
+                    '--gradient_accumulation_steps=2'], nproc=2)
+    loss = losses(log)
+    assert sorted(loss) == list(range(1, 31)), 'exactly one log line per step: only rank 0 prints'
+    first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
+    assert last < 0.7 * first, (first, last)
+    assert saved_steps(out) == [15, 30]
+    assert json.load(open(f'{out}/ckpt/step_00000030/meta.json'))['world_size'] == 2
+
+    # world size 2 -> 1: the resharded checkpoint gives back exactly the EMA weights the 2-process run exported
+    run(out, ['--init_from=resume', '--export_only=True', f'--export_path={tmp_path}/w1.safetensors'])
+    assert_same_tensors(load_file(f'{out}/jedi.safetensors'), load_file(f'{tmp_path}/w1.safetensors'))
+    # ... and training goes on from step 30 (the model and AdamW state came along: no jump back to early losses)
+    log = run(out, ['--init_from=resume', '--overfit_one_batch=True', '--max_iters=33', '--log_interval=1'])
+    assert 'at step 30 (saved at world size 2, now 1)' in log
+    resumed = losses(log)
+    assert sorted(resumed) == [31, 32, 33] and max(resumed.values()) < first, (first, resumed)
+
+    jedi = load_jedi(f'{out}/jedi.safetensors')
+    assert jedi.vae is None and jedi.meta['space'] == 'pixel' and jedi.meta['step'] == 33
+    assert jedi.unet.config.in_channels == 7 and jedi.meta['diffusion']['prediction'] == 'v'
+    with torch.no_grad():
+        y = jedi.unet(torch.randn(2, 7, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 16), set_size=2)
+    assert y.shape == (2, 3, 16, 16) and torch.isfinite(y).all()
+
+
+def test_sigterm_and_sigkill_then_resume_end_exactly_like_an_uninterrupted_run(tmp_path):
+    args = ['--max_iters=12', '--ckpt_interval=4', '--log_interval=1', '--keep_checkpoints=10']
+    whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
+    run(whole, args)
+
+    # SIGTERM: the run finishes its step, saves it and exits cleanly
+    log = signal_at(start(cut, args, 'term'), 2, signal.SIGTERM)
+    assert 'SIGTERM: stopped after saving step' in log, log
+    k = saved_steps(cut)[-1]
+    assert 2 <= k < 12 and not os.path.exists(f'{cut}/jedi.safetensors')
+
+    # SIGKILL between checkpoints: whatever was not saved is redone from the last complete checkpoint
+    proc = start(cut, args + ['--init_from=resume'], 'kill')
+    log = signal_at(proc, k + 3, signal.SIGKILL)
+    assert proc.returncode == -signal.SIGKILL, log
+    assert f'resumed from {cut}/ckpt/step_{k:08d}' in log
+    assert max(losses(log)) < 12
+    # a save killed half-way and a checkpoint dir without its completion marker must not be taken for the latest
+    good = saved_steps(cut)[-1]
+    for d in ('.tmp_step_00000011', 'step_00000011'):
+        os.makedirs(f'{cut}/ckpt/{d}', exist_ok=True)
+        open(f'{cut}/ckpt/{d}/.metadata', 'wb').write(b'half written')
+    log = run(cut, args + ['--init_from=resume'])
+    assert f'resumed from {cut}/ckpt/step_{good:08d}' in log
+    assert not os.path.exists(f'{cut}/ckpt/.tmp_step_00000011')
+
+    # bitwise: model, AdamW state, EMA, and the exported EMA weights
+    assert_same_tensors(checkpoint_tensors(f'{whole}/ckpt/step_00000012', tmp_path),
+                        checkpoint_tensors(f'{cut}/ckpt/step_00000012', tmp_path))
+    assert_same_tensors(load_file(f'{whole}/jedi.safetensors'), load_file(f'{cut}/jedi.safetensors'))
+
+
+def randomize(module, seed):
+    """Random values in every parameter, zero-initialised output layers too, so the equality below means something."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            p.copy_((1.0 if name.endswith('weight') and p.ndim == 1 else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+    return module
+
+
+def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
+    """A tiny SD-1.x checkpoint in the original layout; lr 0 so two training steps (VAE, text, AC) change nothing."""
+    from model.loading import load_jedi
+    from model.text import build_text_encoder, sd14_text_config
+    from model.unet import UNet, UNetConfig
+    from model.vae import AutoencoderKL, sd14_vae_config
+
+    unet = randomize(UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2),
+                                     num_res_blocks=1, num_heads=2, context_dim=32)), 1).eval()
+    vae = randomize(AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)), 2)
+    text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                               intermediate_size=64))
+    sd = {'model.diffusion_model.' + k: v for k, v in unet.state_dict().items()}
+    sd.update({'first_stage_model.' + k: v for k, v in vae.state_dict().items()})
+    sd.update({'cond_stage_model.transformer.text_model.' + k: v for k, v in text.state_dict().items()})
+    sd['cond_stage_model.transformer.text_model.embeddings.position_ids'] = torch.arange(77)[None]
+    save_file({k: v.contiguous() for k, v in sd.items()}, tmp_path / 'sd.safetensors')
+
+    out = str(tmp_path / 'run')
+    log = run(out, ['--init_from=sd', f'--sd_path={tmp_path}/sd.safetensors', '--space=latent', '--num_heads=2',
+                    '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True', '--log_interval=1'])
+    assert sorted(losses(log)) == [1, 2]
+    jedi = load_jedi(f'{out}/jedi.safetensors')
+    assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
+    for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
+        assert_same_tensors(a.state_dict(), b.state_dict())
+    x, t, ctx = torch.randn(4, 4, 8, 8), torch.tensor([3, 500, 999, 42]), torch.randn(4, 77, 32)
+    with torch.no_grad():  # zero reference and mask: exactly SD, also with the set coupled
+        for n in (1, 2):
+            torch.testing.assert_close(jedi.unet(torch.cat([x, torch.zeros(4, 5, 8, 8)], 1), t, ctx, set_size=n),
+                                       unet(x, t, ctx, set_size=n), rtol=0, atol=0)
+
+
+def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
+    out = str(tmp_path / 'run')
+    log = run(out, ['--learning_rate=1e30', '--warmup_iters=0', '--ckpt_interval=1', '--log_interval=1'], expect_rc=1)
+    m = re.search(r'stopping: loss (\S+) / grad norm (\S+) at step (\d+)', log)
+    assert m, log
+    bad = int(m[3])
+    assert saved_steps(out)[-1] == bad - 1 and f'last good checkpoint is {out}/ckpt/step_{bad - 1:08d}' in log
+    assert not os.path.exists(f'{out}/jedi.safetensors')
+
+
+@pytest.mark.slow
+def test_compile_and_activation_checkpointing_train(tmp_path):
+    log = run(str(tmp_path / 'run'), ['--compile=True', '--activation_checkpointing=True', '--max_iters=3',
+                                      '--log_interval=1'])
+    assert sorted(losses(log)) == [1, 2, 3]
