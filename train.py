@@ -50,6 +50,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from model.diffusion import Diffusion, jedi_loss
+from model.unet import UNet, UNetConfig
+
 # ----------------------------------------------------------------------------- config
 # I/O
 out_dir: str = 'out'
@@ -164,21 +167,16 @@ def latest_checkpoint(root):
     return os.path.join(root, max(done)) if done else None
 
 
-def unet_flops_per_image(cfg, hw, context_len=77):
-    """{N: forward FLOPs per image of the UNet on sets of N}, counted on the meta device (no compute)."""
+def unet_flops_per_image(cfg, hw, n, context_len=77):
+    """Forward FLOPs per image of the UNet on one set of n, counted on the meta device (no compute). Attention
+    is counted too: coupled attn1 makes the cost per image grow with n."""
     from torch.utils.flop_counter import FlopCounterMode
-
-    from model.unet import UNet
     with torch.device('meta'):
         net = UNet(cfg)
-    flops = {}
-    for n in set_sizes:
-        x = torch.empty(n, cfg.in_channels, hw, hw, device='meta')
-        ctx = torch.empty(n, context_len, cfg.context_dim, device='meta')
+        x, ctx = torch.empty(n, cfg.in_channels, hw, hw), torch.empty(n, context_len, cfg.context_dim)
         with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(n, dtype=torch.long, device='meta'), ctx, set_size=n)
-        flops[n] = counter.get_total_flops() / n
-    return flops
+            net(x, torch.zeros(n, dtype=torch.long), ctx, set_size=n)
+    return counter.get_total_flops() / n
 
 
 def guess_peak_flops(device_name):
@@ -198,7 +196,6 @@ class Trainee(nn.Module):
         self.null_ids = null_ids  # (1, 77) ids of "", not a buffer: it stays out of the state dict
 
     def forward(self, x0, set_size, generator, diffusion, context=None, null_context=None, ids=None):
-        from model.diffusion import jedi_loss
         if self.text_encoder is not None:
             states = self.text_encoder(input_ids=torch.cat([ids, self.null_ids.to(ids.device)])).last_hidden_state
             context, null_context = states[:-1], states[-1:]  # (B·N + 1, 77, D) -> captions, ""
@@ -238,6 +235,12 @@ def _on_sigterm(signum, frame):
 
 def main(argv):
     configure(argv)
+    for key, allowed in (('init_from', ('scratch', 'sd', 'resume')), ('space', ('latent', 'pixel')),
+                         ('lr_decay', ('constant', 'cosine')), ('schedule', ('scaled_linear', 'linear', 'cosine')),
+                         ('prediction', ('eps', 'v')), ('dtype', ('auto', 'bfloat16', 'float16', 'float32')),
+                         ('device', ('auto', 'cpu', 'cuda'))):
+        if globals()[key] not in allowed:
+            raise SystemExit(f'{key} must be one of {allowed}, not {globals()[key]!r}')
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
     from torch.distributed.device_mesh import init_device_mesh
@@ -246,10 +249,9 @@ def main(argv):
     from torch.utils.checkpoint import checkpoint
 
     import data
-    from model.diffusion import Diffusion
     from model.loading import load_sd, save_jedi, strict_load, strip_prefix
     from model.text import Tokenizer, build_text_encoder, encode, sd14_text_config
-    from model.unet import UNet, UNetConfig
+    from model.vae import AutoencoderKL
 
     # --- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; alone we are a world of one, same code path
     distributed = int(os.environ.get('RANK', -1)) != -1
@@ -285,10 +287,7 @@ def main(argv):
         raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
     meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
     model_space, src = meta.get('space', space), meta.get('sd_path', sd_path)
-    if model_space not in ('latent', 'pixel'):
-        raise SystemExit(f"space must be 'latent' or 'pixel', not {model_space!r}")
-    if init_from not in ('scratch', 'sd', 'resume'):
-        raise SystemExit(f"init_from must be 'scratch', 'sd' or 'resume', not {init_from!r}")
+    frozen_text = not meta.get('train_text_encoder', train_text_encoder)
     if (init_from == 'sd' or model_space == 'latent') and not src:
         raise SystemExit('sd_path is needed for init_from=sd and for latent space (the VAE and text encoder come from it)')
     if init_from == 'sd' and model_space == 'pixel':
@@ -305,7 +304,7 @@ def main(argv):
         tcfg = sd14_text_config(**meta.get('text_config', text_config))
         torch.manual_seed(seed)
         text_encoder, text_random = build_text_encoder(tcfg), True
-        if resume_dir and not meta.get('train_text_encoder'):
+        if resume_dir and frozen_text:
             strict_load(text_encoder, load_file(os.path.join(resume_dir, 'text_encoder.safetensors')), 'text encoder')
     if init_from != 'sd':
         channels = 4 if model_space == 'latent' else 3
@@ -321,7 +320,6 @@ def main(argv):
     null_ids = tokenizer([''])  # (1, 77)
 
     # frozen parts: replicated, no grads, reduced precision on GPU
-    frozen_text = not train_text_encoder
     for m in (vae, text_encoder if frozen_text else None):
         if m is not None:
             m.to(dev, compute_dtype).eval().requires_grad_(False)
@@ -395,7 +393,7 @@ def main(argv):
                           os.path.join(tmp, 'text_encoder.safetensors'))
             with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
                 json.dump(dict(step=step, world_size=world, space=model_space, sd_path=src, unet_config=ucfg.to_dict(),
-                               text_config=meta.get('text_config', text_config), train_text_encoder=train_text_encoder,
+                               text_config=meta.get('text_config', text_config), train_text_encoder=not frozen_text,
                                schedule=diffusion.schedule, prediction=diffusion.prediction,
                                config={k: globals()[k] for k in config_keys}), f, indent=1)
             if os.path.isdir(final):
@@ -411,7 +409,11 @@ def main(argv):
 
     def export():
         path = export_path or os.path.join(out_dir, 'jedi.safetensors')
-        full = {k: v.full_tensor().cpu() for k, v in ema.items()}  # collective: every rank takes part
+        full = {}
+        for k, v in ema.items():
+            v = v.full_tensor()  # a collective: every rank takes part, one tensor at a time
+            if master:
+                full[k] = v.cpu()
         if master:
             with torch.device('meta'):
                 ema_unet = UNet(ucfg)
@@ -424,7 +426,6 @@ def main(argv):
             strict_load(out_text, text_sd, 'text encoder')
             out_vae = None
             if vae is not None:
-                from model.vae import AutoencoderKL
                 out_vae = AutoencoderKL(**vae.config)
                 out_vae.load_state_dict({k: v.float().cpu() for k, v in vae.state_dict().items()})
             save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
@@ -445,7 +446,7 @@ def main(argv):
     loader = data.build_loader(data_spec, resolution=resolution, images_per_batch=images_per_batch, rank=rank,
                                world_size=world, seed=seed, start_step=0 if overfit_one_batch else step * accum,
                                num_workers=num_workers, state=None if overfit_one_batch else data_state,
-                               set_sizes=set_sizes)
+                               set_sizes=set_sizes, pin_memory=dev.startswith('cuda'))
     first_batch = next(loader) if overfit_one_batch else None
 
     def micro_batch(step, micro):
@@ -462,9 +463,9 @@ def main(argv):
 
     # --- logging
     on_gpu = dev.startswith('cuda')
-    peak = (peak_flops or guess_peak_flops(torch.cuda.get_device_name(dev))) if on_gpu else 0.0
-    flops_per_image = unet_flops_per_image(ucfg, resolution // (vae.downsample_factor if vae is not None else 1)) \
-        if peak else {}
+    peak = peak_flops or (guess_peak_flops(torch.cuda.get_device_name(dev)) if on_gpu else 0.0)
+    hw = resolution // (vae.downsample_factor if vae is not None else 1)
+    flops_per_image = functools.lru_cache()(lambda n: unet_flops_per_image(ucfg, hw, n) if peak else 0.0)
     writer = None
     if tensorboard and master:
         try:
@@ -481,20 +482,20 @@ def main(argv):
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        stats = torch.zeros(5, dtype=torch.float64, device=dev)  # loss, sets, images, flops, stop requested
+        loss_acc, counts = torch.zeros((), dtype=torch.float64, device=dev), np.zeros(3)  # sets, images, FLOPs
         for micro in range(accum):
             inputs, sets, images, N, g = micro_batch(step, micro)
             model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once, on the last micro-batch
             loss = model(set_size=N, generator=g, diffusion=diffusion, **inputs)
             (loss / accum).backward()
-            stats[0] += loss.detach().double() / accum
-            stats[1:4] += torch.tensor([sets, images, 3 * images * flops_per_image.get(N, 0.0)], dtype=torch.float64,
-                                       device=dev)
+            loss_acc += loss.detach().double() / accum
+            counts += (sets, images, 3 * images * flops_per_image(N))  # forward + backward = 3 forwards
         grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm
-        stats[4] = float(_stop_requested)
-        dist.all_reduce(stats)  # one collective: the loss of every rank, the counts, and whether anyone got SIGTERM
-        loss_sum, sets, images, flops, stop = stats.tolist()
+        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm  # replicated already
+        host = torch.tensor([*counts, float(_stop_requested), loader.num_bad], dtype=torch.float64, device=dev)
+        stats = torch.cat([loss_acc[None], host])
+        dist.all_reduce(stats)  # one collective: every rank's loss, the counts, bad samples, whether anyone got SIGTERM
+        loss_sum, sets, images, flops, stop, bad = stats.tolist()
         loss_avg, gnorm = loss_sum / world, grad_norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(gnorm)):
             last = latest_checkpoint(ckpt_root)
@@ -516,6 +517,8 @@ def main(argv):
             l_sum, s_sum, i_sum, f_sum = interval.tolist()
             msg = (f'step {step} | loss {l_sum / n_log:.4f} | grad norm {gnorm:.3f} | lr {lr:.3e} | '
                    f'{s_sum / dt:.2f} sets/s | {i_sum / dt:.2f} images/s | {1000 * dt / n_log:.1f} ms/step')
+            if bad:
+                msg += f' | {bad:.0f} bad samples skipped'
             if on_gpu:
                 msg += f' | peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
                 torch.cuda.reset_peak_memory_stats(dev)

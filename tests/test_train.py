@@ -121,9 +121,9 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
 def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp_path):
     from model.loading import load_jedi
 
-    out = str(tmp_path / 'run')
+    out = str(tmp_path / 'run')  # bf16 compute with fp32 masters and reduction, as on GPUs; a trained text encoder
     log = run(out, ['--overfit_one_batch=True', '--max_iters=30', '--ckpt_interval=15', '--log_interval=1',
-                    '--gradient_accumulation_steps=2'], nproc=2)
+                    '--gradient_accumulation_steps=2', '--dtype=bfloat16', '--train_text_encoder=True'], nproc=2)
     loss = losses(log)
     assert sorted(loss) == list(range(1, 31)), 'exactly one log line per step: only rank 0 prints'
     first, last = sum(loss[s] for s in range(1, 6)) / 5, sum(loss[s] for s in range(26, 31)) / 5
@@ -143,6 +143,7 @@ def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.vae is None and jedi.meta['space'] == 'pixel' and jedi.meta['step'] == 33
     assert jedi.unet.config.in_channels == 7 and jedi.meta['diffusion']['prediction'] == 'v'
+    assert json.load(open(f'{out}/ckpt/step_00000033/meta.json'))['train_text_encoder']
     with torch.no_grad():
         y = jedi.unet(torch.randn(2, 7, 16, 16), torch.tensor([10, 10]), torch.randn(2, 77, 16), set_size=2)
     assert y.shape == (2, 3, 16, 16) and torch.isfinite(y).all()
@@ -209,8 +210,9 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
 
     out = str(tmp_path / 'run')
     log = run(out, ['--init_from=sd', f'--sd_path={tmp_path}/sd.safetensors', '--space=latent', '--num_heads=2',
-                    '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True', '--log_interval=1'])
-    assert sorted(losses(log)) == [1, 2]
+                    '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True', '--log_interval=1',
+                    '--peak_flops=1e12'])
+    assert sorted(losses(log)) == [1, 2] and re.search(r'MFU \d+\.\d%', log), log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
     for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
