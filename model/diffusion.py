@@ -104,7 +104,7 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
     out = unet(jedi_input(x_t, reference, mask), t, context, set_size=set_size)
     per_image = F.mse_loss(out.float(), diffusion.target(x0, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
     w = torch.where(mask, ref_loss_weight, 1.0)
-    return (per_image * w).sum() / w.sum()
+    return (per_image * w).sum() / w.sum().clamp_min(1e-8)  # a set of only references may weigh 0
 
 
 # ----------------------------------------------------------------------------- sampling
