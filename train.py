@@ -99,7 +99,7 @@ gradient_accumulation_steps: int = 1  # micro-batches per step over ALL ranks (k
 ema_decay: float = 0.9999
 # system
 device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
-dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU
+dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU (no float16: it would need loss scaling)
 compile: bool = False
 activation_checkpointing: bool = False
 seed: int = 0
@@ -148,8 +148,6 @@ def lr_at(step):
         return learning_rate * (step + 1) / warmup_iters
     if lr_decay == 'constant':
         return learning_rate
-    if lr_decay != 'cosine':
-        raise ValueError(f"lr_decay must be 'constant' or 'cosine', not {lr_decay!r}")
     progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
     return min_lr + 0.5 * (1 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
 
@@ -237,7 +235,7 @@ def main(argv):
     configure(argv)
     for key, allowed in (('init_from', ('scratch', 'sd', 'resume')), ('space', ('latent', 'pixel')),
                          ('lr_decay', ('constant', 'cosine')), ('schedule', ('scaled_linear', 'linear', 'cosine')),
-                         ('prediction', ('eps', 'v')), ('dtype', ('auto', 'bfloat16', 'float16', 'float32')),
+                         ('prediction', ('eps', 'v')), ('dtype', ('auto', 'bfloat16', 'float32')),
                          ('device', ('auto', 'cpu', 'cuda'))):
         if globals()[key] not in allowed:
             raise SystemExit(f'{key} must be one of {allowed}, not {globals()[key]!r}')
@@ -270,7 +268,7 @@ def main(argv):
     master = rank == 0
     accum = max(1, gradient_accumulation_steps // world)  # micro-batches per rank and step
     compute_dtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32,
-                     'bfloat16': torch.bfloat16, 'float16': torch.float16, 'float32': torch.float32}[dtype]
+                     'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype]
     ckpt_root = os.path.join(out_dir, 'ckpt')
     if master:
         os.makedirs(ckpt_root, exist_ok=True)
@@ -292,6 +290,8 @@ def main(argv):
         raise SystemExit('sd_path is needed for init_from=sd and for latent space (the VAE and text encoder come from it)')
     if init_from == 'sd' and model_space == 'pixel':
         raise SystemExit('init_from=sd works in latent space only')
+    if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
+        raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
 
     vae, full_unet_sd, text_random = None, None, False
     if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
@@ -328,11 +328,16 @@ def main(argv):
     # --- the trained model: meta device -> AC / compile per block -> fully_shard -> to_empty -> load
     with torch.device('meta'):
         unet = UNet(ucfg)
-    for block in unet.blocks:
-        if activation_checkpointing:  # recompute the block in backward; state-dict names stay unchanged
-            block.forward = functools.partial(checkpoint, block.forward, use_reentrant=False)
-        if compile:
-            block.compile()
+    if compile:  # all blocks share one forward code object, and dynamo caches graphs per code object:
+        # static shapes (a graph per block and set size; dynamic ones broke inductor on CPU) and room for them all
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(unet.blocks))
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               16 * len(unet.blocks))
+    for block in unet.blocks:  # wrap forward, not the module: state-dict names stay unchanged, FSDP hooks stay eager
+        fwd = torch.compile(block.forward, dynamic=False) if compile else block.forward
+        if activation_checkpointing:  # keep only the block's input; recompute (compiled) in backward
+            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
+        block.forward = fwd
     mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
         if compute_dtype != torch.float32 else MixedPrecisionPolicy()
     for block in unet.blocks:

@@ -46,7 +46,8 @@ ema_decay = 0.9999
 # (coupled attention over up to 4 x 4096 tokens) well inside 80 GB
 dtype = 'auto'
 activation_checkpointing = True
-compile = True
+compile = False  # --compile=True compiles each block (static shapes: one graph per block and set size); not yet
+                 # measured on GPUs here, so off by default
 log_interval = 10
 ckpt_interval = 1000
 keep_checkpoints = 3
