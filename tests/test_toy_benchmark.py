@@ -1,0 +1,85 @@
+"""bench/toy_benchmark.py and its attribute classifier: the shipped weights, metric separation, end to end."""
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+import data_procedural as dp  # noqa: E402
+import toy_benchmark as tb  # noqa: E402
+import toy_classifier as tc  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    # Checked before loading: a missing file would otherwise be retrained (minutes) instead of failing.
+    assert tc.WEIGHTS.is_file(), f"{tc.WEIGHTS} is not shipped; run python bench/toy_classifier.py"
+    return tc.load(tc.WEIGHTS)
+
+
+def test_shipped_classifier_loads_small_and_accurate(classifier):
+    model, meta = classifier
+    assert os.path.getsize(tc.WEIGHTS) < 1_000_000
+    assert set(meta["heldout_accuracy"]) == set(tc.HEADS)
+    assert all(acc >= 0.95 for acc in meta["heldout_accuracy"].values()), meta["heldout_accuracy"]
+    x, _ = tc.render_dataset(dp.subjects("heldout"), 4, np.random.default_rng(0))
+    assert {k: v.shape for k, v in model(x).items()} == {k: (4, len(v)) for k, v in tc.HEADS.items()}
+
+
+def test_metric_separates_the_real_subject_from_a_random_one(classifier):
+    model, _ = classifier
+    same, other, text_ok, text_wrong = [], [], [], []
+    for i, subject in enumerate(tb.heldout_order()[:8]):
+        case = tb.make_case(i, subject, targets=3, num_sets=2, resolution=32, seed=0)
+        assert not {c[0] for c in case["contexts"]} & {c[0] for c in case["ref_contexts"]}  # new backgrounds
+        same.append(tb.score(model, case["render_same"], subject, case["contexts"])["fidelity"].mean())
+        other.append(tb.score(model, case["render_other"], subject, case["contexts"])["fidelity"].mean())
+        text_ok.append(tb.score(model, case["render_same"], subject, case["contexts"])["text"].mean())
+        shifted = case["contexts"][1:] + case["contexts"][:1]  # every image scored against another target's context
+        text_wrong.append(tb.score(model, case["render_same"], subject, shifted)["background"].mean())
+    assert np.mean(same) >= 0.9 and min(same) >= 0.75, same
+    assert np.mean(other) <= np.mean(same) - 0.4, (same, other)
+    assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
+
+
+def tiny_pixel_ckpt(path):
+    """A random 32x32 pixel-space JeDi checkpoint (attention only at 16x16 so that it samples in milliseconds)."""
+    from model.loading import save_jedi
+    from model.text import build_text_encoder, sd14_text_config
+    from model.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    unet = UNet(UNetConfig(in_channels=7, out_channels=3, model_channels=32, channel_mult=(1, 2),
+                           attention_resolutions=(2,), num_res_blocks=1, num_heads=2, context_dim=32))
+    for p in unet.parameters():
+        torch.nn.init.normal_(p, 0, 0.05)
+    text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
+                                               intermediate_size=64))
+    save_jedi(str(path), unet, text, None, resolution=32, diffusion={"prediction": "eps"}, steps=3, guidance=2.0)
+    return str(path)
+
+
+def test_benchmark_end_to_end_is_deterministic(tmp_path, capsys):
+    ckpt = tiny_pixel_ckpt(tmp_path / "tiny.safetensors")
+    args = ["--ckpt", ckpt, "--subjects", "2", "--targets", "2", "--steps", "2", "--threads", "1"]
+    assert tb.main(args + ["--out", str(tmp_path / "a.md")]) == 0
+    assert tb.main(args + ["--out", str(tmp_path / "b.md")]) == 0
+    a, b = ((tmp_path / f"{n}.md").read_text() for n in "ab")
+    first_cells = [line.split("|")[1].strip(" *") for line in a.splitlines() if line.startswith("| ")]
+    labels = [label for _, label, *_ in tb.conditions(2.0) + tb.CALIBRATION]
+    assert len(labels) == 6 and all(first_cells.count(label) == 2 for label in labels), first_cells  # both tables
+    assert "--subjects 2" in a and "2 held-out subjects x 2 target contexts" in a and "λ = 2" in a  # ckpt default
+    assert "Issue 7 targets" in a and capsys.readouterr().out.count("# Toy benchmark") == 2
+
+    def numbers(text):  # everything but the date/runtime line and the output name
+        return [line for line in text.splitlines() if not line.startswith(("- date", "Command", "- examples"))]
+
+    assert numbers(a) == numbers(b)
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # the very same images
+    upper = next(line for line in a.splitlines() if tb.CALIBRATION[0][1] in line)
+    assert upper.split("|")[4].strip().startswith(("1.000", "0.9"))  # the generator's own renders read correctly
