@@ -154,14 +154,14 @@ def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: str | None = None,
+def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
              num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
              progress: bool = False) -> list[list[Image.Image]]:
     """New images of the references' subject, one per prompt, for `num_sets` independent sets.
 
     ref_images: paths, PIL images or (3, R, R) tensors in [-1, 1]; may be empty (text-only joint generation).
-    ref_prompt: caption of the references (default: the first prompt).
+    ref_prompt: caption of the references, one for all or a list with one per reference (default: the first prompt).
     Sets larger than max_set_size are split into chunks of prompts, each with all references.
     Returns num_sets lists of len(prompts) PIL images. Same seed, same images.
     """
@@ -176,7 +176,9 @@ def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: 
     if not n and len(prompts) > max_set_size:
         raise UserError(f"without references all {len(prompts)} prompts must share one set, but the set size is "
                         f"capped at {max_set_size} (raise --max_set_size or give fewer prompts)")
-    ref_prompt = prompts[0] if ref_prompt is None else ref_prompt
+    ref_prompts = [prompts[0] if ref_prompt is None else ref_prompt] * n if not isinstance(ref_prompt, list) else ref_prompt
+    if len(ref_prompts) != n:
+        raise UserError(f"{len(ref_prompts)} reference prompts for {n} references")
     ref_latents = model.to_latents(torch.stack(refs)) if n else None
     r = model.resolution // model.down
     latent_shape = (model.channels, r, r)
@@ -185,7 +187,7 @@ def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: 
     out = [[] for _ in range(num_sets)]
     for start in range(0, len(prompts), room):
         chunk = prompts[start : start + room]
-        context = model.encode_text([ref_prompt] * n + chunk)  # (n + K, 77, D)
+        context = model.encode_text(ref_prompts + chunk)  # (n + K, 77, D)
         bar = None
         if progress:
             from tqdm import tqdm
@@ -219,7 +221,8 @@ def parse_args(argv=None):
                    "or mode, center-cropped and resized to the model's resolution)")
     p.add_argument("--prompt", nargs="+", required=True, help="one or more prompts; each set gets one new image per "
                    "prompt, generated jointly (so without --refs they share one subject)")
-    p.add_argument("--ref_prompt", default=None, help="caption of the reference images (default: the first --prompt)")
+    p.add_argument("--ref_prompt", nargs="+", default=None, help="caption of the reference images: one for all, or one "
+                   "per reference (default: the first --prompt)")
     p.add_argument("--num", type=int, default=1, help="independent sets to draw (each: one image per prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance λ of eq. 3 (text and references "
@@ -250,7 +253,8 @@ def main(argv=None) -> int:
         refs = [load_image(p, model.resolution) for p in args.refs]  # all inputs checked before any work
         steps = args.steps or int(model.meta.get("steps", 50))
         guidance = args.guidance if args.guidance is not None else float(model.meta.get("guidance", 5.0))
-        sets = generate(model, refs, args.prompt, ref_prompt=args.ref_prompt, num_sets=args.num, steps=steps,
+        ref_prompt = args.ref_prompt[0] if args.ref_prompt and len(args.ref_prompt) == 1 else args.ref_prompt
+        sets = generate(model, refs, args.prompt, ref_prompt=ref_prompt, num_sets=args.num, steps=steps,
                         guidance=guidance, text_guidance=args.text_guidance, sampler=args.sampler, eta=args.eta,
                         seed=args.seed, max_set_size=args.max_set_size, progress=True)
     except UserError as e:

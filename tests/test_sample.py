@@ -101,6 +101,9 @@ def test_chunking_and_set_size_cap(ckpts, refs):
     m = sample.load_model(ckpts["latent"])
     sets = sample.generate(m, refs[:1], ["p1", "p2", "p3"], steps=1, max_set_size=2, num_sets=1)
     assert len(sets[0]) == 3  # three chunks of [ref + 1 prompt]
+    assert len(sample.generate(m, refs[:2], ["p"], ref_prompt=["r1", "r2"], steps=1)[0]) == 1
+    with pytest.raises(sample.UserError, match="2 reference prompts for 1"):
+        sample.generate(m, refs[:1], ["p"], ref_prompt=["r1", "r2"], steps=1)
     with pytest.raises(sample.UserError, match="no room"):
         sample.generate(m, refs, ["p"], steps=1, max_set_size=3)
     with pytest.raises(sample.UserError, match="capped"):
