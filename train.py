@@ -4,7 +4,7 @@
     python train.py config/tiny.py --max_iters=100 --learning_rate=3e-4
     torchrun --standalone --nproc_per_node=8 train.py config/jedi_sd14.py
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py config/jedi_sd14.py
-    python train.py config/tiny.py --init_from=resume --export_only=True   # consolidated EMA -> {out_dir}/jedi.safetensors
+    python train.py config/tiny.py --init_from=resume --export_only=True   # EMA weights -> {out_dir}/jedi.safetensors
 
 Config: the typed globals below, overridden by `config/*.py` files (plain assignments, run in order) and then by
 `--key=value` (a Python literal, checked against the default's type). A config file may only set known keys;
@@ -57,7 +57,7 @@ from model.unet import UNet, UNetConfig
 # I/O
 out_dir: str = 'out'
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
-sd_path: str = ''  # original SD-1.x .ckpt/.safetensors or diffusers folder; with scratch it gives the VAE + text encoder
+sd_path: str = ''  # SD-1.x .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text encoder
 num_heads: int = 8  # UNet heads of the SD checkpoint (the one size its shapes cannot tell)
 log_interval: int = 10
 ckpt_interval: int = 1000
@@ -74,9 +74,11 @@ num_workers: int = 2
 overfit_one_batch: bool = False  # repeat the first batch AND its noise, timesteps and masks: the loss must go down
 # model
 space: str = 'latent'  # 'latent' (SD VAE, 4 channels) | 'pixel' (the image itself, 3 channels; no VAE)
+# scratch only: UNetConfig fields (in/out channels and context_dim are set by train.py)
 unet_config: dict = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attention_resolutions=(1, 2, 4),
-                         num_res_blocks=2, num_heads=8)  # scratch only; UNetConfig fields (channels, context_dim set here)
-text_config: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)  # scratch, no sd_path
+                         num_res_blocks=2, num_heads=8)
+# scratch without sd_path: overrides of sd14_text_config for a small random text encoder
+text_config: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
 train_text_encoder: bool = False
 # diffusion and the JeDi loss (model/diffusion.py)
 schedule: str = 'scaled_linear'  # 'scaled_linear' (SD) | 'linear' | 'cosine'
@@ -104,7 +106,8 @@ compile: bool = False
 activation_checkpointing: bool = False
 seed: int = 0
 peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
+config_keys = [k for k, v in globals().items()
+               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
 
 
 def configure(argv):
@@ -239,6 +242,12 @@ def main(argv):
                          ('device', ('auto', 'cpu', 'cuda'))):
         if globals()[key] not in allowed:
             raise SystemExit(f'{key} must be one of {allowed}, not {globals()[key]!r}')
+    ckpt_root = os.path.join(out_dir, 'ckpt')
+    resume_dir = latest_checkpoint(ckpt_root) if init_from == 'resume' else None
+    if init_from == 'resume' and resume_dir is None:
+        raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
+    if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
+        raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
     import torch.distributed.checkpoint as dcp
     from safetensors.torch import load_file, save_file
     from torch.distributed.device_mesh import init_device_mesh
@@ -253,7 +262,8 @@ def main(argv):
 
     # --- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; alone we are a world of one, same code path
     distributed = int(os.environ.get('RANK', -1)) != -1
-    rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')) if distributed else (0, 1, 0)
+    rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')) \
+        if distributed else (0, 1, 0)
     dev = ('cuda' if torch.cuda.is_available() else 'cpu') if device == 'auto' else device
     if dev == 'cuda':
         dev = f'cuda:{local_rank}'
@@ -269,7 +279,6 @@ def main(argv):
     accum = max(1, gradient_accumulation_steps // world)  # micro-batches per rank and step
     compute_dtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32,
                      'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype]
-    ckpt_root = os.path.join(out_dir, 'ckpt')
     if master:
         os.makedirs(ckpt_root, exist_ok=True)
 
@@ -280,18 +289,13 @@ def main(argv):
                 f.write(msg + '\n')
 
     # --- what to build: a checkpoint's meta.json wins over the config for everything that shapes the model
-    resume_dir = latest_checkpoint(ckpt_root) if init_from == 'resume' else None
-    if init_from == 'resume' and resume_dir is None:
-        raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
     meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
     model_space, src = meta.get('space', space), meta.get('sd_path', sd_path)
     frozen_text = not meta.get('train_text_encoder', train_text_encoder)
     if (init_from == 'sd' or model_space == 'latent') and not src:
-        raise SystemExit('sd_path is needed for init_from=sd and for latent space (the VAE and text encoder come from it)')
+        raise SystemExit('sd_path is needed for init_from=sd and for latent space (VAE and text encoder come from it)')
     if init_from == 'sd' and model_space == 'pixel':
         raise SystemExit('init_from=sd works in latent space only')
-    if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
-        raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
 
     vae, full_unet_sd, text_random = None, None, False
     if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
@@ -348,8 +352,8 @@ def main(argv):
         fully_shard(trained_text, mesh=mesh, mp_policy=mp)
     model = Trainee(unet, trained_text, null_ids)
     # the root keeps x0 and the noise in fp32 (targets are computed outside the UNet); it holds no parameters itself
-    fully_shard(model, mesh=mesh, mp_policy=MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32,
-                                                                 cast_forward_inputs=False), reshard_after_forward=False)
+    root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
+    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
     unet.to_empty(device=dev)
     if full_unet_sd is not None:
         full = {f'unet.{k}': v for k, v in full_unet_sd.items()}

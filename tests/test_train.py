@@ -186,7 +186,8 @@ def randomize(module, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
         for name, p in module.named_parameters():
-            p.copy_((1.0 if name.endswith('weight') and p.ndim == 1 else 0.0) + 0.05 * torch.randn(p.shape, generator=g))
+            base = 1.0 if name.endswith('weight') and p.ndim == 1 else 0.0  # norm scales around 1
+            p.copy_(base + 0.05 * torch.randn(p.shape, generator=g))
     return module
 
 
@@ -197,8 +198,8 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
     from model.unet import UNet, UNetConfig
     from model.vae import AutoencoderKL, sd14_vae_config
 
-    unet = randomize(UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2),
-                                     num_res_blocks=1, num_heads=2, context_dim=32)), 1).eval()
+    unet = randomize(UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
+                                     attention_resolutions=(1, 2), num_heads=2, context_dim=32)), 1).eval()
     vae = randomize(AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)), 2)
     text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
                                                intermediate_size=64))
@@ -232,6 +233,9 @@ def test_nan_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path):
     bad = int(m[3])
     assert saved_steps(out)[-1] == bad - 1 and f'last good checkpoint is {out}/ckpt/step_{bad - 1:08d}' in log
     assert not os.path.exists(f'{out}/jedi.safetensors')
+    # a fresh run must not write into a directory that holds another run's checkpoints
+    p = subprocess.run(cmd(out, []), cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
+    assert p.returncode != 0 and 'holds checkpoints of another run' in p.stderr, p.stderr[-2000:]
 
 
 @pytest.mark.slow
