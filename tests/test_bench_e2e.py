@@ -1,0 +1,125 @@
+"""The end-to-end benchmarks must not rot: tiny CPU runs of bench/bench_sampling.py and bench/bench_training.py
+(diffusers baseline included), the refusal of the full size without a GPU, the baseline computing JeDi's function,
+the FLOP count, and the flags the GPU suite passes."""
+import math
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "bench"))
+
+
+def _env():
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
+    env.pop("JEDI_ATTN", None)
+    return env
+
+
+def _run(*args, timeout=120):
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=_env(), capture_output=True, text=True,
+                          timeout=timeout)
+
+
+def _table(md: str) -> dict:
+    """The report's table as {variant: {column: cell}}."""
+    lines = [ln for ln in md.splitlines() if ln.startswith("| ")]
+    cols = [c.strip() for c in lines[0].strip("|").split("|")]
+    rows = [dict(zip(cols, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[1:]]
+    return {r["variant"]: r for r in rows}
+
+
+def test_sampling_tiny_cpu(tmp_path):
+    out = tmp_path / "sampling.md"
+    r = _run("bench/bench_sampling.py", "--tiny", "--channels_last", "--gn_native", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _table(out.read_text())
+    assert list(rows) == ["diffusers", "sdpa", "sdpa+channels_last", "sdpa+gn_native"]
+    for name, row in rows.items():
+        assert float(row["s/set"]) > 0 and float(row["it/s"]) > 0 and float(row["UNet ms"]) > 0, name
+        assert float(row["Δ vs ours"]) < 1e-4, name  # every row computes the same function (fp32 on CPU)
+    assert rows["sdpa"]["× baseline"].endswith("×")
+
+
+def test_training_tiny_cpu(tmp_path):
+    out = tmp_path / "training.md"
+    r = _run("bench/bench_training.py", "--tiny", "--channels_last", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _table(out.read_text())
+    assert list(rows) == ["sdpa", "sdpa+ac", "sdpa+channels_last"]
+    losses = {float(row["loss"]) for row in rows.values()}
+    for name, row in rows.items():
+        assert float(row["sets/s"]) > 0 and float(row["images/s"]) == pytest.approx(4 * float(row["sets/s"]), rel=0.01)
+        assert math.isfinite(float(row["loss"])) and not row["note"], name
+    assert len(losses) == 1  # same seed, same step: checkpointing and layout change nothing
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+@pytest.mark.parametrize("script", ["bench_sampling", "bench_training"])
+def test_full_size_refused_without_cuda(script):
+    r = _run(f"bench/{script}.py", "--out", "/dev/null", timeout=60)
+    assert r.returncode == 2, r.stdout + r.stderr
+    assert "needs a CUDA GPU" in r.stderr and "--tiny" in r.stderr
+
+
+def test_diffusers_baseline_is_jedi():
+    """The baseline (diffusers UNet + the set-regrouping attn1 processor) with our weights = our UNet, coupled."""
+    pytest.importorskip("diffusers")
+    import bench_sampling as bs
+    from e2e_common import TINY_UNET, redraw_zero_layers
+
+    from model.unet import UNet, UNetConfig
+
+    torch.manual_seed(0)
+    cfg = UNetConfig(**TINY_UNET)
+    ours = redraw_zero_layers(UNet(cfg)).eval()
+    with torch.no_grad():  # norms and biases off their 1/0 init too, so no mix-up of them can hide
+        for name, p in ours.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    base = bs.diffusers_from_ours(ours, 16)
+    joint = [n for n, p in base.unet.attn_processors.items() if p is base.joint]
+    assert joint and all(n.endswith("attn1.processor") for n in joint)
+    x, t, ctx = torch.randn(8, 9, 16, 16), torch.randint(0, 1000, (8,)), torch.randn(8, 77, cfg.context_dim)
+    with torch.no_grad():
+        want = ours(x, t, ctx, set_size=4)
+        got = base(x, t, ctx, set_size=4)
+        uncoupled = base(x, t, ctx, set_size=1)
+    assert bs.rel_diff(got, want) < 1e-5
+    assert bs.rel_diff(uncoupled, want) > 1e-3  # the regrouping matters: the test would see a no-op processor
+
+
+def test_flops_analytic_attention_matches_flop_counter():
+    from flops import counted_sdpa_flops, peak_bf16_flops, unet_flops
+    from e2e_common import TINY_UNET
+
+    import train
+    from model.unet import UNetConfig
+
+    for cfg, hw in ((UNetConfig(**TINY_UNET), 16), (UNetConfig(), 64)):  # meta device: the full size costs nothing
+        f = unet_flops(cfg, hw, set_size=4, num_sets=2)
+        assert f.attention > 0 and f.other > 0
+        assert f.forward == counted_sdpa_flops(cfg, hw, set_size=4, num_sets=2)
+        assert f.per_image() == pytest.approx(train.unet_flops_per_image(cfg, hw, 4))  # MFU as train.py logs it
+    assert peak_bf16_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_bf16_flops("NVIDIA H100 PCIe") == 756e12
+    assert peak_bf16_flops("some unknown card") == 0.0
+
+
+def test_gpu_suite_commands_parse():
+    """The flags the suite passes are the scripts' flags (a typo would only show on the GPU)."""
+    suite = (ROOT / "bench" / "gpu_suite.sh").read_text()
+    steps = dict(re.findall(r'^\s*"(bench_sampling|bench_training)\|\d+\|(.*)"\s*$', suite, re.M))
+    assert set(steps) == {"bench_sampling", "bench_training"}
+    for name, cmd in steps.items():
+        cmd = cmd.replace("$PY", sys.executable).replace("$OUT", "/tmp").replace("\\$", "$")
+        r = subprocess.run(["bash", "-c", cmd + " --check-args"], cwd=ROOT, env=dict(_env(), STEP_LIMIT="100"),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
+        assert "+compile" in r.stdout and "+channels_last" in r.stdout
+        assert ("diffusers" in r.stdout) == (name == "bench_sampling")
