@@ -230,8 +230,8 @@ def parse_args(argv=None):
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
                    "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
                    "p_drop_text > 0")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"], help="DDIM (default) or "
-                   "DPM-Solver++ 2M (same quality in ~20 steps)")
+    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="DDIM or DPM-Solver++ 2M (same "
+                   "quality in ~20 steps); default: the checkpoint's, else ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--ckpt", default=None, help="JeDi checkpoint (.safetensors from train.py); default: the toy "
@@ -255,7 +255,8 @@ def main(argv=None) -> int:
         guidance = args.guidance if args.guidance is not None else float(model.meta.get("guidance", 5.0))
         ref_prompt = args.ref_prompt[0] if args.ref_prompt and len(args.ref_prompt) == 1 else args.ref_prompt
         sets = generate(model, refs, args.prompt, ref_prompt=ref_prompt, num_sets=args.num, steps=steps,
-                        guidance=guidance, text_guidance=args.text_guidance, sampler=args.sampler, eta=args.eta,
+                        guidance=guidance, text_guidance=args.text_guidance,
+                        sampler=args.sampler or model.meta.get("sampler", "ddim"), eta=args.eta,
                         seed=args.seed, max_set_size=args.max_set_size, progress=True)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)

@@ -87,6 +87,10 @@ p_ref: float = 0.5  # per image: its clean latent is given as reference
 p_drop: float = 0.1  # per set: text AND references dropped (image-guidance null)
 p_drop_text: float = 0.0  # per set: only the text dropped (3-pass guidance)
 ref_loss_weight: float = 1.0
+# sampling defaults written into the export (sample.py uses them when its flags are not given)
+sample_steps: int = 50
+sample_guidance: float = 5.0  # image guidance λ of eq. 3
+sample_sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # optimizer
 learning_rate: float = 5e-5
 lr_decay: str = 'constant'  # after warm-up: 'constant' (SD fine-tuning) | 'cosine' (to min_lr at max_iters)
@@ -441,7 +445,8 @@ def main(argv):
                       diffusion=dict(schedule=diffusion.schedule, num_timesteps=diffusion.num_timesteps,
                                      beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
                                      prediction=diffusion.prediction),
-                      step=step, ema_decay=ema_decay)
+                      step=step, ema_decay=ema_decay, steps=sample_steps, guidance=sample_guidance,
+                      sampler=sample_sampler, set_sizes=list(set_sizes))
         dist.barrier()
         log(f'exported EMA weights at step {step} to {path}')
 

@@ -36,3 +36,7 @@ log_interval = 50
 ckpt_interval = 1000
 keep_checkpoints = 2
 seed = 0
+# what sample.py uses by default with the shipped checkpoint
+sample_steps = 20
+sample_sampler = 'dpmpp_2m'
+sample_guidance = 3.0

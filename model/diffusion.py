@@ -44,10 +44,14 @@ class Diffusion:
         if self.prediction not in ("eps", "v"):
             raise ValueError(f"prediction must be 'eps' or 'v', not {self.prediction!r}")
         self.alphas_cumprod = make_alphas_cumprod(self.schedule, self.num_timesteps, self.beta_start, self.beta_end)
+        self._on_device = {}
 
     def _ab(self, t, x):
         """ᾱ_t as (len(t), 1, 1, 1) in x's dtype/device."""
-        ab = self.alphas_cumprod.to(x.device)[t.to(x.device).long()]
+        table = self._on_device.get(x.device)
+        if table is None:  # one host-to-device copy per device, not one per call
+            table = self._on_device[x.device] = self.alphas_cumprod.to(x.device)
+        ab = table[t.to(x.device).long()]
         return ab.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
 
     def q_sample(self, x0, t, noise):
