@@ -1,0 +1,32 @@
+"""Render the reference images shipped in assets/refs/: held-out subjects (never seen in training) at 128 px.
+
+    python bench/make_toy_refs.py            # writes assets/refs/<subject>_<k>.png, deterministic
+
+Each subject gets three views in different contexts, so `sample.py --refs` can be tried with 1 or 3 references.
+"""
+import os
+import sys
+
+from PIL import Image
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import data_procedural as P  # noqa: E402
+
+OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "refs")
+CONTEXTS = [("table", "middle"), ("grass", "left"), ("night", "right")]
+
+
+def main(num_subjects: int = 6):
+    os.makedirs(OUT, exist_ok=True)
+    held = P.subjects("heldout")
+    step = max(1, len(held) // num_subjects)
+    for i, subject in enumerate(held[::step][:num_subjects]):
+        for k, ctx in enumerate(CONTEXTS):
+            img, _ = P.render(subject, ctx, resolution=128, rng=1000 * i + k)
+            path = os.path.join(OUT, f"{subject.id}_{k}.png")
+            Image.fromarray(img).save(path)
+            print(path)
+
+
+if __name__ == "__main__":
+    main()
