@@ -231,6 +231,30 @@ class TrainState:
 _stop_requested = False  # set by SIGTERM; acted on at the end of the current step, by all ranks together
 
 
+def parallelize_unet(unet, mesh, compute_dtype, use_compile=False, use_ac=False):
+    """torchtitan's order, per UNet block: compile, activation checkpointing, then fully_shard; then the UNet itself.
+    Returns the MixedPrecisionPolicy used (bench/bench_training.py wraps the same way by calling this)."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.utils.checkpoint import checkpoint
+
+    if use_compile:  # all blocks share one forward code object, and dynamo caches graphs per code object:
+        # static shapes (a graph per block and set size; dynamic ones broke inductor on CPU) and room for them all
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(unet.blocks))
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               16 * len(unet.blocks))
+    for block in unet.blocks:  # wrap forward, not the module: state-dict names stay unchanged, FSDP hooks stay eager
+        fwd = torch.compile(block.forward, dynamic=False) if use_compile else block.forward
+        if use_ac:  # keep only the block's input; recompute (compiled) in backward
+            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
+        block.forward = fwd
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
+    for block in unet.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(unet, mesh=mesh, mp_policy=mp)  # time embedding and output head; casts the UNet's inputs
+    return mp
+
+
 def _on_sigterm(signum, frame):
     global _stop_requested
     _stop_requested = True
@@ -257,7 +281,6 @@ def main(argv):
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    from torch.utils.checkpoint import checkpoint
 
     import data
     from model.loading import load_sd, save_jedi, strict_load, strip_prefix
@@ -336,21 +359,7 @@ def main(argv):
     # --- the trained model: meta device -> AC / compile per block -> fully_shard -> to_empty -> load
     with torch.device('meta'):
         unet = UNet(ucfg)
-    if compile:  # all blocks share one forward code object, and dynamo caches graphs per code object:
-        # static shapes (a graph per block and set size; dynamic ones broke inductor on CPU) and room for them all
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(unet.blocks))
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               16 * len(unet.blocks))
-    for block in unet.blocks:  # wrap forward, not the module: state-dict names stay unchanged, FSDP hooks stay eager
-        fwd = torch.compile(block.forward, dynamic=False) if compile else block.forward
-        if activation_checkpointing:  # keep only the block's input; recompute (compiled) in backward
-            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
-        block.forward = fwd
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
-    for block in unet.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(unet, mesh=mesh, mp_policy=mp)  # time embedding and output head; casts the UNet's inputs
+    mp = parallelize_unet(unet, mesh, compute_dtype, compile, activation_checkpointing)
     trained_text = None if frozen_text else text_encoder.train().requires_grad_(True)
     if trained_text is not None:
         fully_shard(trained_text, mesh=mesh, mp_policy=mp)

@@ -31,7 +31,6 @@ Step time: median of --steps timed steps after --warmup steps. Peak memory: torc
 the timed steps. Exit status: 0, 1 if a row failed, 2 without CUDA at full size, 130 if interrupted.
 """
 import argparse
-import functools
 import gc
 import math
 import os
@@ -121,31 +120,18 @@ class LossRoot(nn.Module):
 def build(cfg, opts, dev, mesh, compute_dtype, seed):
     """train.py's model set-up (see its main(): AC / compile per block -> fully_shard blocks, UNet, root)."""
     from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.utils.checkpoint import checkpoint
 
     from model.unet import UNet
+    from train import parallelize_unet
 
     torch.manual_seed(seed)
     # train.py builds on meta and loads a full state dict; random weights made on the device time the same
     with torch.device(dev):
         unet = redraw_zero_layers(UNet(cfg))
-    if "compile" in opts:  # as train.py: the blocks share one forward code object; room for a graph per block
-        n = len(unet.blocks)
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * n)
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit, 16 * n)
     if "channels_last" in opts:  # jedi_input's cat (with the broadcast mask) returns NCHW: convert at the first conv
         unet.input_blocks[0][0].register_forward_pre_hook(
             lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
-    for block in unet.blocks:  # as train.py: compile the forward (FSDP hooks stay eager), then checkpoint it
-        fwd = torch.compile(block.forward, dynamic=False) if "compile" in opts else block.forward
-        if "ac" in opts:
-            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
-        block.forward = fwd
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
-    for block in unet.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(unet, mesh=mesh, mp_policy=mp)
+    parallelize_unet(unet, mesh, compute_dtype, "compile" in opts, "ac" in opts)  # exactly as train.py wraps
     model = LossRoot(unet)
     root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)  # x0 and noise stay fp32
