@@ -35,12 +35,10 @@ Exit status: 0, or 1 if a row failed, 2 without CUDA at full size, 130 if interr
 import argparse
 import contextlib
 import copy
-import gc
 import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -52,7 +50,7 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, first_line, fmt, header,  # noqa: E402
-                        redraw_zero_layers, refuse_full_size_without_cuda, unet_config)
+                        redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
 BACKENDS = ("diffusers", "triton", "sdpa")
 OPTIONS = ("channels_last", "cuda_graphs", "compile", "gn_native")
@@ -418,37 +416,15 @@ def main(argv=None):
         return row
 
     budget = Budget(args.max_seconds, guess=15, compile_guess=100)  # guesses for an H100, full size
-    status, baseline = 0, None
-    try:
-        for variant in args.variants:
-            skip = budget.skip_note(variant)
-            if skip:
-                report.add({"variant": variant, "note": skip})
-                continue
-            print(f"== {variant}", flush=True)
-            t_row = time.perf_counter()
-            try:
-                row = run_row(variant)
-            except Exception as e:  # noqa: BLE001 - one failing option must not hide the other rows
-                traceback.print_exc()
-                row, status = {"note": f"failed: {first_line(e)}"}, 1
-            finally:
-                gc.collect()
-                if on_cuda:
-                    torch.cuda.empty_cache()
-                if "compile" in variant:
-                    torch._dynamo.reset()
-                budget.done(variant, time.perf_counter() - t_row)
-            if variant == "diffusers" and "_s_set" in row:
-                baseline = row["_s_set"]
-            if baseline and "_s_set" in row:
-                row["× baseline"] = f"{baseline / row['_s_set']:.2f}×"
-            report.add({"variant": variant, **row})
-            print(report.text().splitlines()[-1], flush=True)
-    except KeyboardInterrupt:  # the suite's timeout sends SIGINT: keep what was measured
-        report.footer.append("Interrupted (timeout): later rows were not run.")
-        report.write()
-        status = 130
+    baseline = {}
+
+    def speedup(variant, row):  # every row against the diffusers baseline (the first row)
+        if variant == "diffusers" and "_s_set" in row:
+            baseline["s"] = row["_s_set"]
+        if baseline and "_s_set" in row:
+            row["× baseline"] = f"{baseline['s'] / row['_s_set']:.2f}×"
+
+    status = run_rows(args.variants, run_row, report, budget, on_cuda, after_row=speedup)
     print(report.text())
     return status
 

@@ -31,13 +31,11 @@ Step time: median of --steps timed steps after --warmup steps. Peak memory: torc
 the timed steps. Exit status: 0, 1 if a row failed, 2 without CUDA at full size, 130 if interrupted.
 """
 import argparse
-import gc
 import math
 import os
 import statistics
 import sys
 import time
-import traceback
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,8 +46,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 import torch.nn as nn  # noqa: E402
 
-from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, first_line, fmt, header,  # noqa: E402
-                        redraw_zero_layers, refuse_full_size_without_cuda, unet_config)
+from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, fmt, header,  # noqa: E402
+                        redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
 BACKENDS = ("triton", "sdpa")
 OPTIONS = ("ac", "compile", "channels_last")
@@ -241,34 +239,8 @@ def main(argv=None):
         return row
 
     budget = Budget(args.max_seconds, guess=20, compile_guess=120)  # guesses for an H100, full size
-    status = 0
     try:
-        for variant in args.variants:
-            skip = budget.skip_note(variant)
-            if skip:
-                report.add({"variant": variant, "note": skip})
-                continue
-            print(f"== {variant}", flush=True)
-            t_row = time.perf_counter()
-            try:
-                row = run_row(variant)
-            except Exception as e:  # noqa: BLE001 - one failing option must not hide the other rows
-                traceback.print_exc()
-                row, status = {"note": f"failed: {first_line(e)}"}, 1
-            finally:
-                os.environ.pop("JEDI_ATTN", None)
-                gc.collect()
-                if on_cuda:
-                    torch.cuda.empty_cache()
-                if "compile" in variant:
-                    torch._dynamo.reset()
-                budget.done(variant, time.perf_counter() - t_row)
-            report.add({"variant": variant, **row})
-            print(report.text().splitlines()[-1], flush=True)
-    except KeyboardInterrupt:  # the suite's timeout sends SIGINT: keep what was measured
-        report.footer.append("Interrupted (timeout): later rows were not run.")
-        report.write()
-        status = 130
+        status = run_rows(args.variants, run_row, report, budget, on_cuda)
     finally:
         dist.destroy_process_group()
     print(report.text())

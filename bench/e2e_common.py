@@ -1,6 +1,7 @@
 """What bench_sampling.py and bench_training.py share: sizes, the CPU refusal, random weights, the report header,
 and a markdown table that is rewritten after every row (a step cut short by the suite's timeout keeps its rows)."""
 import datetime
+import os
 import platform
 import shlex
 import subprocess
@@ -139,3 +140,43 @@ def compile_note() -> str:
 def first_line(exc: BaseException) -> str:
     msg = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {msg[0][:160] if msg else ''}".replace("|", "/")
+
+
+def run_rows(variants, run_row, report, budget, on_cuda: bool, after_row=None) -> int:
+    """One table row per variant. A failing row is reported and the others still run; the suite's timeout (SIGINT)
+    keeps what was measured. after_row(variant, row) may add columns. Returns 0, 1 (a row failed) or 130."""
+    import gc
+    import time
+    import traceback
+
+    status = 0
+    try:
+        for variant in variants:
+            skip = budget.skip_note(variant)
+            if skip:
+                report.add({"variant": variant, "note": skip})
+                continue
+            print(f"== {variant}", flush=True)
+            t_row = time.perf_counter()
+            try:
+                row = run_row(variant)
+            except Exception as e:  # noqa: BLE001 - one failing option must not hide the other rows
+                traceback.print_exc()
+                row, status = {"note": f"failed: {first_line(e)}"}, 1
+            finally:
+                os.environ.pop("JEDI_ATTN", None)
+                gc.collect()
+                if on_cuda:
+                    torch.cuda.empty_cache()
+                if "compile" in variant:
+                    torch._dynamo.reset()
+                budget.done(variant, time.perf_counter() - t_row)
+            if after_row is not None:
+                after_row(variant, row)
+            report.add({"variant": variant, **row})
+            print(report.text().splitlines()[-1], flush=True)
+    except KeyboardInterrupt:
+        report.footer.append("Interrupted (timeout): later rows were not run.")
+        report.write()
+        status = 130
+    return status
