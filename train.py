@@ -64,6 +64,7 @@ ckpt_interval: int = 1000
 keep_checkpoints: int = 3
 export_path: str = ''  # consolidated EMA weights for sample.py; '' = {out_dir}/jedi.safetensors
 export_only: bool = False  # load (usually --init_from=resume), write the export, stop
+export_dtype: str = 'float32'  # 'float16' halves the file (the shipped toy model); sample.py computes in fp32
 tensorboard: bool = False  # only if the tensorboard package is installed
 # data
 data_spec: str = 'procedural'  # see data.py: 'procedural' | 'type:path@weight,...'
@@ -455,7 +456,7 @@ def main(argv):
                                      beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
                                      prediction=diffusion.prediction),
                       step=step, ema_decay=ema_decay, steps=sample_steps, guidance=sample_guidance,
-                      sampler=sample_sampler, set_sizes=list(set_sizes))
+                      sampler=sample_sampler, set_sizes=list(set_sizes), dtype=getattr(torch, export_dtype))
         dist.barrier()
         log(f'exported EMA weights at step {step} to {path}')
 

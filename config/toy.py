@@ -8,6 +8,8 @@
 # - ref_loss_weight = 0: references are replaced at sampling time, so no capacity is spent denoising them.
 # - EMA 0.999 and a short warm-up: a short run; sample from the EMA.
 out_dir = 'out/toy'
+export_path = 'assets/jedi_toy.safetensors'  # what sample.py loads without --ckpt
+export_dtype = 'float16'
 init_from = 'scratch'
 space = 'pixel'
 resolution = 32

@@ -291,9 +291,10 @@ class JeDi(NamedTuple):
 
 
 def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None = None, *,
-              resolution: int, diffusion: dict, **extra) -> None:
+              resolution: int, diffusion: dict, dtype: torch.dtype | None = None, **extra) -> None:
     """One safetensors file with everything sample.py needs: `unet.*`, `text.*`, `vae.*` tensors and the
-    configs as JSON metadata, so `--ckpt` is all a user passes. Written to a temp name and renamed (atomic)."""
+    configs as JSON metadata, so `--ckpt` is all a user passes. Written to a temp name and renamed (atomic).
+    dtype: store floating tensors in it (e.g. torch.float16 to halve a shipped file); load_jedi casts back."""
     from safetensors.torch import save_file
 
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
@@ -304,7 +305,9 @@ def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Modul
                 vae=vae.config if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
     tmp = path + ".tmp"
-    save_file({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, tmp, metadata={"jedi": json.dumps(meta)})
+    cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
+    save_file({k: cast(v.detach()).contiguous().cpu() for k, v in tensors.items()}, tmp,
+              metadata={"jedi": json.dumps(meta)})
     os.replace(tmp, path)
 
 

@@ -139,8 +139,11 @@ def test_jedi_checkpoint_roundtrip(tmp_path):
     m = load_jedi(path)
     assert same_modules(m.unet, unet) and same_modules(m.text_encoder, text) and same_modules(m.vae, vae)
     assert m.meta["resolution"] == 64 and m.meta["space"] == "latent"
-    save_jedi(path, unet, text, None, resolution=32, diffusion={})
-    assert load_jedi(path).vae is None
+    save_jedi(path, unet, text, None, resolution=32, diffusion={}, dtype=torch.float16)
+    half = load_jedi(path)
+    assert half.vae is None and next(half.unet.parameters()).dtype == torch.float32
+    k = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
+    torch.testing.assert_close(half.unet.state_dict()[k], unet.state_dict()[k].half().float(), rtol=0, atol=0)
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no JeDi metadata"):
         load_jedi(str(tmp_path / "plain.safetensors"))
