@@ -52,7 +52,7 @@ class Diffusion:
         if table is None:  # one host-to-device copy per device, not one per call
             table = self._on_device[x.device] = self.alphas_cumprod.to(x.device)
         ab = table[t.to(x.device).long()]
-        return ab.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))
+        return ab.to(x.dtype).reshape(-1, *([1] * (x.ndim - 1)))  # (B·N,) -> (B·N, 1, 1, 1): one ᾱ per image
 
     def q_sample(self, x0, t, noise):
         ab = self._ab(t, x0)
@@ -80,7 +80,7 @@ class Diffusion:
 
 def jedi_input(x_t, reference, mask):
     """UNet input (B·N, 2C+1, h, w) = [x_t, reference ⊙ mask, mask]; mask: (B·N,) with 1 = reference given."""
-    m = mask.to(x_t.dtype).reshape(-1, 1, 1, 1)
+    m = mask.to(x_t.dtype).reshape(-1, 1, 1, 1)  # (B·N,) -> (B·N, 1, 1, 1)
     return torch.cat([x_t, reference * m, m.expand(-1, 1, *x_t.shape[2:])], dim=1)
 
 
@@ -103,7 +103,7 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
     u = rand(B).repeat_interleave(set_size)  # one draw per set: joint drop | text-only drop | keep
     drop_all, drop_text = u < p_drop, (u >= p_drop) & (u < p_drop + p_drop_text)
     context = torch.where((drop_all | drop_text)[:, None, None], null_context.to(context.dtype), context)
-    reference = x0 * (~drop_all).to(x0.dtype).reshape(-1, 1, 1, 1)
+    reference = x0 * (~drop_all).to(x0.dtype).reshape(-1, 1, 1, 1)  # keep flag (B·N,) -> (B·N, 1, 1, 1)
     x_t = diffusion.q_sample(x0, t, noise)
     out = unet(jedi_input(x_t, reference, mask), t, context, set_size=set_size)
     per_image = F.mse_loss(out.float(), diffusion.target(x0, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
@@ -223,11 +223,11 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
             return x
         tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
         noise = torch.randn(x.shape, generator=generator, device=dev, dtype=dtype)  # fresh noise every step
-        return torch.where(known.reshape(-1, 1, 1, 1), diffusion.q_sample(ref_full, tt, noise), x)
+        return torch.where(known.reshape(-1, 1, 1, 1), diffusion.q_sample(ref_full, tt, noise), x)  # (S·N,) -> (S·N,1,1,1)
 
     x = sample(model_fn, diffusion, (num_sets * N, *latent_shape), steps=steps, sampler=sampler, eta=eta,
                generator=generator, device=dev, dtype=dtype, replace=replace, progress=progress)
-    return torch.where(known.reshape(-1, 1, 1, 1), ref_full, x)
+    return torch.where(known.reshape(-1, 1, 1, 1), ref_full, x)  # references exactly as given
 
 
 def guide(eps_cond, eps_null, scale: float, text=None):

@@ -134,9 +134,9 @@ class CrossAttention(nn.Module):
         # Coupling: (B·N, L, H·D) -> (B, N·L, H, D). Images of a set are consecutive, so this is a view.
         # With context (cross-attention) set_size must be 1: each image attends to its own prompt.
         B = BN // set_size
-        q = q.reshape(B, set_size * L, self.heads, self.dim_head)
-        k = k.reshape(B, -1, self.heads, self.dim_head)
-        v = v.reshape(B, -1, self.heads, self.dim_head)
+        q = q.reshape(B, set_size * L, self.heads, self.dim_head)  # (B·N, L, H·D) -> (B, N·L, H, D)
+        k = k.reshape(B, -1, self.heads, self.dim_head)  # (B·N, Lk, H·D) -> (B, N·Lk, H, D)
+        v = v.reshape(B, -1, self.heads, self.dim_head)  # same as k
         out = attention(q, k, v)  # (B, N·L, H, D)
         return self.to_out(out.reshape(BN, L, self.heads * self.dim_head))  # back to per image
 
@@ -264,7 +264,7 @@ class UNet(nn.Module):
         BN = x.shape[0]
         if BN % set_size:
             raise ValueError(f"batch of {BN} images is not a whole number of sets of {set_size}")
-        t = torch.as_tensor(t, device=x.device).reshape(-1)
+        t = torch.as_tensor(t, device=x.device).reshape(-1)  # scalar or (n,) -> (n,)
         if t.numel() == 1:
             t = t.expand(BN)
         elif t.numel() == BN // set_size and set_size > 1:

@@ -75,7 +75,7 @@ class AttnBlock(nn.Module):
         # (B, C, H, W) -> (B, HW, 1, C): one head whose dim is the channel count; scale c**-0.5 is the default.
         q, k, v = (t.flatten(2).transpose(1, 2).unsqueeze(2) for t in (self.q(hn), self.k(hn), self.v(hn)))
         out = attention(q, k, v)  # (B, HW, 1, C)
-        out = out.squeeze(2).transpose(1, 2).reshape(b, c, h, w)
+        out = out.squeeze(2).transpose(1, 2).reshape(b, c, h, w)  # (B, HW, 1, C) -> (B, C, H, W)
         return x + self.proj_out(out)
 
 
