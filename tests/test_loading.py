@@ -36,7 +36,7 @@ def same_modules(a, b):
 
 
 def test_ckpt_safetensors_and_diffusers_folder_load_identically(tiny_sd, tmp_path):
-    diffusers = pytest.importorskip("diffusers")
+    import diffusers  # the parity oracle: requirements-test.txt, never skipped
     from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
 
     unet, vae, text, sd = tiny_sd
