@@ -59,13 +59,14 @@ echo "gpu_suite: diffusers: $DIFFUSERS"
 
 # ---- steps: name | timeout (s) | command. Append end-to-end benchmarks here, keeping the total < 8 min. ----------
 STEPS=(
-  "check_attention|200|$PY bench/check_attention_cuda.py --out $OUT/check_attention.md"
-  "bench_attention_fp16|240|$PY bench/bench_attention.py --dtype fp16 --max-seconds 200 --out $OUT/bench_attention_fp16.md"
-  # "bench_attention_bf16|240|$PY bench/bench_attention.py --dtype bf16 --max-seconds 200 --out $OUT/bench_attention_bf16.md"
-  # End-to-end (bench/README.md). \$STEP_LIMIT, expanded when the step runs, is its limit after the suite budget
-  # cut; the scripts start a row only if it should end 20 s before it (start-up), and write each row as it ends.
-  "bench_sampling|150|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --channels_last --cuda_graphs --gn_native --compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
-  "bench_training|80|$PY bench/bench_training.py --steps 8 --channels_last --compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
+  # End-to-end first (bench/README.md): they are the numbers the speed work is judged by. \$STEP_LIMIT, expanded
+  # when the step runs, is its limit after the suite budget cut; the scripts start a row only if it should end
+  # 20 s before it (start-up), and write each row as it ends. Rows in order of what they decide.
+  "bench_sampling|185|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,triton,sdpa,triton+channels_last,triton+cuda_graphs,triton+channels_last+cuda_graphs,triton+gn_native,triton+channels_last+cuda_graphs+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
+  "bench_training|110|$PY bench/bench_training.py --steps 6 --variants triton,sdpa,triton+ac,triton+channels_last,triton+ac+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
+  "check_attention|95|$PY bench/check_attention_cuda.py --out $OUT/check_attention.md"
+  "bench_attention_fp16|75|$PY bench/bench_attention.py --dtype fp16 --max-seconds 55 --out $OUT/bench_attention_fp16.md"
+  # "bench_attention_bf16|75|$PY bench/bench_attention.py --dtype bf16 --max-seconds 55 --out $OUT/bench_attention_bf16.md"
 )
 
 {
