@@ -19,9 +19,9 @@ Rows (a variant is "+"-joined tokens: a backend, then options):
     +channels_last            weights and input in NHWC (the permutes around attention become views)
     +cuda_graphs              the UNet call captured once with torch.cuda.CUDAGraph, replayed every step
     +compile                  torch.compile(unet), default mode
-    +gn_native                experiment, not a model option: GroupNorm32 without its fp32 round trip
-                              (what removing it would gain; its "Δ vs ours" says what it changes)
-Flags --channels_last/--cuda_graphs/--gn_native add one row each on top of the first backend; with --compile also
+    +gn_fp32                  before/after row, not a model option: GroupNorm32 with CompVis' fp32 round trip
+                              of the activations (ours normalises in the input dtype since 2026-11-27)
+Flags --channels_last/--cuda_graphs/--gn_fp32 add one row each on top of the first backend; with --compile also
 the combination channels_last+cuda_graphs+compile and compile alone; --variants gives the list explicitly.
 
 Numbers: "s/set" = median over --repeats runs of the loop (after --warmup runs) × steps/timed_steps: with
@@ -53,7 +53,7 @@ from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, first_li
                         redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
 BACKENDS = ("diffusers", "triton", "sdpa")
-OPTIONS = ("channels_last", "cuda_graphs", "compile", "gn_native")
+OPTIONS = ("channels_last", "cuda_graphs", "compile", "gn_fp32")
 NUM_REFS, NUM_NEW = 1, 3  # a set of 4: 1 reference + 3 generated
 CONTEXT_LEN = 77
 
@@ -106,7 +106,7 @@ def default_variants(a):
     backends = (a.backends or ("triton,sdpa" if torch.cuda.is_available() else "sdpa")).split(",")
     main = backends[0]
     rows = ([] if a.no_baseline else ["diffusers"]) + backends
-    rows += [f"{main}+{o}" for o in ("channels_last", "cuda_graphs", "gn_native") if getattr(a, o)]
+    rows += [f"{main}+{o}" for o in ("channels_last", "cuda_graphs", "gn_fp32") if getattr(a, o)]
     cheap = [o for o in ("channels_last", "cuda_graphs") if getattr(a, o)]
     if len(cheap) == 2:
         rows.append(f"{main}+channels_last+cuda_graphs")
@@ -230,13 +230,18 @@ class GraphedUNet:
 
 
 @contextlib.contextmanager
-def native_groupnorm():
-    """GroupNorm32 normalises in the input dtype (PyTorch's kernels accumulate in fp32 anyway) instead of
-    upcasting x to fp32 and casting back: one read and one write of the activations instead of three of each."""
+def fp32_groupnorm():
+    """The CompVis GroupNorm (before 2026-11-27 also ours): upcast x to fp32, normalise, cast back -- two extra
+    passes over every activation. A "before" row for that change; Δ vs ours says what it did to the output."""
     from model.unet import GroupNorm32
 
+    def forward(self, x):
+        w = self.weight.float() if self.weight is not None else None
+        b = self.bias.float() if self.bias is not None else None
+        return F.group_norm(x.float(), self.num_groups, w, b, self.eps).to(x.dtype)
+
     saved = GroupNorm32.forward
-    GroupNorm32.forward = nn.GroupNorm.forward
+    GroupNorm32.forward = forward
     try:
         yield
     finally:
@@ -380,8 +385,8 @@ def main(argv=None):
             stack.enter_context(torch.no_grad())
             if backend != "diffusers":
                 stack.enter_context(attention_backend(backend))
-            if "gn_native" in opts:
-                stack.enter_context(native_groupnorm())
+            if "gn_fp32" in opts:
+                stack.enter_context(fp32_groupnorm())
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
             if "compile" in opts:

@@ -62,10 +62,11 @@ STEPS=(
   # End-to-end first (bench/README.md): they are the numbers the speed work is judged by. \$STEP_LIMIT, expanded
   # when the step runs, is its limit after the suite budget cut; the scripts start a row only if it should end
   # 20 s before it (start-up), and write each row as it ends. Rows in order of what they decide.
-  "bench_sampling|185|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,triton,sdpa,triton+channels_last,triton+cuda_graphs,triton+channels_last+cuda_graphs,triton+gn_native,triton+channels_last+cuda_graphs+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
-  "bench_training|110|$PY bench/bench_training.py --steps 6 --variants triton,sdpa,triton+ac,triton+channels_last,triton+ac+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
-  "check_attention|95|$PY bench/check_attention_cuda.py --out $OUT/check_attention.md"
-  "bench_attention_fp16|75|$PY bench/bench_attention.py --dtype fp16 --max-seconds 55 --out $OUT/bench_attention_fp16.md"
+  "bench_sampling|230|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,sdpa,sdpa+gn_fp32,triton,sdpa+cuda_graphs,sdpa+channels_last+cuda_graphs,triton+cuda_graphs,sdpa+channels_last+cuda_graphs+compile,triton+channels_last+cuda_graphs+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
+  "bench_training|170|$PY bench/bench_training.py --steps 6 --variants sdpa,sdpa+compile,triton,sdpa+ac --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
+  "profile_unet|50|$PY bench/profile_unet.py --out $OUT/profile_unet.md"
+  "bench_attention_fp16|45|$PY bench/bench_attention.py --dtype fp16 --max-seconds 30 --out $OUT/bench_attention_fp16.md"
+  "check_attention|40|$PY bench/check_attention_cuda.py --out $OUT/check_attention.md"
   # "bench_attention_bf16|75|$PY bench/bench_attention.py --dtype bf16 --max-seconds 55 --out $OUT/bench_attention_bf16.md"
 )
 

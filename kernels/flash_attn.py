@@ -469,7 +469,7 @@ def _forward(q, k, v, scale, split):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, split, need_dq, need_dkdv):
+def _backward(do, q, k, v, o, lse, scale, split):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     delta = _empty((B, H, Lq), q.device, torch.float32)  # rowsum(dO * O)
@@ -478,35 +478,58 @@ def _backward(do, q, k, v, o, lse, scale, split, need_dq, need_dkdv):
         o, do, delta, *o.stride(), *do.stride(), H, Lq, HEAD_DIM=D, BD=max(16, triton.next_power_of_2(D)),
         BLOCK_M=pre_m)
     meta = _meta(q, D, split)
-    dq = dk = dv = None
-    if need_dkdv:
-        dk = _empty(k.shape, k.device, k.dtype)  # (B, Lk, H, D) contiguous
-        dv = _empty(v.shape, v.device, v.dtype)
-        _launch(_dkdv, (Lk, "BLOCK_N"), B * H, q, k, v, do, dk, dv, lse, delta, scale,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
-                H, Lq, Lk, _bucket(Lq), _bucket(Lk), **meta)
-    if need_dq:
-        dq = _empty(q.shape, q.device, q.dtype)  # (B, Lq, H, D) contiguous
-        _launch(_dq, (Lq, "BLOCK_M"), B * H, q, k, v, do, dq, lse, delta, scale,
-                *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
-                H, Lq, Lk, _bucket(Lq), _bucket(Lk), **meta)
+    dk = _empty(k.shape, k.device, k.dtype)  # (B, Lk, H, D) contiguous
+    dv = _empty(v.shape, v.device, v.dtype)
+    _launch(_dkdv, (Lk, "BLOCK_N"), B * H, q, k, v, do, dk, dv, lse, delta, scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk.stride(), *dv.stride(),
+            H, Lq, Lk, _bucket(Lq), _bucket(Lk), **meta)
+    dq = _empty(q.shape, q.device, q.dtype)  # (B, Lq, H, D) contiguous
+    _launch(_dq, (Lq, "BLOCK_M"), B * H, q, k, v, do, dq, lse, delta, scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
+            H, Lq, Lk, _bucket(Lq), _bucket(Lk), **meta)
     return dq, dk, dv
 
 
-class _FlashAttention(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, v, scale, split):
-        o, lse = _forward(q, k, v, scale, split)
-        ctx.save_for_backward(q, k, v, o, lse)
-        ctx.scale, ctx.split = scale, split
-        return o
+# A torch.library custom op, not a bare autograd.Function: torch.compile treats it as one opaque node (Dynamo
+# cannot trace into Triton's autotuner launch), and the fake implementations give compile the output shapes.
+@torch.library.custom_op("jedi::flash_attn_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, split: bool
+            ) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, split)
 
-    @staticmethod
-    def backward(ctx, do):
-        q, k, v, o, lse = ctx.saved_tensors
-        need = ctx.needs_input_grad
-        dq, dk, dv = _backward(do, q, k, v, o, lse, ctx.scale, ctx.split, need[0], need[1] or need[2])
-        return dq, dk, dv, None, None
+
+@_fwd_op.register_fake
+def _(q, k, v, scale, split):
+    B, Lq, H, D = q.shape
+    return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)  # o, lse (both contiguous)
+
+
+@torch.library.custom_op("jedi::flash_attn_bwd", mutates_args=())
+def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
+            scale: float, split: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, scale, split)
+
+
+@_bwd_op.register_fake
+def _(do, q, k, v, o, lse, scale, split):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the kernels' outputs
+
+
+def _setup_context(ctx, inputs, output):
+    q, k, v, scale, split = inputs
+    o, lse = output
+    ctx.save_for_backward(q, k, v, o, lse)
+    ctx.scale, ctx.split = scale, split
+    ctx.mark_non_differentiable(lse)
+
+
+def _backward_rule(ctx, do, _dlse):
+    q, k, v, o, lse = ctx.saved_tensors
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.split)
+    return dq, dk, dv, None, None
+
+
+_fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
 def flash_attention(q, k, v, scale=None, split_d=None):
@@ -524,4 +547,9 @@ def flash_attention(q, k, v, scale=None, split_d=None):
         scale = 1.0 / math.sqrt(q.shape[-1])
     if split_d is None:
         split_d = os.environ.get("JEDI_ATTN_SPLIT_D", "0") == "1"
-    return _FlashAttention.apply(q, k, v, float(scale), bool(split_d))
+    if split_d and q.is_cuda:
+        raise NotImplementedError(
+            "flash_attention(split_d=True) is disabled on CUDA: on an H200 (Triton 3.6, torch 2.11) its first "
+            "launch hit an illegal memory access (bench/results/2026-11-27-h200/check_attention.log), while "
+            "the same kernels pass under TRITON_INTERPRET=1. Use the default padded head dim (split_d=False).")
+    return _fwd_op(q, k, v, float(scale), bool(split_d))[0]

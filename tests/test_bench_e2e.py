@@ -36,10 +36,10 @@ def _table(md: str) -> dict:
 
 def test_sampling_tiny_cpu(tmp_path):
     out = tmp_path / "sampling.md"
-    r = _run("bench/bench_sampling.py", "--tiny", "--channels_last", "--gn_native", "--out", str(out))
+    r = _run("bench/bench_sampling.py", "--tiny", "--channels_last", "--gn_fp32", "--out", str(out))
     assert r.returncode == 0, r.stdout + r.stderr
     rows = _table(out.read_text())
-    assert list(rows) == ["diffusers", "sdpa", "sdpa+channels_last", "sdpa+gn_native"]
+    assert list(rows) == ["diffusers", "sdpa", "sdpa+channels_last", "sdpa+gn_fp32"]
     for name, row in rows.items():
         assert float(row["s/set"]) > 0 and float(row["it/s"]) > 0 and float(row["UNet ms"]) > 0, name
         assert float(row["Δ vs ours"]) < 1e-4, name  # every row computes the same function (fp32 on CPU)
@@ -121,5 +121,5 @@ def test_gpu_suite_commands_parse():
         r = subprocess.run(["bash", "-c", cmd + " --check-args"], cwd=ROOT, env=dict(_env(), STEP_LIMIT="100"),
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
-        assert "+compile" in r.stdout and "+channels_last" in r.stdout
+        assert "+compile" in r.stdout
         assert ("diffusers" in r.stdout) == (name == "bench_sampling")

@@ -98,7 +98,7 @@ def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, split, packed):
 
 
 def test_only_requested_grads():
-    # k without grad: dK/dV kernel still runs for dV, dQ kernel for dQ; autograd gets None for k.
+    # k without grad: the backward op computes dQ, dK, dV (one launch each); autograd drops dK.
     q, k, v = _inputs(1, 40, 24, 1, 40, torch.float32)
     k = k.detach()
     dq, dv = torch.autograd.grad(flash_attn.flash_attention(q, k, v).sum(), (q, v))
@@ -121,6 +121,27 @@ def test_very_negative_scores():
     for name, g, r in zip(("out", "dq", "dk", "dv"), got, ref):
         err = (g.double() - r).abs().max().item()
         assert err <= 1e-4 * max(1.0, r.abs().max().item()), f"{name}: max err {err:.3g}, seed {SEED}"
+
+
+def test_traceable_by_torch_compile():
+    # A custom op (fake shapes + autograd rule): Dynamo traces a whole graph through it (fullgraph: no break),
+    # forward and backward, and the compiled function computes what the eager one does.
+    q, k, v = _inputs(1, 40, 24, 2, 40, torch.float32)
+    do = torch.randn(1, 40, 2, 40, device=DEVICE)
+    f = lambda q, k, v: flash_attn.flash_attention(q, k, v) * 2  # noqa: E731
+    torch._dynamo.reset()
+    got = _run(torch.compile(f, backend="aot_eager", fullgraph=True), q, k, v, do)
+    ref = _run(f, *[_leaf(x, torch.float32) for x in (q, k, v)], do)
+    for g, r in zip(got, ref):
+        assert torch.equal(g, r), f"seed {SEED}"
+
+
+def test_split_mode_refused_on_cuda():
+    if DEVICE != "cuda":
+        pytest.skip("the refusal is CUDA-only; split mode runs under the interpreter")
+    q = torch.randn(1, 64, 1, 40, device=DEVICE, dtype=torch.float16)
+    with pytest.raises(NotImplementedError, match="split_d"):
+        flash_attn.flash_attention(q, q, q, split_d=True)
 
 
 def test_head_dim_pieces():
