@@ -238,7 +238,7 @@ def main(argv=None):
             del model, params, optimizer, ema
         return row
 
-    budget = Budget(args.max_seconds, guess=20, compile_guess=120)  # guesses for an H100, full size
+    budget = Budget(args.max_seconds, guess=20, compile_guess=150)  # H200 2026-11-27: the compile row ran > 150 s
     try:
         status = run_rows(args.variants, run_row, report, budget, on_cuda)
     finally:

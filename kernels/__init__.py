@@ -6,28 +6,19 @@
 Backends:
     "triton": the fused flash-attention kernel in ``kernels/flash_attn.py`` (fp16/bf16/fp32, D <= 256).
     "sdpa":   PyTorch's ``scaled_dot_product_attention`` (never materialises Lq x Lk on its fused paths).
-    "auto" (default): triton for CUDA tensors it supports when Triton is installed, sdpa otherwise.
+    "auto" (default): sdpa. Measured on an H200 (bench/results/2026-11-27-h200-run2), cuDNN's SDPA runs the
+        coupled self-attention forward at 274-401 TFLOP/s against our Triton kernel's 97-295, and a 512 px
+        sampling UNet call takes 38.9 ms with SDPA against 51.6 ms with Triton. The kernel stays as the hackable,
+        tested reference for research on the coupled attention: ask for it with "triton".
 The ``backend`` argument wins over the environment variable ``JEDI_ATTN=auto|triton|sdpa``.
 Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (that is how the tests run it).
 """
-import functools
-import importlib.util
 import os
 
 import torch
 import torch.nn.functional as F
 
 BACKENDS = ("auto", "triton", "sdpa")
-
-
-@functools.lru_cache(maxsize=None)
-def triton_available() -> bool:
-    return importlib.util.find_spec("triton") is not None
-
-
-def _triton_supports(q, k, v) -> bool:
-    return (q.is_cuda and triton_available() and q.dtype == k.dtype == v.dtype
-            and q.dtype in (torch.float16, torch.bfloat16, torch.float32) and q.shape[-1] <= 256)
 
 
 def sdpa_attention(q, k, v, scale=None):
@@ -41,9 +32,7 @@ def resolve_backend(q, k, v, backend=None) -> str:
     backend = (backend or os.environ.get("JEDI_ATTN") or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS} (JEDI_ATTN / backend=)")
-    if backend == "auto":
-        return "triton" if _triton_supports(q, k, v) else "sdpa"
-    return backend
+    return "sdpa" if backend == "auto" else backend
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -198,11 +198,12 @@ def test_dispatch_env_and_backend_argument(spy, monkeypatch):
 
 
 def test_dispatch_auto(spy):
+    # auto = SDPA everywhere: cuDNN's SDPA beat the Triton kernel on an H200 (kernels/__init__.py has the numbers).
     q = torch.randn(1, 8, 1, 16, device=DEVICE)
-    assert kernels.resolve_backend(q, q, q, "auto") == ("triton" if DEVICE == "cuda" else "sdpa")
-    assert kernels.resolve_backend(q.double(), q.double(), q.double()) == "sdpa"  # unsupported dtype: fallback
+    assert kernels.resolve_backend(q, q, q, "auto") == "sdpa"
+    assert kernels.resolve_backend(q, q, q, "triton") == "triton"
     kernels.attention(q, q, q)
-    assert spy == (["triton"] if DEVICE == "cuda" else [])
+    assert spy == []
 
 
 def test_model_same_output_either_backend(spy, monkeypatch):
