@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model.diffusion import Diffusion, jedi_loss
+from model.diffusion import Diffusion, jedi_input, jedi_loss
 from model.unet import UNet, UNetConfig
 
 # ----------------------------------------------------------------------------- config
@@ -66,6 +66,9 @@ export_path: str = ''  # consolidated EMA weights for sample.py; '' = {out_dir}/
 export_only: bool = False  # load (usually --init_from=resume), write the export, stop
 export_dtype: str = 'float32'  # 'float16' halves the file (the shipped toy model); sample.py computes in fp32
 tensorboard: bool = False  # only if the tensorboard package is installed
+eval_interval: int = 0  # steps between reference-gain evaluations (0 = off); see reference_gain() in main
+eval_sets: int = 16  # sets of 2 per rank in that evaluation (a fixed batch, drawn once with another seed)
+eval_data_spec: str = ''  # its data ('' = data_spec; the toy uses the held-out subjects: 'procedural-heldout')
 # data
 data_spec: str = 'procedural'  # see data.py: 'procedural' | 'type:path@weight,...'
 resolution: int = 32  # pixels
@@ -473,17 +476,51 @@ def main(argv):
                                set_sizes=set_sizes, pin_memory=dev.startswith('cuda'))
     first_batch = next(loader) if overfit_one_batch else None
 
-    def micro_batch(step, micro):
-        """-> (model inputs, sets, images, set size, generator) with latents/text states computed on the fly."""
-        batch = first_batch if overfit_one_batch else next(loader)
-        g = step_generator(0 if overfit_one_batch else step, rank, micro, dev)
-        B, N = batch['pixels'].shape[:2]
+    def prepare(batch, g):
+        """A loader batch -> (x0 (B·N, C, h, w) latents or pixels, ids (B·N, 77), frozen text states or None)."""
         px = batch['pixels'].flatten(0, 1).to(dev, non_blocking=True)  # (B, N, 3, H, W) -> (B·N, 3, H, W)
         ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, 77)
         with torch.no_grad():
             x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=g).float()
             context = encode(text_encoder, ids) if frozen_text else None
+        return x0, ids, context
+
+    def micro_batch(step, micro):
+        """-> (model inputs, sets, images, set size, generator) with latents/text states computed on the fly."""
+        batch = first_batch if overfit_one_batch else next(loader)
+        g = step_generator(0 if overfit_one_batch else step, rank, micro, dev)
+        B, N = batch['pixels'].shape[:2]
+        x0, ids, context = prepare(batch, g)
         return dict(x0=x0, context=context, null_context=null_context, ids=ids), B, B * N, N, g
+
+    # --- reference gain: does the model use the references? A fixed batch of sets of 2 (image 0 the reference,
+    # from a seed training never draws), noised at t = 500/700/900 with fixed noise. gain = 1 - (MSE of image 1
+    # with the reference) / (MSE of image 1 with the reference zeroed, mask kept). 0: references ignored.
+    eval_batch = None
+    if eval_interval:
+        eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution, images_per_batch=2 * eval_sets, rank=rank,
+                                        world_size=world, seed=seed + 7919, set_sizes=(2,), num_workers=0)
+        eval_batch = prepare(next(eval_loader), torch.Generator(dev).manual_seed(seed + rank))
+        del eval_loader
+
+    @torch.no_grad()
+    def reference_gain():
+        x0, ids, context = eval_batch
+        if context is None:  # the text encoder is trained: its current weights
+            context = model.text_encoder(input_ids=ids).last_hidden_state
+        g = torch.Generator(dev).manual_seed(seed + rank)
+        mask = torch.tensor([True, False], device=dev).repeat(x0.shape[0] // 2)  # (B·2,): image 0 of each set
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # squared error with / without the reference
+        for tv in (500, 700, 900):
+            t = torch.full((x0.shape[0],), tv, device=dev)
+            noise = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
+            x_t = diffusion.q_sample(x0, t, noise)
+            target = diffusion.target(x0, noise, t).float()
+            for j, ref in enumerate((x0, torch.zeros_like(x0))):
+                out = model.unet(jedi_input(x_t, ref, mask).to(compute_dtype), t, context.to(compute_dtype), set_size=2)
+                sums[j] += (out.float() - target)[~mask].square().sum()
+        dist.all_reduce(sums)
+        return 1 - (sums[0] / sums[1]).item()
 
     # --- logging
     on_gpu = dev.startswith('cuda')
@@ -554,6 +591,9 @@ def main(argv):
                     writer.add_scalar(k, v, step)
             interval.zero_()
             t_log, n_log = time.perf_counter(), 0
+        if eval_interval and (step % eval_interval == 0 or step == max_iters):
+            log(f'step {step} | ref gain {100 * reference_gain():.2f}% (loss of a generated image with vs without '
+                f'its set\'s reference, t = 500/700/900)')
         if step % ckpt_interval == 0 or step == max_iters or stop:
             save_checkpoint()
             last_saved = step

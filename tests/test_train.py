@@ -212,8 +212,10 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
     out = str(tmp_path / 'run')
     log = run(out, ['--init_from=sd', f'--sd_path={tmp_path}/sd.safetensors', '--space=latent', '--num_heads=2',
                     '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True', '--log_interval=1',
-                    '--peak_flops=1e12'])
+                    '--peak_flops=1e12', '--eval_interval=2'])
     assert sorted(losses(log)) == [1, 2] and re.search(r'MFU \d+\.\d%', log), log
+    # SD's reference/mask input channels start at zero and lr is 0: the references cannot matter yet
+    assert 'step 2 | ref gain 0.00%' in log, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
     for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
