@@ -123,3 +123,15 @@ def test_gpu_suite_commands_parse():
         assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
         assert "+compile" in r.stdout
         assert ("diffusers" in r.stdout) == (name == "bench_sampling")
+
+
+def test_profile_unet_tiny_cpu(tmp_path):
+    out = tmp_path / "profile.md"
+    r = _run("bench/profile_unet.py", "--tiny", "--calls", "2", "--variants", "diffusers,sdpa", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    rows = _table(out.read_text())
+    assert list(rows) == ["diffusers", "sdpa"]
+    for name, row in rows.items():
+        assert float(row["wall ms"]) > 0 and float(row["GPU-busy ms"]) > 0 and float(row["launches"]) > 100, name
+    r = _run("bench/profile_unet.py")  # the full size needs CUDA
+    assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
