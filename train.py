@@ -494,12 +494,14 @@ def main(argv):
         return dict(x0=x0, context=context, null_context=null_context, ids=ids), B, B * N, N, g
 
     # --- reference gain: does the model use the references? A fixed batch of sets of 2 (image 0 the reference,
-    # from a seed training never draws), noised at t = 500/700/900 with fixed noise. gain = 1 - (MSE of image 1
-    # with the reference) / (MSE of image 1 with the reference zeroed, mask kept). 0: references ignored.
+    # from a seed training never draws), noised at t = 300/500/700/900 with fixed noise. gain = 1 - (MSE of image 1
+    # with its own set's reference) / (MSE of image 1 with the reference of another set, in x_t and in the
+    # reference channels alike). 0: the references do not help.
     eval_batch = None
     if eval_interval:
-        eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution, images_per_batch=2 * eval_sets, rank=rank,
-                                        world_size=world, seed=seed + 7919, set_sizes=(2,), num_workers=0)
+        eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution,
+                                        images_per_batch=2 * eval_sets, rank=rank, world_size=world, seed=seed + 7919,
+                                        set_sizes=(2,), num_workers=0)
         eval_batch = prepare(next(eval_loader), torch.Generator(dev).manual_seed(seed + rank))
         del eval_loader
 
@@ -508,16 +510,19 @@ def main(argv):
         x0, ids, context = eval_batch
         if context is None:  # the text encoder is trained: its current weights
             context = model.text_encoder(input_ids=ids).last_hidden_state
+        B2 = x0.shape[0]
+        sets = x0.reshape(B2 // 2, 2, *x0.shape[1:])  # (B·2, C, h, w) -> (B, 2, C, h, w)
+        swapped = torch.stack([sets[:, 0].roll(1, 0), sets[:, 1]], 1).reshape(x0.shape)  # references of other sets
         g = torch.Generator(dev).manual_seed(seed + rank)
-        mask = torch.tensor([True, False], device=dev).repeat(x0.shape[0] // 2)  # (B·2,): image 0 of each set
-        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # squared error with / without the reference
-        for tv in (500, 700, 900):
-            t = torch.full((x0.shape[0],), tv, device=dev)
+        mask = torch.tensor([True, False], device=dev).repeat(B2 // 2)  # (B·2,): image 0 of each set
+        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # squared error: own / another set's reference
+        for tv in (300, 500, 700, 900):
+            t = torch.full((B2,), tv, device=dev)
             noise = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
-            x_t = diffusion.q_sample(x0, t, noise)
             target = diffusion.target(x0, noise, t).float()
-            for j, ref in enumerate((x0, torch.zeros_like(x0))):
-                out = model.unet(jedi_input(x_t, ref, mask).to(compute_dtype), t, context.to(compute_dtype), set_size=2)
+            for j, x in enumerate((x0, swapped)):
+                inp = jedi_input(diffusion.q_sample(x, t, noise), x, mask).to(compute_dtype)
+                out = model.unet(inp, t, context.to(compute_dtype), set_size=2)
                 sums[j] += (out.float() - target)[~mask].square().sum()
         dist.all_reduce(sums)
         return 1 - (sums[0] / sums[1]).item()
@@ -592,8 +597,8 @@ def main(argv):
             interval.zero_()
             t_log, n_log = time.perf_counter(), 0
         if eval_interval and (step % eval_interval == 0 or step == max_iters):
-            log(f'step {step} | ref gain {100 * reference_gain():.2f}% (loss of a generated image with vs without '
-                f'its set\'s reference, t = 500/700/900)')
+            log(f'step {step} | ref gain {100 * reference_gain():.2f}% (loss of a generated image with its own set\'s '
+                f'reference vs another set\'s, t = 300/500/700/900)')
         if step % ckpt_interval == 0 or step == max_iters or stop:
             save_checkpoint()
             last_saved = step

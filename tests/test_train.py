@@ -214,8 +214,10 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
                     '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True', '--log_interval=1',
                     '--peak_flops=1e12', '--eval_interval=2'])
     assert sorted(losses(log)) == [1, 2] and re.search(r'MFU \d+\.\d%', log), log
-    # SD's reference/mask input channels start at zero and lr is 0: the references cannot matter yet
-    assert 'step 2 | ref gain 0.00%' in log, log
+    # the reference-gain evaluation runs (through FSDP, in the compute dtype) and reports a finite number;
+    # an untrained JeDi head barely uses references: SD's reference channels are zero, only attn1 couples x_t
+    m = re.search(r'step 2 \| ref gain (-?\d+\.\d+)%', log)
+    assert m and abs(float(m[1])) < 5, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
     for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
