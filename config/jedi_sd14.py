@@ -50,4 +50,5 @@ compile = False  # --compile=True compiles each block (static shapes: one graph 
                  # measured on GPUs here, so off by default
 log_interval = 10
 ckpt_interval = 1000
+eval_interval = 1000  # reference gain (train.py): how much the references lower the loss
 keep_checkpoints = 3

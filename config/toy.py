@@ -36,6 +36,8 @@ ema_decay = 0.999
 weight_decay = 0.0
 log_interval = 50
 ckpt_interval = 1000
+eval_interval = 500  # reference gain on held-out subjects (train.py); 0 means the references are ignored
+eval_data_spec = 'procedural-heldout'
 keep_checkpoints = 2
 seed = 0
 # what sample.py uses by default with the shipped checkpoint
