@@ -206,7 +206,10 @@ class GraphedUNet:
     The output buffer is reused by the next call: the sampling loop consumes it before calling again."""
 
     def __init__(self, fn, x, t, context, set_size, warmup=3):
-        self.set_size = set_size
+        # The graph replays raw pointers: whatever it reads must outlive it. Holding `fn` keeps the module and its
+        # weights alive (2026-11-27, H200: without it the row's deep-copied model was freed after build(), its
+        # memory reused, and replays computed garbage: Δ ≈ 1, NaN samples with compile).
+        self.fn, self.set_size = fn, set_size
         self.x, self.t, self.context = x.clone(), t.clone(), context.clone()
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())

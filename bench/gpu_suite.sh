@@ -62,8 +62,8 @@ STEPS=(
   # End-to-end first (bench/README.md): they are the numbers the speed work is judged by. \$STEP_LIMIT, expanded
   # when the step runs, is its limit after the suite budget cut; the scripts start a row only if it should end
   # 20 s before it (start-up), and write each row as it ends. Rows in order of what they decide.
-  # Open on 2026-11-27 (bench/results/2026-11-27-h200-run2): the cuda_graphs rows' Δ of 1.0 and the compile rows'
-  # non-finite samples (sdpa+channels_last+compile isolates compile from graphs), and training's compile row.
+  # To confirm after the 2026-11-27 fix of GraphedUNet (bench/results/2026-11-27-h200-run2): graph rows with Δ ~ 1e-2
+  # or less, finite compile rows (sdpa+channels_last+compile separates compile from graphs); training's compile row.
   "bench_sampling|190|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,sdpa,triton,sdpa+channels_last,sdpa+cuda_graphs,sdpa+channels_last+cuda_graphs,sdpa+channels_last+compile,sdpa+channels_last+cuda_graphs+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
   "bench_training|190|$PY bench/bench_training.py --steps 6 --variants sdpa,sdpa+compile,sdpa+ac --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
   "profile_unet|35|$PY bench/profile_unet.py --out $OUT/profile_unet.md"
