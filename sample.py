@@ -47,7 +47,7 @@ class Model:
         self.down = vae.downsample_factor if vae is not None else 1
         if torch.device(device).type == "cuda":
             # NHWC weights: cuDNN runs the convolutions without NCHW<->NHWC transposes around each one
-            # (H200, 512 px set of 4: 37.3 -> 35.4 ms per UNet call; bench/results/2026-11-27-h200-run2).
+            # (H200, 512 px set of 4, eager: 58.7 -> 52.1 ms per UNet call; bench/results/2026-11-27-h200-run1).
             unet.to(memory_format=torch.channels_last)
 
     @torch.no_grad()

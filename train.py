@@ -50,7 +50,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from model.diffusion import Diffusion, jedi_input, jedi_loss
+from model.diffusion import Diffusion, jedi_loss, reference_gain_sums
 from model.unet import UNet, UNetConfig
 
 # ----------------------------------------------------------------------------- config
@@ -493,10 +493,8 @@ def main(argv):
         x0, ids, context = prepare(batch, g)
         return dict(x0=x0, context=context, null_context=null_context, ids=ids), B, B * N, N, g
 
-    # --- reference gain: does the model use the references? A fixed batch of sets of 2 (image 0 the reference,
-    # from a seed training never draws), noised at t = 300/500/700/900 with fixed noise. gain = 1 - (MSE of image 1
-    # with its own set's reference) / (MSE of image 1 with the reference of another set, in x_t and in the
-    # reference channels alike). 0: the references do not help.
+    # --- reference gain (model.diffusion.reference_gain_sums) on a fixed batch of sets of 2 drawn once with a seed
+    # training never uses; summed over ranks.
     eval_batch = None
     if eval_interval:
         eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution,
@@ -510,20 +508,11 @@ def main(argv):
         x0, ids, context = eval_batch
         if context is None:  # the text encoder is trained: its current weights
             context = model.text_encoder(input_ids=ids).last_hidden_state
-        B2 = x0.shape[0]
-        sets = x0.reshape(B2 // 2, 2, *x0.shape[1:])  # (B·2, C, h, w) -> (B, 2, C, h, w)
-        swapped = torch.stack([sets[:, 0].roll(1, 0), sets[:, 1]], 1).reshape(x0.shape)  # references of other sets
-        g = torch.Generator(dev).manual_seed(seed + rank)
-        mask = torch.tensor([True, False], device=dev).repeat(B2 // 2)  # (B·2,): image 0 of each set
-        sums = torch.zeros(2, dtype=torch.float64, device=dev)  # squared error: own / another set's reference
-        for tv in (300, 500, 700, 900):
-            t = torch.full((B2,), tv, device=dev)
-            noise = torch.randn(x0.shape, generator=g, device=dev, dtype=x0.dtype)
-            target = diffusion.target(x0, noise, t).float()
-            for j, x in enumerate((x0, swapped)):
-                inp = jedi_input(diffusion.q_sample(x, t, noise), x, mask).to(compute_dtype)
-                out = model.unet(inp, t, context.to(compute_dtype), set_size=2)
-                sums[j] += (out.float() - target)[~mask].square().sum()
+        context = context.to(compute_dtype)
+
+        def unet(x, t, c, set_size):  # the eval batch is fp32; the model computes in compute_dtype
+            return model.unet(x.to(compute_dtype), t, c, set_size=set_size)
+        sums = reference_gain_sums(unet, diffusion, x0, context, torch.Generator(dev).manual_seed(seed + rank))
         dist.all_reduce(sums)
         return 1 - (sums[0] / sums[1]).item()
 

@@ -87,20 +87,26 @@ def attention_flops(b, lq, lk, h, d) -> float:
     return 4.0 * b * h * lq * lk * d
 
 
-def unet_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, context_len: int = 77) -> UNetFlops:
-    """Forward FLOPs of our UNet on `num_sets` sets of `set_size` images at latent_hw × latent_hw."""
-    from torch.utils.flop_counter import FlopCounterMode
-
+def _meta_forward(cfg, latent_hw, set_size, num_sets, context_len):
+    """-> (images, a no-argument call of our UNet on meta tensors of that shape): costs no memory or time."""
     from model.unet import UNet
 
     with torch.device("meta"):
         net = UNet(cfg)
     n = num_sets * set_size
-    x = torch.empty(n, cfg.in_channels, latent_hw, latent_hw, device="meta")
-    ctx = torch.empty(n, context_len, cfg.context_dim, device="meta")
+    x = torch.empty(n, cfg.in_channels, latent_hw, latent_hw, device="meta")  # (B·N, C, h, w)
+    ctx = torch.empty(n, context_len, cfg.context_dim, device="meta")  # (B·N, 77, D)
+    return n, lambda: net(x, torch.zeros(n, dtype=torch.long, device="meta"), ctx, set_size=set_size)
+
+
+def unet_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, context_len: int = 77) -> UNetFlops:
+    """Forward FLOPs of our UNet on `num_sets` sets of `set_size` images at latent_hw × latent_hw."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    n, forward = _meta_forward(cfg, latent_hw, set_size, num_sets, context_len)
     calls = []
     with _recorded_attention(calls), FlopCounterMode(display=False) as counter:
-        net(x, torch.zeros(n, dtype=torch.long, device="meta"), ctx, set_size=set_size)
+        forward()
     return UNetFlops(images=n, set_size=set_size, attention=sum(attention_flops(*c) for c in calls),
                      other=float(counter.get_total_flops()))
 
@@ -111,18 +117,12 @@ def counted_sdpa_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, co
 
     from torch.utils.flop_counter import FlopCounterMode
 
-    from model.unet import UNet
-
-    with torch.device("meta"):
-        net = UNet(cfg)
-    n = num_sets * set_size
-    x = torch.empty(n, cfg.in_channels, latent_hw, latent_hw, device="meta")
-    ctx = torch.empty(n, context_len, cfg.context_dim, device="meta")
+    _, forward = _meta_forward(cfg, latent_hw, set_size, num_sets, context_len)
     old = os.environ.get("JEDI_ATTN")
     os.environ["JEDI_ATTN"] = "sdpa"
     try:
         with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(n, dtype=torch.long, device="meta"), ctx, set_size=set_size)
+            forward()
     finally:
         if old is None:
             os.environ.pop("JEDI_ATTN")

@@ -4,16 +4,15 @@
     python bench/profile_unet.py --tiny                                 # CPU rot check
 
 The call is bench_sampling's: 8 images (the cond + null passes of a set of 4), 64x64 latents, bf16, random weights.
-Per variant: wall ms per call (CUDA events over back-to-back calls), GPU-busy ms per call (the sum of its kernels'
-times from torch.profiler; on CPU the aten ops' own times), kernel launches (CPU: ops) per call, and the top kernels by time. wall >> busy means the call
-is bound by the CPU launching kernels (CUDA graphs fix that); busy says what the kernels themselves cost.
+Per variant: wall ms per call (bench_sampling's unet_ms: CUDA events over back-to-back calls, median of 3
+rounds), GPU-busy ms per call (the sum of its kernels' times from torch.profiler; on CPU the aten ops' own times),
+kernel launches (CPU: ops) per call, and the top kernels by time. wall >> busy means the call is bound by the CPU
+launching kernels (CUDA graphs fix that); busy says what the kernels themselves cost.
 Also checks that a CUDA-graph replay of the UNet reproduces the eager output, per attention backend.
 """
 import argparse
 import collections
-import os
 import sys
-import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -22,7 +21,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 
-from bench_sampling import GraphedUNet, attention_backend, diffusers_from_ours, rel_diff  # noqa: E402
+from bench_sampling import GraphedUNet, attention_backend, diffusers_from_ours, rel_diff, unet_ms  # noqa: E402
 from e2e_common import FULL_HW, TINY_HW, header, redraw_zero_layers, refuse_full_size_without_cuda, unet_config  # noqa: E402
 
 
@@ -46,19 +45,7 @@ def profile(fn, inputs, calls, dev):
         elif dev.type == "cpu" and e.name.startswith("aten::"):  # CPU: ops' own time stands in for kernels
             per[e.name] += e.self_cpu_time_total / 1000 / calls
             launches += 1
-    if dev.type == "cuda":  # wall time without the profiler's overhead
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(calls):
-            fn(x, t, c, set_size=n)
-        end.record()
-        end.synchronize()
-        wall = start.elapsed_time(end) / calls
-    else:
-        t0 = time.perf_counter()
-        for _ in range(calls):
-            fn(x, t, c, set_size=n)
-        wall = 1000 * (time.perf_counter() - t0) / calls
+    wall = unet_ms(fn, inputs, calls, dev)  # without the profiler's overhead: bench_sampling's timing
     return wall, sum(per.values()), launches / calls, per.most_common(12)
 
 
@@ -112,8 +99,7 @@ def main():
                     for _ in range(3):
                         graphed(torch.randn_like(inputs[0]), inputs[1], inputs[2], set_size=N)
                     fn(torch.randn_like(inputs[0]), *inputs[1:3], set_size=N)
-                    junk = graphed.x.new_empty(256 << 20).normal_()  # churn: 512 MiB (bf16) allocated, written, freed
-                    del junk
+                    graphed.x.new_empty(256 << 20).normal_()  # churn: 512 MiB (bf16) allocated, written, freed
                     later = rel_diff(graphed(*inputs[:3], set_size=N), eager)
                     graph_note = (f"{first:.1e} right after capture, {later:.1e} after other work "
                                   f"(eager vs ours-sdpa {rel_diff(eager, eager_ref):.1e})")

@@ -1,5 +1,5 @@
 # The embedded default: a small pixel-space JeDi trained on the procedural same-subject generator on a laptop CPU.
-#   python train.py config/toy.py            (~N minutes on 2 cores; see README "The toy model")
+#   python train.py config/toy.py            (75 minutes on 2 idle cores; see README "The toy model")
 # Recipe choices (why):
 # - pixel space at 32x32: no autoencoder to train or ship; subjects are designed to be legible at 32 px.
 # - cosine schedule + v-prediction: at this size SD's scaled-linear/eps spends most steps on noise levels that do

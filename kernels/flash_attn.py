@@ -550,6 +550,6 @@ def flash_attention(q, k, v, scale=None, split_d=None):
     if split_d and q.is_cuda:
         raise NotImplementedError(
             "flash_attention(split_d=True) is disabled on CUDA: on an H200 (Triton 3.6, torch 2.11) its first "
-            "launch hit an illegal memory access (bench/results/2026-11-27-h200/check_attention.log), while "
+            "launch hit an illegal memory access (bench/results/2026-11-27-h200-run1/check_attention.log), while "
             "the same kernels pass under TRITON_INTERPRET=1. Use the default padded head dim (split_d=False).")
     return _fwd_op(q, k, v, float(scale), bool(split_d))[0]

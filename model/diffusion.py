@@ -111,6 +111,27 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
     return (per_image * w).sum() / w.sum().clamp_min(1e-8)  # a set of only references may weigh 0
 
 
+@torch.no_grad()
+def reference_gain_sums(unet, diffusion: Diffusion, x0, context, generator=None, timesteps=(300, 500, 700, 900)):
+    """Does the model use its references? On sets of 2 (x0: (B·2, C, h, w), image 0 of each set the reference;
+    context: (B·2, L, D)), at each t with one fixed noise draw: the squared error of image 1 with its own set's
+    reference, and with another set's reference (in x_t and in the reference channels alike).
+    Returns a (2,) float64 tensor [own, other]; the reference gain is 1 - own / other (0: references unused)."""
+    B2, dev = x0.shape[0], x0.device
+    sets = x0.reshape(B2 // 2, 2, *x0.shape[1:])  # (B·2, C, h, w) -> (B, 2, C, h, w)
+    swapped = torch.stack([sets[:, 0].roll(1, 0), sets[:, 1]], 1).reshape(x0.shape)  # references of other sets
+    mask = torch.tensor([True, False], device=dev).repeat(B2 // 2)  # (B·2,): image 0 of each set
+    sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    for tv in timesteps:
+        t = torch.full((B2,), tv, device=dev)
+        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
+        target = diffusion.target(x0, noise, t).float()
+        for j, x in enumerate((x0, swapped)):
+            out = unet(jedi_input(diffusion.q_sample(x, t, noise), x, mask), t, context, set_size=2)
+            sums[j] += (out.float() - target)[~mask].square().sum()
+    return sums
+
+
 # ----------------------------------------------------------------------------- sampling
 
 def ddim_timesteps(steps: int, T: int = 1000) -> list[int]:

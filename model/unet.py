@@ -73,8 +73,8 @@ def zero_module(m: nn.Module) -> nn.Module:
 class GroupNorm32(nn.GroupNorm):
     """GroupNorm in the activations' dtype. CompVis upcasts x to fp32 and casts back; PyTorch's group_norm kernels
     (CUDA and CPU) already accumulate mean and variance in fp32 for fp16/bf16 inputs and round once on output, so
-    the round trip only added two passes over every activation (H200, bf16, 512 px set of 4: 5.8 ms of a 58.7 ms
-    UNet call; bench/results/2026-11-27-h200). The name stays: it is what the checkpoints' modules are."""
+    the round trip only added two passes over every activation (H200, bf16, 512 px set of 4, same run: 41.2 ->
+    38.9 ms per UNet call; bench/results/2026-11-27-h200-run2). The name stays: it is what CompVis calls it."""
 
     def forward(self, x):
         w = self.weight.to(x.dtype) if self.weight is not None else None  # no-op unless params and x differ

@@ -213,3 +213,24 @@ def test_jedi_input_layout():
     assert inp.shape == (2, 9, 3, 3)
     torch.testing.assert_close(inp[0, 4:8], r[0])
     assert torch.count_nonzero(inp[1, 4:]) == 0 and inp[0, 8].eq(1).all()
+
+
+def test_reference_gain_separates_a_model_that_copies_its_reference_from_one_that_ignores_it():
+    from model.diffusion import reference_gain_sums
+    d = Diffusion()  # eps-prediction
+    img = torch.randn(4, 1, 3, 8, 8)
+    x0 = img.expand(4, 2, 3, 8, 8).reshape(8, 3, 8, 8)  # each set: the same image twice, so its reference is exact
+    ctx = torch.zeros(8, 77, 4)
+
+    def copier(x, t, context, set_size):  # image 1's ε from its x_t and image 0's reference channels
+        ref = x[:, 3:6].reshape(-1, 2, 3, 8, 8)[:, 0].repeat_interleave(2, 0)  # (B·2, C, h, w): each set's image 0
+        ab = d.alphas_cumprod[t].float().reshape(-1, 1, 1, 1)
+        return (x[:, :3] - ab.sqrt() * ref) / (1 - ab).sqrt()
+
+    def ignorer(x, t, context, set_size):  # its own x_t only
+        return x[:, :3] * 0.5
+
+    own, other = reference_gain_sums(copier, d, x0, ctx, torch.Generator().manual_seed(0))
+    assert own < 1e-6 * other and 1 - own / other > 0.99
+    own, other = reference_gain_sums(ignorer, d, x0, ctx, torch.Generator().manual_seed(0))
+    assert torch.equal(own, other)  # gain exactly 0
