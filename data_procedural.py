@@ -205,9 +205,11 @@ def sample_pose(position, rng):
                 x=float(POSITION_X[position] + rng.uniform(-0.04, 0.04)), y=float(rng.uniform(0.5, 0.62)))
 
 
-def render(subject, context, *, resolution=32, rng=0, pose=None):
+def render(subject, context, *, resolution=32, rng=0, pose=None, background_seed=None):
     """Draw `subject` in `context` = (background, position). Returns uint8 (H, W, 3) and the ground truth:
-    the subject's attributes, the context, the pose and the caption-free ids (for evaluation)."""
+    the subject's attributes, the context, the pose and the caption-free ids (for evaluation).
+    background_seed: draw the background's details (horizon, trees, stars, ...) from this seed instead of rng,
+    so several images can share one scene."""
     subject = subject if isinstance(subject, Subject) else Subject(*subject)
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
     bg, pos = context
@@ -215,7 +217,7 @@ def render(subject, context, *, resolution=32, rng=0, pose=None):
     S = resolution * ss
     y, x = _grid(S)
     img = np.empty((S, S, 3), np.float32)
-    _background(bg, img, y, x, rng)
+    _background(bg, img, y, x, rng if background_seed is None else np.random.default_rng(background_seed))
     pose = dict(pose) if pose is not None else sample_pose(pos, rng)
     a = math.radians(pose["angle"])
     dx, dy = (x - pose["x"]) / pose["radius"], (pose["y"] - y) / pose["radius"]  # dy up
@@ -232,14 +234,35 @@ def render(subject, context, *, resolution=32, rng=0, pose=None):
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), info
 
 
-def render_set(subject, n, *, resolution=32, rng=0, contexts=None):
-    """One training set: `subject` in n contexts (random unless given). Returns images, captions, attrs."""
+def render_set(subject, n, *, resolution=32, rng=0, contexts=None, same_pose=False, video=False):
+    """One training set: `subject` in n contexts (random unless given). Returns images, captions, attrs.
+    same_pose: one position and pose for the whole set (random contexts then differ only in background), as in
+    a photo series of one object; the subject then sits at the same place in every image.
+    video: one scene (background and its details) for the whole set while the subject moves (its own random
+    position and pose per image), like the frames of a video clip."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    pose = background_seed = None
+    if video:
+        if same_pose:
+            raise ValueError("same_pose and video exclude each other")
+        bg = tuple(BACKGROUNDS)[rng.integers(len(BACKGROUNDS))] if contexts is None else contexts[0][0]
+        if contexts is None:
+            contexts = [(bg, tuple(POSITIONS)[i]) for i in rng.integers(len(POSITIONS), size=n)]
+        if any(c[0] != bg for c in contexts):
+            raise ValueError("video needs one background for the whole set")
+        background_seed = int(rng.integers(2 ** 32))
+    if same_pose:
+        pos = tuple(POSITIONS)[rng.integers(len(POSITIONS))] if contexts is None else contexts[0][1]
+        if contexts is None:
+            contexts = [(tuple(BACKGROUNDS)[i], pos) for i in rng.integers(len(BACKGROUNDS), size=n)]
+        if any(c[1] != pos for c in contexts):
+            raise ValueError("same_pose needs one position for the whole set")
+        pose = sample_pose(pos, rng)
     if contexts is None:
         contexts = [CONTEXTS[i] for i in rng.integers(len(CONTEXTS), size=n)]
     images, captions, attrs = [], [], []
     for ctx in contexts:
-        im, info = render(subject, ctx, resolution=resolution, rng=rng)
+        im, info = render(subject, ctx, resolution=resolution, rng=rng, pose=pose, background_seed=background_seed)
         images.append(im)
         captions.append(caption(ctx, rng))
         attrs.append(info)

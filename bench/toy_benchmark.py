@@ -18,6 +18,8 @@ An attribute classifier trained on generator ground truth (bench/toy_classifier.
     subject fidelity  = mean over shape, color, pattern, pattern_color of [predicted == the reference subject's]
                         (also: all four right at once)
     text alignment    = mean of [predicted background == prompted] and [predicted position == prompted]
+    set consistency   = how often images generated in one set agree on a subject attribute, right or wrong
+                        (JeDi's claim that a joint sample shares one subject, even from text alone)
 Each is averaged per subject, then mean ± standard error over subjects. Two calibration rows score the
 generator's own renders in the target contexts: of the reference subject (the upper bound, ~1.0) and of a random
 other held-out subject (fidelity at chance, text alignment still ~1.0). Same command, same numbers.
@@ -47,7 +49,7 @@ from model.diffusion import personalize  # noqa: E402
 DEFAULT_OUT = ROOT / "bench" / "results" / "toy_benchmark.md"
 MAX_REFS = 3
 SUBJECT_ORDER_SEED = 7  # fixed order of held-out subjects, so --subjects 8 is the same 8 for every --seed
-METRICS = ("fidelity", "exact", "text", "background", "position", *tc.SUBJECT_HEADS)
+METRICS = ("fidelity", "exact", "consistency", "text", "background", "position", *tc.SUBJECT_HEADS)
 
 
 def conditions(guidance: float):
@@ -137,6 +139,12 @@ def score(classifier, images: torch.Tensor, subject, contexts) -> dict[str, np.n
     out["position"] = pred["position"] == np.tile([tc.HEADS["position"].index(c[1]) for c in contexts], num_sets)
     subj = np.stack([out[k] for k in tc.SUBJECT_HEADS])
     out["fidelity"], out["exact"] = subj.mean(0), subj.all(0)
+    # set consistency: do the images generated together show one subject, whichever it is? Per image, the share of
+    # (other image of its set, subject attribute) pairs on which the two predictions agree; NaN for 1 target.
+    labels = np.stack([pred[k].reshape(num_sets, len(contexts)) for k in tc.SUBJECT_HEADS])  # (heads, sets, targets)
+    agree = (labels[:, :, :, None] == labels[:, :, None, :]).mean(0)  # (sets, targets, targets)
+    others = len(contexts) - 1
+    out["consistency"] = ((agree.sum(-1) - 1) / others).reshape(-1) if others else np.full(len(x), np.nan)
     out["text"] = (out["background"].astype(float) + out["position"]) / 2
     return {k: v.astype(float) for k, v in out.items()}
 
@@ -191,6 +199,8 @@ def evaluate(model, classifier, *, subjects: int | None = None, targets: int = 3
 
 def fmt(ms) -> str:
     m, se = ms
+    if np.isnan(m):
+        return "–"
     return f"{m:.3f}" + ("" if np.isnan(se) else f" ± {se:.3f}")
 
 
@@ -226,13 +236,13 @@ def shown(path) -> str:
 def report(res: dict, *, command: str, header: list[str]) -> str:
     rows, labels = res["rows"], res["labels"]
     lines = ["# Toy benchmark: JeDi personalization on held-out procedural subjects", "", *header, "",
-             "| condition | refs | λ | subject fidelity | all 4 attributes | text alignment | background | position |",
-             "|---|---|---|---|---|---|---|---|"]
+             "| condition | refs | λ | subject fidelity | all 4 attributes | set consistency | text alignment | "
+             "background | position |", "|---|---|---|---|---|---|---|---|---|"]
     for k, label in labels.items():
         calib = k not in res["lams"]
         r = rows[k]
         name, refs, lam = (f"*{label}*", "–", "–") if calib else (label, str(res["refs"][k]), f"{res['lams'][k]:g}")
-        lines.append(f"| {name} | {refs} | {lam} | " + " | ".join(fmt(r[m]) for m in METRICS[:5]) + " |")
+        lines.append(f"| {name} | {refs} | {lam} | " + " | ".join(fmt(r[m]) for m in METRICS[:6]) + " |")
     lines += ["", "Subject fidelity per attribute:", "", "| condition | " + " | ".join(tc.SUBJECT_HEADS) + " |",
               "|---|" + "---|" * len(tc.SUBJECT_HEADS)]
     for k, label in labels.items():

@@ -110,6 +110,39 @@ def test_heldout_subjects_never_in_training_batches():
     assert set(hb["keys"]) <= held
 
 
+def test_procedural_same_pose_and_video_sets():
+    """same_pose keeps one position and pose per set (backgrounds vary); video keeps one scene, details included,
+    while the subject moves. Their shares are source options; 0 leaves the default spec's random streams as they were."""
+    subject = P.subjects("train")[3]
+    _, caps, attrs = P.render_set(subject, 4, resolution=8, rng=2, same_pose=True)
+    assert len({a["position"] for a in attrs}) == 1 and len({a["background"] for a in attrs}) > 1
+    assert len({(a["angle"], a["radius"], a["x"], a["y"]) for a in attrs}) == 1
+    with pytest.raises(ValueError, match="one position"):
+        P.render_set(subject, 2, rng=0, same_pose=True, contexts=[("beach", "left"), ("snow", "right")])
+    # video: the pixels far from both subjects are the same scene (night: its moon and stars are random details)
+    ims, _, attrs = P.render_set(subject, 2, resolution=32, rng=0, video=True, contexts=[("night", "left")] * 2)
+    assert attrs[0]["x"] != attrs[1]["x"]
+    assert np.array_equal(ims[0][:4], ims[1][:4])  # the top rows: sky, moon and stars, never the subject
+    other, _ = P.render(subject, ("night", "left"), resolution=32, rng=99)
+    assert not np.array_equal(ims[0][:4], other[:4])  # a fresh night scene differs
+    with pytest.raises(ValueError, match="one background"):
+        P.render_set(subject, 2, rng=0, video=True, contexts=[("beach", "left"), ("snow", "left")])
+    assert data.parse_spec("procedural?same_pose=0.25&video=0.5") == [
+        {"type": "procedural", "split": "train", "same_pose": 0.25, "video": 0.5}]
+    with pytest.raises(ValueError, match="unknown procedural option"):
+        data.parse_spec("procedural?pose=1")
+    posed = lambda b: [len({(a["x"], a["angle"]) for a in s}) == 1 for s in b["attrs"]]  # noqa: E731
+    scene = lambda b: [len({a["background"] for a in s}) == 1 for s in b["attrs"]]  # noqa: E731
+    assert all(posed(next(data.build_loader("procedural?same_pose=1", resolution=8, images_per_batch=12, seed=1))))
+    vid = next(data.build_loader("procedural?video=1", resolution=8, images_per_batch=12, seed=1))
+    assert all(scene(vid)) and not any(posed(vid))
+    some = take(data.build_loader("procedural?same_pose=0.5", resolution=8, images_per_batch=12, seed=1), 6)
+    assert 0.2 < np.mean([x for b in some for x in posed(b)]) < 0.8
+    plain = next(data.build_loader("procedural", resolution=8, images_per_batch=12, seed=1))
+    zero = next(data.build_loader("procedural?video=0", resolution=8, images_per_batch=12, seed=1))
+    assert torch.equal(plain["pixels"], zero["pixels"]) and not any(posed(plain))
+
+
 # ----------------------------------------------------------------------------- readers
 
 @pytest.mark.parametrize("per_image", [False, True])

@@ -33,7 +33,7 @@ def test_shipped_classifier_loads_small_and_accurate(classifier):
 
 def test_metric_separates_the_real_subject_from_a_random_one(classifier):
     model, _ = classifier
-    same, other, text_ok, text_wrong = [], [], [], []
+    same, other, text_ok, text_wrong, consistent, mixed = [], [], [], [], [], []
     for i, subject in enumerate(tb.heldout_order()[:8]):
         case = tb.make_case(i, subject, targets=3, num_sets=2, resolution=32, seed=0)
         assert not {c[0] for c in case["contexts"]} & {c[0] for c in case["ref_contexts"]}  # new backgrounds
@@ -42,6 +42,10 @@ def test_metric_separates_the_real_subject_from_a_random_one(classifier):
         text_ok.append(tb.score(model, case["render_same"], subject, case["contexts"])["text"].mean())
         shifted = case["contexts"][1:] + case["contexts"][:1]  # every image scored against another target's context
         text_wrong.append(tb.score(model, case["render_same"], subject, shifted)["background"].mean())
+        consistent.append(tb.score(model, case["render_same"], subject, case["contexts"])["consistency"].mean())
+        mix = torch.cat([case["render_same"][:, :1], case["render_other"][:, 1:]], 1)  # one image of another subject
+        mixed.append(tb.score(model, mix, subject, case["contexts"])["consistency"].mean())
+    assert np.mean(consistent) >= 0.9 and np.mean(mixed) <= np.mean(consistent) - 0.2, (consistent, mixed)
     assert np.mean(same) >= 0.9 and min(same) >= 0.75, same
     assert np.mean(other) <= np.mean(same) - 0.4, (same, other)
     assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
@@ -83,3 +87,22 @@ def test_benchmark_end_to_end_is_deterministic(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # the very same images
     upper = next(line for line in a.splitlines() if tb.CALIBRATION[0][1] in line)
     assert upper.split("|")[4].strip().startswith(("1.000", "0.9"))  # the generator's own renders read correctly
+
+
+def test_refgain_subject_masks_and_table():
+    """bench/toy_refgain.py: the subject mask is the subject (not the scene), and on the shipped model the table
+    is finite with the subject's pixels carrying far more than their share of the loss."""
+    import toy_refgain as rg
+    from model.loading import load_jedi
+
+    subject = dp.Subject("square", "blue", "stripes", "white")
+    pose = dict(angle=0.0, radius=0.2, x=0.5, y=0.55)
+    _, info = dp.render(subject, ("grass", "middle"), resolution=32, rng=0, pose=pose)
+    m = rg.subject_mask(subject, info, 32)
+    ys, xs = np.nonzero(m)
+    assert 0.06 < m.mean() < 0.2 and abs(xs.mean() / 32 - 0.5) < 0.05 and abs(ys.mean() / 32 - 0.55) < 0.05
+    rows = rg.refgain_table(load_jedi(rg.DEFAULT_CKPT), num_sets=4, timesteps=(500, 900))
+    assert [r["t"] for r in rows] == [500, 900]
+    for r in rows:
+        assert all(np.isfinite(v) for v in r.values())
+        assert r["subject_loss_share"] > 2 * r["subject_pixels"]
