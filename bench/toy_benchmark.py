@@ -21,8 +21,9 @@ An attribute classifier trained on generator ground truth (bench/toy_classifier.
     set consistency   = how often images generated in one set agree on a subject attribute, right or wrong
                         (JeDi's claim that a joint sample shares one subject, even from text alone)
 Each is averaged per subject, then mean ± standard error over subjects. Two calibration rows score the
-generator's own renders in the target contexts: of the reference subject (the upper bound, ~1.0) and of a random
-other held-out subject (fidelity at chance, text alignment still ~1.0). Same command, same numbers.
+generator's own renders in the target contexts: of the reference subject (the upper bound, ~1.0) and of random
+other held-out subjects, a different one per image (fidelity and set consistency at chance, text alignment still
+~1.0). Same command, same numbers.
 """
 import argparse
 import datetime
@@ -61,7 +62,7 @@ def conditions(guidance: float):
 
 
 CALIBRATION = [("render_same", "generator render of the reference subject (upper bound)"),
-               ("render_other", "generator render of a random other held-out subject (chance)")]
+               ("render_other", "generator renders of random other held-out subjects, one per image (chance)")]
 
 
 # ----------------------------------------------------------------------------- protocol
@@ -87,10 +88,11 @@ def make_case(index: int, subject, targets: int, num_sets: int, resolution: int,
     tgt_ctx = [(bg, positions[r_tgt.integers(3)]) for bg in bgs[MAX_REFS : MAX_REFS + targets]]
     prompts = [dp.caption(c, r_tgt) for c in tgt_ctx]
     others = [s for s in dp.subjects("heldout") if s != subject]
-    other = others[r_cal.integers(len(others))]
+    other = [others[j] for j in r_cal.integers(len(others), size=targets)]  # one per target: consistency at chance
     # calibration renders laid out like the generations: (num_sets, targets), model resolution, a fresh pose each
     same = [[dp.render(subject, c, resolution=resolution, rng=r_cal)[0] for c in tgt_ctx] for _ in range(num_sets)]
-    diff = [[dp.render(other, c, resolution=resolution, rng=r_cal)[0] for c in tgt_ctx] for _ in range(num_sets)]
+    diff = [[dp.render(o, c, resolution=resolution, rng=r_cal)[0] for o, c in zip(other, tgt_ctx)]
+            for _ in range(num_sets)]
     shape = (3, resolution, resolution)
     return dict(subject=subject, other=other, refs=tc.to_tensor(refs), ref_contexts=ref_ctx, ref_captions=ref_captions,
                 contexts=tgt_ctx, prompts=prompts,

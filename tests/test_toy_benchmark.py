@@ -43,9 +43,8 @@ def test_metric_separates_the_real_subject_from_a_random_one(classifier):
         shifted = case["contexts"][1:] + case["contexts"][:1]  # every image scored against another target's context
         text_wrong.append(tb.score(model, case["render_same"], subject, shifted)["background"].mean())
         consistent.append(tb.score(model, case["render_same"], subject, case["contexts"])["consistency"].mean())
-        mix = torch.cat([case["render_same"][:, :1], case["render_other"][:, 1:]], 1)  # one image of another subject
-        mixed.append(tb.score(model, mix, subject, case["contexts"])["consistency"].mean())
-    assert np.mean(consistent) >= 0.9 and np.mean(mixed) <= np.mean(consistent) - 0.2, (consistent, mixed)
+        mixed.append(tb.score(model, case["render_other"], subject, case["contexts"])["consistency"].mean())
+    assert np.mean(consistent) >= 0.9 and np.mean(mixed) <= np.mean(consistent) - 0.4, (consistent, mixed)
     assert np.mean(same) >= 0.9 and min(same) >= 0.75, same
     assert np.mean(other) <= np.mean(same) - 0.4, (same, other)
     assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
