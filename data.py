@@ -324,6 +324,8 @@ class ProceduralSource:
         self.name, self.weight, self.set_sizes = name, float(weight), tuple(set_sizes)
         self.same_pose = float(same_pose)  # share of sets that keep one position and pose (render_set)
         self.video = float(video)  # share of sets that keep one scene while the subject moves (render_set)
+        if min(self.same_pose, self.video) < 0 or self.same_pose + self.video > 1:
+            raise ValueError(f"source {name!r}: same_pose and video are shares of the sets: each >= 0, sum <= 1")
         self.subjects = data_procedural.subjects(split)
         self.sizes = np.full(len(self.subjects), MANY, np.int64)
 

@@ -5,8 +5,9 @@
 
 Held-out procedural sets of 2 (image 0 the reference, image 1 generated, random contexts as in training). At each t,
 with one fixed noise draw, the denoising loss of image 1 is measured twice: with its own set's reference and with
-another set's (model.diffusion.reference_gain_sums' protocol), and each is split by the generator's ground-truth
-subject mask of image 1. The subject's pixels are what a reference can tell; the scene comes from the prompt.
+another set's (model.diffusion.reference_errors, as train.py's --eval_interval does), and each is split by the
+generator's ground-truth subject mask of image 1. The subject's pixels are what a reference can tell; the scene
+comes from the prompt.
 A model that ignores its reference has gain 0 everywhere; copying the subject shows as a positive subject gain.
 train.py's --eval_interval logs the whole-image gain only (real data have no subject masks).
 """
@@ -21,7 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_procedural as dp  # noqa: E402
-from model.diffusion import Diffusion, jedi_input  # noqa: E402
+from model.diffusion import Diffusion, reference_errors  # noqa: E402
 from model.loading import load_jedi  # noqa: E402
 
 DEFAULT_CKPT = ROOT / "assets" / "jedi_toy.safetensors"
@@ -60,18 +61,12 @@ def refgain_table(model, num_sets=48, timesteps=(300, 500, 700, 800, 900, 950), 
     x0, captions, subj = held_out_pairs(num_sets, res, seed)
     context = model.text_encoder(input_ids=model.tokenizer(captions)).last_hidden_state
     diffusion = Diffusion(**model.meta["diffusion"])
-    sets = x0.reshape(num_sets, 2, *x0.shape[1:])  # (S·2, 3, H, W) -> (S, 2, 3, H, W)
-    swapped = torch.stack([sets[:, 0].roll(1, 0), sets[:, 1]], 1).reshape(x0.shape)  # another set's reference
-    mask = torch.tensor([True, False]).repeat(num_sets)
     g, rows = torch.Generator().manual_seed(seed), []
     for tv in timesteps:
-        t = torch.full((2 * num_sets,), tv)
         noise = torch.randn(x0.shape, generator=g)
-        target = diffusion.target(x0, noise, t)
         parts = []
-        for x in (x0, swapped):
-            out = model.unet(jedi_input(diffusion.q_sample(x, t, noise), x, mask), t, context, set_size=2)
-            err = (out - target)[~mask].square().mean(1, keepdim=True)  # (S, 1, H, W): image 1 of each set
+        for err in reference_errors(model.unet, diffusion, x0, context, tv, noise):  # own, other: (S, 3, H, W)
+            err = err.mean(1, keepdim=True)  # (S, 3, H, W) -> (S, 1, H, W): mean over channels
             parts.append(((err * subj).sum() / subj.sum(), (err * (1 - subj)).sum() / (1 - subj).sum()))
         (s_own, b_own), (s_other, b_other) = [(s.item(), b.item()) for s, b in parts]
         share = subj.mean().item()

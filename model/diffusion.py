@@ -112,23 +112,29 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
 
 
 @torch.no_grad()
-def reference_gain_sums(unet, diffusion: Diffusion, x0, context, generator=None, timesteps=(300, 500, 700, 900)):
-    """Does the model use its references? On sets of 2 (x0: (B·2, C, h, w), image 0 of each set the reference;
-    context: (B·2, L, D)), at each t with one fixed noise draw: the squared error of image 1 with its own set's
-    reference, and with another set's reference (in x_t and in the reference channels alike).
-    Returns a (2,) float64 tensor [own, other]; the reference gain is 1 - own / other (0: references unused)."""
+def reference_errors(unet, diffusion: Diffusion, x0, context, t: int, noise):
+    """Squared errors of image 1 of each set of 2 (x0: (B·2, C, h, w), image 0 the reference; context: (B·2, L, D))
+    at timestep t with the given noise (B·2, C, h, w): with its own set's reference and with another set's (in x_t
+    and in the reference channels alike). Returns (own, other), each (B, C, h, w) float32."""
     B2, dev = x0.shape[0], x0.device
     sets = x0.reshape(B2 // 2, 2, *x0.shape[1:])  # (B·2, C, h, w) -> (B, 2, C, h, w)
     swapped = torch.stack([sets[:, 0].roll(1, 0), sets[:, 1]], 1).reshape(x0.shape)  # references of other sets
     mask = torch.tensor([True, False], device=dev).repeat(B2 // 2)  # (B·2,): image 0 of each set
-    sums = torch.zeros(2, dtype=torch.float64, device=dev)
+    tt = torch.full((B2,), t, device=dev)
+    target = diffusion.target(x0, noise, tt).float()
+    out = [unet(jedi_input(diffusion.q_sample(x, tt, noise), x, mask), tt, context, set_size=2) for x in (x0, swapped)]
+    return tuple((o.float() - target)[~mask].square() for o in out)
+
+
+@torch.no_grad()
+def reference_gain_sums(unet, diffusion: Diffusion, x0, context, generator=None, timesteps=(300, 500, 700, 900)):
+    """Does the model use its references? `reference_errors` summed over images, pixels and `timesteps` (one noise
+    draw each). Returns a (2,) float64 tensor [own, other]; the reference gain is 1 - own / other (0: unused)."""
+    sums = torch.zeros(2, dtype=torch.float64, device=x0.device)
     for tv in timesteps:
-        t = torch.full((B2,), tv, device=dev)
-        noise = torch.randn(x0.shape, generator=generator, device=dev, dtype=x0.dtype)
-        target = diffusion.target(x0, noise, t).float()
-        for j, x in enumerate((x0, swapped)):
-            out = unet(jedi_input(diffusion.q_sample(x, t, noise), x, mask), t, context, set_size=2)
-            sums[j] += (out.float() - target)[~mask].square().sum()
+        noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
+        own, other = reference_errors(unet, diffusion, x0, context, tv, noise)
+        sums += torch.stack([own.sum(), other.sum()]).double()
     return sums
 
 

@@ -131,6 +131,8 @@ def test_procedural_same_pose_and_video_sets():
         {"type": "procedural", "split": "train", "same_pose": 0.25, "video": 0.5}]
     with pytest.raises(ValueError, match="unknown procedural option"):
         data.parse_spec("procedural?pose=1")
+    with pytest.raises(ValueError, match="sum <= 1"):
+        data.build_loader("procedural?video=0.7&same_pose=0.5", resolution=8, images_per_batch=12)
     posed = lambda b: [len({(a["x"], a["angle"]) for a in s}) == 1 for s in b["attrs"]]  # noqa: E731
     scene = lambda b: [len({a["background"] for a in s}) == 1 for s in b["attrs"]]  # noqa: E731
     assert all(posed(next(data.build_loader("procedural?same_pose=1", resolution=8, images_per_batch=12, seed=1))))
