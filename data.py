@@ -32,7 +32,8 @@ Specs
     dict(type='multiview', path='objaverse/' | 'assets.jsonl')  one folder of views per asset
     dict(type='images',    path='laion/{00000..00999}.tar' | 'pairs.jsonl' | 'folder/')  set size 1
     dict(type='procedural', split='train')                      the embedded generator
-        (+ video=share of video-like sets, same_pose=share of fixed-pose sets; string: 'procedural?video=0.5')
+        (+ video=share of video-like sets, same_pose=share of fixed-pose sets, closeup=chance that an image is a
+        close-up; string: 'procedural?video=0.5&closeup=0.25')
 Optional keys: weight (default 1), name, set_sizes (default build_loader's (2, 3, 4); (1,) for images).
 A path with '.tar' in it is read as WebDataset shards, streaming (brace patterns and 'pipe:' URLs work).
 
@@ -320,12 +321,15 @@ class ProceduralSource:
     """The embedded generator (data_procedural): item i = training subject i, rendered in n random contexts."""
     streaming, allow_flip = False, False  # captions name left/right: a flip would contradict them
 
-    def __init__(self, name, split="train", set_sizes=(2, 3, 4), weight=1.0, same_pose=0.0, video=0.0):
+    def __init__(self, name, split="train", set_sizes=(2, 3, 4), weight=1.0, same_pose=0.0, video=0.0, closeup=0.0):
         self.name, self.weight, self.set_sizes = name, float(weight), tuple(set_sizes)
         self.same_pose = float(same_pose)  # share of sets that keep one position and pose (render_set)
         self.video = float(video)  # share of sets that keep one scene while the subject moves (render_set)
         if min(self.same_pose, self.video) < 0 or self.same_pose + self.video > 1:
             raise ValueError(f"source {name!r}: same_pose and video are shares of the sets: each >= 0, sum <= 1")
+        self.closeup = float(closeup)  # per image of the other sets: the chance of a close-up (render_set)
+        if not 0 <= self.closeup <= 1:
+            raise ValueError(f"source {name!r}: closeup is a probability per image, in [0, 1]")
         self.subjects = data_procedural.subjects(split)
         self.sizes = np.full(len(self.subjects), MANY, np.int64)
 
@@ -336,7 +340,8 @@ class ProceduralSource:
         kind = rng.random() if self.same_pose + self.video > 0 else 1.0  # no extra draw at 0: old streams unchanged
         images, captions, attrs = data_procedural.render_set(
             self.subjects[index], n, resolution=resolution, rng=rng,
-            same_pose=kind < self.same_pose, video=self.same_pose <= kind < self.same_pose + self.video)
+            same_pose=kind < self.same_pose, video=self.same_pose <= kind < self.same_pose + self.video,
+            closeup=self.closeup if kind >= self.same_pose else 0.0)
         return images, captions, attrs, self.subjects[index].id
 
 
@@ -429,12 +434,12 @@ def parse_spec(spec):
             m = re.fullmatch(r"(?:(\w+):)?(.*?)(?:@([\d.]+))?", part)
             typ, path, w = m.group(1), m.group(2), m.group(3)
             proc = re.fullmatch(r"procedural(-heldout)?(?:\?(.*))?", path) if typ is None else None
-            if proc:  # 'procedural', 'procedural-heldout', optionally '?video=0.5&same_pose=0.1'
+            if proc:  # 'procedural', 'procedural-heldout', optionally '?video=0.5&same_pose=0.1&closeup=0.25'
                 d = dict(type="procedural", split="heldout" if proc.group(1) else "train")
                 for opt in filter(None, (proc.group(2) or "").split("&")):
                     key, _, value = opt.partition("=")
-                    if key not in ("same_pose", "video"):
-                        raise ValueError(f"unknown procedural option {key!r} in {part!r} (same_pose, video)")
+                    if key not in ("same_pose", "video", "closeup"):
+                        raise ValueError(f"unknown procedural option {key!r} in {part!r} (same_pose, video, closeup)")
                     d[key] = float(value)
             else:
                 d = dict(type=typ or "sets", path=path)
@@ -452,7 +457,7 @@ def make_source(d, index=0, set_sizes=(2, 3, 4)):
     path = d.pop("path", None) or d.pop("urls", None)
     name = d.pop("name", None) or (typ if typ == "procedural" else f"{typ}{index}")
     split = d.pop("split", "train")
-    options = {k: d.pop(k) for k in ("same_pose", "video") if k in d} if typ == "procedural" else {}
+    options = {k: d.pop(k) for k in ("same_pose", "video", "closeup") if k in d} if typ == "procedural" else {}
     if d:
         raise ValueError(f"source {name!r}: unknown keys {sorted(d)}")
     if typ == "procedural":

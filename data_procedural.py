@@ -41,6 +41,11 @@ BACKGROUNDS = {
 POSITIONS = {"left": "on the left", "middle": "in the middle", "right": "on the right"}
 POSITION_X = {"left": 0.29, "middle": 0.5, "right": 0.71}
 CONTEXTS = tuple(itertools.product(BACKGROUNDS, POSITIONS))  # 24 (background, position) pairs
+# A close-up: the subject large and centred, like the subject-centric photos people give as references. Not in
+# CONTEXTS (drawn only when render_set(closeup=...) asks for it), so default streams and the classifier's three
+# positions are unchanged; its context is (background, CLOSE_UP).
+CLOSE_UP = "close"
+PHRASES = {**POSITIONS, CLOSE_UP: "close up"}
 TEMPLATES = ("a photo of a {cls} {bg}, {pos}", "a {cls} {bg}, {pos}", "a {cls} {pos}, {bg}")
 ATTRIBUTES = {"shape": SHAPES, "color": tuple(COLORS), "pattern": PATTERNS,
               "pattern_color": ("none",) + tuple(PATTERN_COLORS)}
@@ -107,7 +112,7 @@ def caption(context, rng=0, template=None):
     bg, pos = context
     if template is None:
         template = np.random.default_rng(rng).integers(len(TEMPLATES))
-    return TEMPLATES[template].format(cls=CLASS_WORD, bg=BACKGROUNDS[bg], pos=POSITIONS[pos])
+    return TEMPLATES[template].format(cls=CLASS_WORD, bg=BACKGROUNDS[bg], pos=PHRASES[pos])
 
 
 # ----------------------------------------------------------------------------- rendering
@@ -201,6 +206,9 @@ def _pattern_mask(pattern, u, v):
 
 def sample_pose(position, rng):
     """Random pose for a subject at a named position: rotation (deg), radius and centre (fractions of the side)."""
+    if position == CLOSE_UP:  # ~2x the radius of a framed subject: it fills most of the frame
+        return dict(angle=float(rng.uniform(-20, 20)), radius=float(rng.uniform(0.38, 0.44)),
+                    x=float(0.5 + rng.uniform(-0.03, 0.03)), y=float(rng.uniform(0.47, 0.53)))
     return dict(angle=float(rng.uniform(-20, 20)), radius=float(rng.uniform(0.17, 0.24)),
                 x=float(POSITION_X[position] + rng.uniform(-0.04, 0.04)), y=float(rng.uniform(0.5, 0.62)))
 
@@ -234,13 +242,19 @@ def render(subject, context, *, resolution=32, rng=0, pose=None, background_seed
     return np.clip(img + 0.5, 0, 255).astype(np.uint8), info
 
 
-def render_set(subject, n, *, resolution=32, rng=0, contexts=None, same_pose=False, video=False):
+def render_set(subject, n, *, resolution=32, rng=0, contexts=None, same_pose=False, video=False, closeup=0.0):
     """One training set: `subject` in n contexts (random unless given). Returns images, captions, attrs.
     same_pose: one position and pose for the whole set (random contexts then differ only in background), as in
     a photo series of one object; the subject then sits at the same place in every image.
     video: one scene (background and its details) for the whole set while the subject moves (its own random
-    position and pose per image), like the frames of a video clip."""
+    position and pose per image), like the frames of a video clip.
+    closeup: the probability that each randomly placed image is a close-up instead (CLOSE_UP: subject large and
+    centred); not with same_pose or given contexts. At 0 nothing extra is drawn."""
     rng = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(rng)
+    if not 0 <= closeup <= 1:
+        raise ValueError(f"closeup is a probability, not {closeup}")
+    if closeup and (same_pose or contexts is not None):
+        raise ValueError("closeup applies to randomly placed images: not with same_pose or given contexts")
     pose = background_seed = None
     if video:
         if same_pose:
@@ -260,6 +274,8 @@ def render_set(subject, n, *, resolution=32, rng=0, contexts=None, same_pose=Fal
         pose = sample_pose(pos, rng)
     if contexts is None:
         contexts = [CONTEXTS[i] for i in rng.integers(len(CONTEXTS), size=n)]
+    if closeup:
+        contexts = [(bg, CLOSE_UP) if c else (bg, pos) for (bg, pos), c in zip(contexts, rng.random(n) < closeup)]
     images, captions, attrs = [], [], []
     for ctx in contexts:
         im, info = render(subject, ctx, resolution=resolution, rng=rng, pose=pose, background_seed=background_seed)

@@ -2,7 +2,9 @@
 
     python bench/make_toy_refs.py            # writes assets/refs/<subject>_<k>.png, deterministic
 
-Each subject gets three views in different contexts, so `sample.py --refs` can be tried with 1 or 3 references.
+Each subject gets three close-ups (subject large and centred, as in the subject-centric photos users give and as the
+toy benchmark's references) on different backgrounds, so `sample.py --refs` can be tried with 1 or 3 references;
+their caption is e.g. "a toy close up, on a table" (`--ref_prompt`).
 """
 import os
 import sys
@@ -13,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import data_procedural as P  # noqa: E402
 
 OUT = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "assets", "refs")
-CONTEXTS = [("table", "middle"), ("grass", "left"), ("night", "right")]
+CONTEXTS = [("table", P.CLOSE_UP), ("grass", P.CLOSE_UP), ("night", P.CLOSE_UP)]
 
 
 def main(num_subjects: int = 6):

@@ -4,8 +4,9 @@
     python bench/toy_benchmark.py --ckpt runs/toy/jedi.safetensors --subjects 8 --out /tmp/toy.md
 
 Held-out procedural subjects only (data_procedural.subjects('heldout'): attribute combinations no training set
-contained). For each subject, three references are rendered in three contexts with distinct backgrounds, and
---targets prompts are captioned (data_procedural.caption) for contexts whose backgrounds none of the references
+contained). For each subject, three references are rendered in three contexts with distinct backgrounds (as
+close-ups by default, like the subject-centric photos users give; --ref_framing context frames them like the
+targets), and --targets prompts are captioned (data_procedural.caption) for contexts whose backgrounds none of the references
 show, so copying a reference's background never counts as following the prompt. Four conditions (paper Table 4
 and the text-only baseline), all from the same noise seed per subject (paired comparisons):
 
@@ -49,6 +50,7 @@ from model.diffusion import personalize  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "toy_benchmark.md"
 MAX_REFS = 3
+REF_FRAMINGS = ("close", "context")
 SUBJECT_ORDER_SEED = 7  # fixed order of held-out subjects, so --subjects 8 is the same 8 for every --seed
 METRICS = ("fidelity", "exact", "consistency", "text", "background", "position", *tc.SUBJECT_HEADS)
 
@@ -72,9 +74,14 @@ def heldout_order() -> list:
     return [held[i] for i in np.random.default_rng(SUBJECT_ORDER_SEED).permutation(len(held))]
 
 
-def make_case(index: int, subject, targets: int, num_sets: int, resolution: int, seed: int) -> dict:
+def make_case(index: int, subject, targets: int, num_sets: int, resolution: int, seed: int,
+              ref_framing: str = "close") -> dict:
     """Everything about one subject that does not involve the model: references with their captions, target
-    contexts and prompts, and the calibration renders (images at the model's resolution)."""
+    contexts and prompts, and the calibration renders (images at the model's resolution).
+    ref_framing: 'close' renders the references as close-ups (subject large and centred, as in the subject-centric
+    photos a user gives), 'context' at a framed position like the targets. Same backgrounds and poses' stream."""
+    if ref_framing not in REF_FRAMINGS:
+        raise ValueError(f"ref_framing must be one of {REF_FRAMINGS}, not {ref_framing!r}")
     if not 1 <= targets <= len(dp.BACKGROUNDS) - MAX_REFS:
         raise ValueError(f"1 to {len(dp.BACKGROUNDS) - MAX_REFS} targets: their backgrounds must differ from the "
                          f"{MAX_REFS} references'")
@@ -83,6 +90,8 @@ def make_case(index: int, subject, targets: int, num_sets: int, resolution: int,
     bgs = [list(dp.BACKGROUNDS)[i] for i in r_ref.permutation(len(dp.BACKGROUNDS))]
     positions = list(dp.POSITIONS)
     ref_ctx = [(bg, positions[r_ref.integers(3)]) for bg in bgs[:MAX_REFS]]
+    if ref_framing == "close":  # after the same draws: the rest of every stream is unchanged
+        ref_ctx = [(bg, dp.CLOSE_UP) for bg, _ in ref_ctx]
     refs = [dp.render(subject, c, resolution=resolution, rng=r_ref)[0] for c in ref_ctx]
     ref_captions = [dp.caption(c, r_ref) for c in ref_ctx]
     tgt_ctx = [(bg, positions[r_tgt.integers(3)]) for bg in bgs[MAX_REFS : MAX_REFS + targets]]
@@ -163,7 +172,7 @@ def summarize(per_subject: list[dict]) -> dict:
 
 def evaluate(model, classifier, *, subjects: int | None = None, targets: int = 3, num_sets: int = 1, steps: int = 20,
              sampler: str = "dpmpp_2m", guidance: float = 5.0, text_guidance: float | None = None, seed: int = 0,
-             max_set_size: int = 4, log=print) -> dict:
+             max_set_size: int = 4, ref_framing: str = "close", log=print) -> dict:
     """Run the benchmark on a loaded sample.Model (also usable mid-training, on the first `subjects` held-out
     subjects). Returns the summary rows ({condition: {metric: (mean, se)}}) with their labels, the per-image
     metrics per subject, and the first subjects' images for the example grid."""
@@ -176,7 +185,7 @@ def evaluate(model, classifier, *, subjects: int | None = None, targets: int = 3
     examples = []
     t0 = time.time()
     for i, subject in enumerate(order):
-        case = make_case(i, subject, targets, num_sets, model.resolution, seed)
+        case = make_case(i, subject, targets, num_sets, model.resolution, seed, ref_framing)
         gen_seed = seed * 1_000_003 + i  # the same noise for every condition of a subject: paired comparisons
         images = {}
         for key, _, n_refs, lam in conds:
@@ -283,6 +292,8 @@ def parse_args(argv=None):
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale (sample.py's)")
     p.add_argument("--max_set_size", type=int, default=None, help="images per set (refs + new; default: the "
                    "checkpoint's largest training set size, else 4); more prompts are chunked")
+    p.add_argument("--ref_framing", default="close", choices=REF_FRAMINGS, help="references as close-ups (default; "
+                   "subject-centric, like the photos users give) or at framed positions like the targets")
     p.add_argument("--seed", type=int, default=0, help="contexts, poses and sampling noise; same seed, same table")
     p.add_argument("--classifier", default=str(tc.WEIGHTS), help="attribute classifier weights (trained if missing)")
     p.add_argument("--out", default=str(DEFAULT_OUT), help="markdown table (also printed)")
@@ -327,8 +338,9 @@ def main(argv=None) -> int:
     classifier, cmeta = tc.load(args.classifier)
     res = evaluate(model, classifier, subjects=args.subjects, targets=args.targets, num_sets=args.num_sets, steps=steps,
                    sampler=sampler, guidance=guidance, text_guidance=args.text_guidance, seed=args.seed,
-                   max_set_size=max_set_size)
+                   max_set_size=max_set_size, ref_framing=args.ref_framing)
     n_img = res["subjects"] * args.targets * args.num_sets
+    framing = "close-ups" if args.ref_framing == "close" else "at framed positions"
     header = [
         f"- date: {datetime.datetime.now().astimezone():%Y-%m-%d %H:%M %Z}; machine: {platform.system()} "
         f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.get_num_threads()} threads, device {args.device}; "
@@ -340,7 +352,8 @@ def main(argv=None) -> int:
         f"- classifier: `{shown(args.classifier)}` (sha256 {file_hash(args.classifier)}), held-out render accuracy "
         + ", ".join(f"{k} {v:.3f}" for k, v in cmeta["heldout_accuracy"].items()),
         f"- {res['subjects']} held-out subjects x {args.targets} target contexts x {args.num_sets} set(s) = {n_img} "
-        f"images per condition; seed {args.seed}. Mean ± standard error over subjects. Target backgrounds differ from "
+        f"images per condition; seed {args.seed}; references {framing}. Mean ± standard error over subjects. "
+        f"Target backgrounds differ from "
         f"all reference backgrounds; *italic* rows score the generator's own renders (calibration).",
     ]
     grid = os.path.splitext(args.out)[0] + ".png" if args.grid is None else args.grid

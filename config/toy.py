@@ -1,4 +1,5 @@
-# The embedded default: a small pixel-space JeDi trained on the procedural same-subject generator on a laptop CPU.
+# The embedded default, stage 1: a small pixel-space JeDi trained on the procedural same-subject generator on a
+# laptop CPU. Stage 2 (config/toy_closeup.py) continues this run and exports what assets/ ships.
 #   python train.py config/toy.py            (75 minutes on 2 idle cores; see README "The toy model")
 # Recipe choices (why):
 # - pixel space at 32x32: no autoencoder to train or ship; subjects are designed to be legible at 32 px.
@@ -8,7 +9,7 @@
 # - ref_loss_weight = 0: references are replaced at sampling time, so no capacity is spent denoising them.
 # - EMA 0.999 and a short warm-up: a short run; sample from the EMA.
 out_dir = 'out/toy'
-export_path = 'assets/jedi_toy.safetensors'  # what sample.py loads without --ckpt
+export_path = ''  # out/toy/jedi.safetensors; stage 2 exports to assets/ (what sample.py loads without --ckpt)
 export_dtype = 'float16'
 init_from = 'scratch'
 space = 'pixel'

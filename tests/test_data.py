@@ -145,6 +145,35 @@ def test_procedural_same_pose_and_video_sets():
     assert torch.equal(plain["pixels"], zero["pixels"]) and not any(posed(plain))
 
 
+
+def test_procedural_closeups():
+    """closeup: each randomly placed image is, with that probability, the subject large and centred with a
+    'close up' caption; the spec option of the same name; 0 leaves the default random streams as they were."""
+    subject = P.subjects("train")[5]
+    ims, caps, attrs = P.render_set(subject, 6, resolution=32, rng=0, closeup=1.0)
+    assert all(a["position"] == P.CLOSE_UP and a["radius"] > 0.35 for a in attrs)
+    assert all("close up" in c and not set(c.replace(",", " ").split()) & P.ATTRIBUTE_WORDS for c in caps)
+    framed, _ = P.render(subject, ("beach", "middle"), resolution=32, rng=0)
+    subject_pixels = lambda im, bg: (np.abs(im.astype(int) - bg.astype(int)).sum(-1) > 40).mean()  # noqa: E731
+    empty, _ = P.render(P.Subject("circle", "red", "solid"), ("beach", "middle"), resolution=32, rng=0,
+                        pose=dict(angle=0, radius=1e-3, x=5.0, y=5.0))  # the scene alone (subject off frame)
+    close, _ = P.render(subject, ("beach", P.CLOSE_UP), resolution=32, rng=0)
+    assert subject_pixels(close, empty) > 2 * subject_pixels(framed, empty)
+    assert P.CLOSE_UP not in P.POSITIONS and all(c[1] != P.CLOSE_UP for c in P.CONTEXTS)  # classifier's 3 positions
+    with pytest.raises(ValueError, match="closeup"):
+        P.render_set(subject, 2, rng=0, closeup=0.5, same_pose=True)
+    with pytest.raises(ValueError, match="probability"):
+        data.build_loader("procedural?closeup=1.5", resolution=8, images_per_batch=12)
+    assert data.parse_spec("procedural-heldout?closeup=0.25") == [
+        {"type": "procedural", "split": "heldout", "closeup": 0.25}]
+    some = take(data.build_loader("procedural?closeup=0.5", resolution=8, images_per_batch=12, seed=1), 4)
+    share = np.mean([a["position"] == P.CLOSE_UP for b in some for s in b["attrs"] for a in s])
+    assert 0.25 < share < 0.75
+    plain = next(data.build_loader("procedural", resolution=8, images_per_batch=12, seed=1))
+    zero = next(data.build_loader("procedural?closeup=0", resolution=8, images_per_batch=12, seed=1))
+    assert torch.equal(plain["pixels"], zero["pixels"])
+
+
 # ----------------------------------------------------------------------------- readers
 
 @pytest.mark.parametrize("per_image", [False, True])

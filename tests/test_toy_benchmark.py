@@ -6,6 +6,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
@@ -48,6 +49,20 @@ def test_metric_separates_the_real_subject_from_a_random_one(classifier):
     assert np.mean(same) >= 0.9 and min(same) >= 0.75, same
     assert np.mean(other) <= np.mean(same) - 0.4, (same, other)
     assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
+
+
+
+def test_reference_framing_changes_only_the_references():
+    subject = tb.heldout_order()[0]
+    close = tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0)
+    framed = tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0, ref_framing="context")
+    assert all(c[1] == dp.CLOSE_UP for c in close["ref_contexts"]) and all("close up" in c for c in close["ref_captions"])
+    assert all(c[1] in dp.POSITIONS for c in framed["ref_contexts"])
+    assert [c[0] for c in close["ref_contexts"]] == [c[0] for c in framed["ref_contexts"]]
+    assert close["prompts"] == framed["prompts"] and torch.equal(close["render_same"], framed["render_same"])
+    assert not torch.equal(close["refs"], framed["refs"])
+    with pytest.raises(ValueError, match="ref_framing"):
+        tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0, ref_framing="zoom")
 
 
 def tiny_pixel_ckpt(path):
@@ -105,3 +120,19 @@ def test_refgain_subject_masks_and_table():
     for r in rows:
         assert all(np.isfinite(v) for v in r.values())
         assert r["subject_loss_share"] > 2 * r["subject_pixels"]
+
+
+def test_trajectory_tool_records_every_step(tmp_path):
+    import sample
+    import toy_trajectory as tt
+
+    model = sample.load_model(tiny_pixel_ckpt(tmp_path / "tiny.safetensors"))
+    record = tt.trajectory(model, tt.PROMPTS[:2], steps=4, guidance=2.0, seed=3)
+    assert [t for t, _ in record] == [751, 501, 251, 1] and record[0][1].shape == (2, 3, 32, 32)
+    assert all(torch.isfinite(x0).all() for _, x0 in record)
+    again = tt.trajectory(model, tt.PROMPTS[:2], steps=4, guidance=2.0, seed=3)
+    assert all(torch.equal(a, b) for (_, a), (_, b) in zip(record, again))  # seeded
+    out = tmp_path / "t.png"
+    assert tt.main(["--ckpt", str(tmp_path / "tiny.safetensors"), "--steps", "4", "--every", "2", "--scale", "1",
+                    "--prompt", "a toy on the beach, on the left", "--out", str(out)]) == 0
+    assert Image.open(out).size == (2 * 32, 32)  # 2 of the 4 steps, one prompt
