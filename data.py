@@ -103,6 +103,7 @@ import data_procedural
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
+PROCEDURAL_OPTIONS = ("same_pose", "video", "closeup")  # ProceduralSource's keyword options, also in spec strings
 MANY = 1 << 30  # size of a set whose image count is only known when it is read (frames, views, video)
 MAX_TRIES = 20
 
@@ -438,8 +439,9 @@ def parse_spec(spec):
                 d = dict(type="procedural", split="heldout" if proc.group(1) else "train")
                 for opt in filter(None, (proc.group(2) or "").split("&")):
                     key, _, value = opt.partition("=")
-                    if key not in ("same_pose", "video", "closeup"):
-                        raise ValueError(f"unknown procedural option {key!r} in {part!r} (same_pose, video, closeup)")
+                    if key not in PROCEDURAL_OPTIONS:
+                        raise ValueError(f"unknown procedural option {key!r} in {part!r} "
+                                         f"({', '.join(PROCEDURAL_OPTIONS)})")
                     d[key] = float(value)
             else:
                 d = dict(type=typ or "sets", path=path)
@@ -457,7 +459,7 @@ def make_source(d, index=0, set_sizes=(2, 3, 4)):
     path = d.pop("path", None) or d.pop("urls", None)
     name = d.pop("name", None) or (typ if typ == "procedural" else f"{typ}{index}")
     split = d.pop("split", "train")
-    options = {k: d.pop(k) for k in ("same_pose", "video", "closeup") if k in d} if typ == "procedural" else {}
+    options = {k: d.pop(k) for k in PROCEDURAL_OPTIONS if k in d} if typ == "procedural" else {}
     if d:
         raise ValueError(f"source {name!r}: unknown keys {sorted(d)}")
     if typ == "procedural":

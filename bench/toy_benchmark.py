@@ -6,9 +6,9 @@
 Held-out procedural subjects only (data_procedural.subjects('heldout'): attribute combinations no training set
 contained). For each subject, three references are rendered in three contexts with distinct backgrounds (as
 close-ups by default, like the subject-centric photos users give; --ref_framing context frames them like the
-targets), and --targets prompts are captioned (data_procedural.caption) for contexts whose backgrounds none of the references
-show, so copying a reference's background never counts as following the prompt. Four conditions (paper Table 4
-and the text-only baseline), all from the same noise seed per subject (paired comparisons):
+targets), and --targets prompts are captioned (data_procedural.caption) for contexts whose backgrounds none of
+the references show, so copying a reference's background never counts as following the prompt. Four conditions
+(paper Table 4 and the text-only baseline), all from the same noise seed per subject (paired comparisons):
 
     JeDi, 1 reference            image guidance λ (eq. 3; the checkpoint's default or --guidance)
     JeDi, 3 references           the same λ
@@ -353,8 +353,8 @@ def main(argv=None) -> int:
         + ", ".join(f"{k} {v:.3f}" for k, v in cmeta["heldout_accuracy"].items()),
         f"- {res['subjects']} held-out subjects x {args.targets} target contexts x {args.num_sets} set(s) = {n_img} "
         f"images per condition; seed {args.seed}; references {framing}. Mean ± standard error over subjects. "
-        f"Target backgrounds differ from "
-        f"all reference backgrounds; *italic* rows score the generator's own renders (calibration).",
+        f"Target backgrounds differ from all reference backgrounds; *italic* rows score the generator's own renders "
+        f"(calibration).",
     ]
     grid = os.path.splitext(args.out)[0] + ".png" if args.grid is None else args.grid
     if grid:

@@ -145,7 +145,6 @@ def test_procedural_same_pose_and_video_sets():
     assert torch.equal(plain["pixels"], zero["pixels"]) and not any(posed(plain))
 
 
-
 def test_procedural_closeups():
     """closeup: each randomly placed image is, with that probability, the subject large and centred with a
     'close up' caption; the spec option of the same name; 0 leaves the default random streams as they were."""

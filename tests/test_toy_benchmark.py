@@ -51,12 +51,12 @@ def test_metric_separates_the_real_subject_from_a_random_one(classifier):
     assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
 
 
-
 def test_reference_framing_changes_only_the_references():
     subject = tb.heldout_order()[0]
     close = tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0)
     framed = tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0, ref_framing="context")
-    assert all(c[1] == dp.CLOSE_UP for c in close["ref_contexts"]) and all("close up" in c for c in close["ref_captions"])
+    assert all(c[1] == dp.CLOSE_UP for c in close["ref_contexts"])
+    assert all("close up" in c for c in close["ref_captions"])
     assert all(c[1] in dp.POSITIONS for c in framed["ref_contexts"])
     assert [c[0] for c in close["ref_contexts"]] == [c[0] for c in framed["ref_contexts"]]
     assert close["prompts"] == framed["prompts"] and torch.equal(close["render_same"], framed["render_same"])
