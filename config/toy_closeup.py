@@ -1,6 +1,6 @@
 # Stage 2 of the toy model: continue config/toy.py's run on sets that mix in close-ups of the subject.
-#   python train.py config/toy.py                          (stage 1: 10k steps, ~75 min on 2 cores)
-#   python train.py config/toy.py config/toy_closeup.py    (stage 2: resumes out/toy at step 10k, 6k more steps)
+#   python train.py config/toy.py                          (stage 1: 6k steps, ~45 min on 2 cores)
+#   python train.py config/toy.py config/toy_closeup.py    (stage 2: resumes out/toy at step 6k, 10k more steps)
 # Why: a close-up (subject large and centred, caption "close up") given as the reference makes the coupled
 # self-attention worth using at once: even attention spread evenly over the reference returns the subject's
 # colour and pattern, so the route from reference to new image gets a gradient before it is content-selective.
@@ -11,5 +11,5 @@ init_from = 'resume'
 export_path = 'assets/jedi_toy.safetensors'  # what sample.py loads without --ckpt
 data_spec = 'procedural?closeup=0.25'  # each image of a set is a close-up with probability 1/4
 eval_data_spec = 'procedural-heldout?closeup=0.25'
-max_iters = 16000  # the cosine schedule restarts at its 10k-of-16k value (~3.8e-4) and decays to min_lr
+max_iters = 16000  # the cosine schedule restarts at its 6k-of-16k value (~7.3e-4) and decays to min_lr
 eval_sets = 48  # the reference gain logged every eval_interval steps; 16 sets are too noisy to follow it
