@@ -24,8 +24,8 @@ The frozen VAE and text encoder are replicated, unsharded, gradient-free, in `dt
 
 Checkpoints: {out_dir}/ckpt/step_XXXXXXXX/ with torch.distributed.checkpoint shards (model, AdamW, EMA), meta.json
 and each rank's data-loader state; written to .tmp_step_XXXXXXXX and renamed when complete, so a half-written one
-never counts. Every `ckpt_interval` steps, at the end and on SIGTERM; the last `keep_checkpoints` kept. out_dir must
-be on a filesystem every node sees. A resume restores weights, optimizer, EMA, step and data position at any world
+never counts. Every `ckpt_interval` steps (0: none in between), at the end and on SIGTERM; the last
+`keep_checkpoints` kept. out_dir must be on a filesystem every node sees. A resume restores weights, optimizer, EMA, step and data position at any world
 size (exactly at the same one). There is no RNG state to save: every random draw of step s on rank r comes from a
 generator seeded by (seed, s, r, micro-batch), so a resumed run draws what the uninterrupted one would have.
 
@@ -588,7 +588,7 @@ def main(argv):
         if eval_interval and (step % eval_interval == 0 or step == max_iters):
             log(f'step {step} | ref gain {100 * reference_gain():.2f}% (loss of a generated image with its own set\'s '
                 f'reference vs another set\'s, t = 300/500/700/900)')
-        if step % ckpt_interval == 0 or step == max_iters or stop:
+        if (ckpt_interval and step % ckpt_interval == 0) or step == max_iters or stop:
             save_checkpoint()
             last_saved = step
         if stop:

@@ -135,8 +135,10 @@ def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp
     run(out, ['--init_from=resume', '--export_only=True', f'--export_path={tmp_path}/w1.safetensors'])
     assert_same_tensors(load_file(f'{out}/jedi.safetensors'), load_file(f'{tmp_path}/w1.safetensors'))
     # ... and training goes on from step 30 (the model and AdamW state came along: no jump back to early losses)
-    log = run(out, ['--init_from=resume', '--overfit_one_batch=True', '--max_iters=33', '--log_interval=1'])
+    log = run(out, ['--init_from=resume', '--overfit_one_batch=True', '--max_iters=33', '--log_interval=1',
+                    '--ckpt_interval=0'])  # 0: a checkpoint only at the end
     assert 'at step 30 (saved at world size 2, now 1)' in log
+    assert saved_steps(out)[-1] == 33 and not {31, 32} & set(saved_steps(out))
     resumed = losses(log)
     assert sorted(resumed) == [31, 32, 33] and max(resumed.values()) < first, (first, resumed)
 
