@@ -25,9 +25,10 @@ The frozen VAE and text encoder are replicated, unsharded, gradient-free, in `dt
 Checkpoints: {out_dir}/ckpt/step_XXXXXXXX/ with torch.distributed.checkpoint shards (model, AdamW, EMA), meta.json
 and each rank's data-loader state; written to .tmp_step_XXXXXXXX and renamed when complete, so a half-written one
 never counts. Every `ckpt_interval` steps (0: none in between), at the end and on SIGTERM; the last
-`keep_checkpoints` kept. out_dir must be on a filesystem every node sees. A resume restores weights, optimizer, EMA, step and data position at any world
-size (exactly at the same one). There is no RNG state to save: every random draw of step s on rank r comes from a
-generator seeded by (seed, s, r, micro-batch), so a resumed run draws what the uninterrupted one would have.
+`keep_checkpoints` kept. out_dir must be on a filesystem every node sees. A resume restores weights, optimizer,
+EMA, step and data position at any world size (exactly at the same one). There is no RNG state to save: every
+random draw of step s on rank r comes from a generator seeded by (seed, s, r, micro-batch), so a resumed run draws
+what the uninterrupted one would have.
 
 MFU: UNet forward FLOPs per image are counted once per set size with torch.utils.flop_counter on the meta device
 (no compute), ×3 for forward+backward (activation-checkpoint recompute not counted: model FLOPs, not hardware
