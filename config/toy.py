@@ -1,6 +1,6 @@
 # The embedded default, stage 1: a small pixel-space JeDi trained on the procedural same-subject generator on a
 # laptop CPU. Stage 2 (config/toy_closeup.py) continues this run and exports what assets/ ships.
-#   python train.py config/toy.py            (6k steps, ~45 minutes on 2 idle cores; see README "The toy model")
+#   python train.py config/toy.py            (4k steps, ~34 minutes on 2 idle cores; see README "The toy model")
 # Recipe choices (why):
 # - pixel space at 32x32: no autoencoder to train or ship; subjects are designed to be legible at 32 px.
 # - cosine schedule + v-prediction: at this size SD's scaled-linear/eps spends most steps on noise levels that do
@@ -31,7 +31,7 @@ learning_rate = 1e-3
 lr_decay = 'cosine'
 min_lr = 1e-4
 warmup_iters = 200
-max_iters = 6000  # stage 1 only teaches drawing (reference gain stays ~0); the 2-hour budget goes to stage 2
+max_iters = 4000  # stage 1 only teaches drawing (reference gain stays ~0); the 2-hour budget goes to stage 2
 grad_clip = 1.0
 ema_decay = 0.999
 weight_decay = 0.0
