@@ -157,7 +157,18 @@ def score(classifier, images: torch.Tensor, subject, contexts) -> dict[str, np.n
     others = len(contexts) - 1
     out["consistency"] = ((agree.sum(-1) - 1) / others).reshape(-1) if others else np.full(len(x), np.nan)
     out["text"] = (out["background"].astype(float) + out["position"]) / 2
+    for k in tc.SUBJECT_HEADS:  # class indices, for the confusion table: which wrong value an image shows
+        out[f"true_{k}"], out[f"read_{k}"] = np.full(len(x), truth[k]), pred[k]
     return {k: v.astype(float) for k, v in out.items()}
+
+
+def confusion(per_subject: list[dict], head: str) -> np.ndarray:
+    """[score() per subject] -> (classes, classes) image counts, rows the subject's true value of `head`, columns
+    the value the classifier reads. Its trace over its sum is the per-image mean of that attribute's fidelity."""
+    m = np.zeros((len(tc.HEADS[head]),) * 2, dtype=int)
+    for d in per_subject:
+        np.add.at(m, (d[f"true_{head}"].astype(int), d[f"read_{head}"].astype(int)), 1)
+    return m
 
 
 def summarize(per_subject: list[dict]) -> dict:
@@ -258,6 +269,12 @@ def report(res: dict, *, command: str, header: list[str]) -> str:
               "|---|" + "---|" * len(tc.SUBJECT_HEADS)]
     for k, label in labels.items():
         lines.append(f"| {label} | " + " | ".join(fmt(rows[k][m]) for m in tc.SUBJECT_HEADS) + " |")
+    classes = tc.HEADS["shape"]  # the attribute that transfers least: does a wrong image show another shape or none?
+    m = confusion(res["per_image"]["jedi_1ref"], "shape")
+    lines += ["", f"Shape as the classifier reads it in the '{labels['jedi_1ref']}' images (rows: the subject's shape; "
+              "columns: the shape read; image counts):", "", "| shape | " + " | ".join(classes) + " |",
+              "|---|" + "---|" * len(classes)]
+    lines += [f"| {c} | " + " | ".join(str(v) for v in row) + " |" for c, row in zip(classes, m)]
     lines += ["", "Issue 7 targets:", "", *targets_check(rows), "", f"Command: `{command}`", ""]
     return "\n".join(lines)
 

@@ -51,6 +51,19 @@ def test_metric_separates_the_real_subject_from_a_random_one(classifier):
     assert np.mean(text_ok) >= 0.9 and np.mean(text_wrong) <= 0.1, (text_ok, text_wrong)
 
 
+def test_confusion_counts_every_image_and_its_trace_is_the_fidelity(classifier):
+    model, _ = classifier
+    subjects = tb.heldout_order()[:6]
+    cases = [tb.make_case(i, s, targets=3, num_sets=1, resolution=32, seed=0) for i, s in enumerate(subjects)]
+    for key, diagonal in (("render_same", 0.9), ("render_other", 0.6)):
+        per = [tb.score(model, c[key], s, c["contexts"]) for c, s in zip(cases, subjects)]
+        m = tb.confusion(per, "shape")
+        assert m.shape == (len(tc.HEADS["shape"]),) * 2 and m.sum() == 18
+        assert m.sum(1).tolist() == [3 * [s.attrs()["shape"] for s in subjects].count(c) for c in tc.HEADS["shape"]]
+        assert np.trace(m) / m.sum() == pytest.approx(np.mean([d["shape"].mean() for d in per]))
+        assert (np.trace(m) / m.sum() >= diagonal) == (key == "render_same"), m  # other subjects: off the diagonal
+
+
 def test_reference_framing_changes_only_the_references():
     subject = tb.heldout_order()[0]
     close = tb.make_case(0, subject, targets=3, num_sets=1, resolution=32, seed=0)
@@ -93,6 +106,8 @@ def test_benchmark_end_to_end_is_deterministic(tmp_path, capsys):
     assert len(labels) == 6 and all(first_cells.count(label) == 2 for label in labels), first_cells  # both tables
     assert "--subjects 2" in a and "2 held-out subjects x 2 target contexts" in a and "λ = 2" in a  # ckpt default
     assert "Issue 7 targets" in a and capsys.readouterr().out.count("# Toy benchmark") == 2
+    counts = [line for line in a.splitlines() if line.startswith(tuple(f"| {c} |" for c in tc.HEADS["shape"]))]
+    assert len(counts) == 6 and sum(int(v) for line in counts for v in line.strip("| ").split(" | ")[1:]) == 4
 
     def numbers(text):  # everything but the date/runtime line and the output name
         return [line for line in text.splitlines() if not line.startswith(("- date", "Command", "- examples"))]
