@@ -10,7 +10,9 @@ images with sample.py's `generate`, saved under --out/images (a rerun only gener
   CLIP-I   cosine(CLIP image, CLIP image of each of the subject's real images), averaged over them
   DINO     the same with the DINO-v1 ViT-S/16 CLS embedding
   MCLIP-I, MDINO   CLIP-I and DINO on foreground-only images (background painted a constant colour)
-Tables per subject and overall (mean ± std) go to --out/results.md and --out/results.json. Weights are only read
+Tables per subject and overall (mean ± std) go to --out/results.md and --out/results.json, with two rows scored from
+the real images alone: "reference copy" (the references themselves as the generations: what a copying model gets)
+and "real images" (each real image against the subject's others: the upper bound). Weights are only read
 from local paths; nothing is downloaded. docs/eval.md has the protocol details and where to get the weights.
 """
 import argparse
@@ -436,8 +438,10 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
 # ----------------------------------------------------------------------------- scoring and tables
 
 def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: ClipEmbedder, dino: DinoEmbedder,
-          masks: Masks | None, background=DEFAULT_BACKGROUND) -> list[dict]:
-    """One record per generated image with its five scores (masked ones None when masks is None)."""
+          masks: Masks | None, background=DEFAULT_BACKGROUND, num_refs: int = 1,
+          baselines: dict | None = None) -> list[dict]:
+    """One record per generated image with its five scores (masked ones None when masks is None). If `baselines`
+    is a dict, the two baseline rows' records are added to it under BASELINES' names (see baseline_records)."""
     from tqdm import tqdm
 
     records = []
@@ -464,8 +468,15 @@ def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: Cli
                                    background) for path, im in zip(paths, images)]
 
             m_refs, m_gens = cut(s.images, refs, "refs"), cut([path for *_, path in jobs], gens, "images")
-            scores["MCLIP-I"] = image_scores(clip.images(m_gens), clip.images(m_refs))
-            scores["MDINO"] = image_scores(dino.images(m_gens), dino.images(m_refs))
+            m_ref_clip, m_ref_dino = clip.images(m_refs), dino.images(m_refs)
+            scores["MCLIP-I"] = image_scores(clip.images(m_gens), m_ref_clip)
+            scores["MDINO"] = image_scores(dino.images(m_gens), m_ref_dino)
+        if baselines is not None:
+            ref_emb = {"CLIP-I": ref_clip, "DINO": ref_dino}
+            if masks is not None:
+                ref_emb.update({"MCLIP-I": m_ref_clip, "MDINO": m_ref_dino})
+            for row, recs in baseline_records(s, ref_emb, clip.texts(s.prompts), num_refs).items():
+                baselines.setdefault(row, []).extend(recs)
         for i, (p, k, path) in enumerate(jobs):
             rec = {"subject": s.name, "class": s.class_name, "live": s.live, "prompt_index": p,
                    "prompt": s.prompts[p], "k": k, "path": os.path.relpath(path, out_dir)}
@@ -474,6 +485,41 @@ def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: Cli
         bar.update(len(jobs))
     bar.close()
     return records
+
+
+BASELINES = ("reference copy", "real images")
+
+
+def baseline_records(s: Subject, ref_emb: dict, prompt_emb: torch.Tensor, num_refs: int) -> dict[str, list[dict]]:
+    """The two rows that keep the table honest, from the subject's real images alone (no generation).
+
+    reference copy: each input reference, returned unchanged for every prompt and scored like a generation
+        (against all of the subject's real images, itself included, and against the prompt). A model that copies
+        its input scores this; its image scores are inflated by the copy matching itself.
+    real images: each real image against the subject's *other* real images (itself excluded), the upper bound
+        a generation of the same subject can reach (DreamBench DINO 0.774 in the literature). No CLIP-T: there is
+        no prompt.
+    ref_emb: {metric: (n_images, d) embeddings of s.images} for CLIP-I/DINO (and MCLIP-I/MDINO when masked);
+    prompt_emb: (n_prompts, d) CLIP text embeddings of s.prompts."""
+    n, k = len(s.images), min(num_refs, len(s.images))
+    base = {"subject": s.name, "class": s.class_name, "live": s.live}
+    copy = []
+    for p, prompt in enumerate(s.prompts):
+        clip_t = text_scores(ref_emb["CLIP-I"][:k], prompt_emb[p:p + 1].expand(k, -1))  # (k,)
+        for r in range(k):
+            rec = {**base, "prompt_index": p, "prompt": prompt, "path": s.images[r], "CLIP-T": float(clip_t[r])}
+            rec.update({m: float(image_scores(e[r:r + 1], e)[0]) if m in ref_emb else None
+                        for m, e in ((m, ref_emb.get(m)) for m in METRICS if m != "CLIP-T")})
+            copy.append({m: round(v, 6) if isinstance(v, float) else v for m, v in rec.items()})
+    real = []
+    if n > 1:  # pairs of different images only
+        others = ~torch.eye(n, dtype=torch.bool)  # (n, n): j != i
+        pair = {m: (similarity(e, e) * others).sum(1) / (n - 1) for m, e in ref_emb.items()}  # (n,) per metric
+        for i in range(n):
+            rec = {**base, "path": s.images[i], "CLIP-T": None}
+            rec.update({m: round(float(pair[m][i]), 6) if m in pair else None for m in METRICS if m != "CLIP-T"})
+            real.append(rec)
+    return {"reference copy": copy, "real images": real}
 
 
 def _stats(values: list) -> dict | None:
@@ -504,6 +550,11 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+def summarize_baselines(baselines: dict) -> dict:
+    """{row: {metric: stats}} over all subjects' records of each baseline row."""
+    return {row: {m: _stats([r[m] for r in baselines.get(row, [])]) for m in METRICS} for row in BASELINES}
+
+
 def markdown(summary: dict, settings: dict) -> str:
     def cell(st):
         return "n/a" if st is None else f"{st['mean']:.4f} ± {st['std']:.4f}"
@@ -520,6 +571,15 @@ def markdown(summary: dict, settings: dict) -> str:
         n = max((row[m]["n"] for m in METRICS if row[m]), default=0)
         if n:
             lines.append(f"| {label} | | {n} | " + " | ".join(cell(row[m]) for m in METRICS) + " |")
+    if summary.get("baselines"):
+        for name, row in summary["baselines"].items():
+            n = max((row[m]["n"] for m in METRICS if row[m]), default=0)
+            if n:
+                lines.append(f"| *{name}* | | {n} | " + " | ".join(cell(row[m]) for m in METRICS) + " |")
+        lines += ["", "*reference copy*: the input references themselves scored as if they were the generations (a "
+                  "model that copies its input scores this). *real images*: each real image against the subject's "
+                  "other real images, the upper bound (DreamBench DINO 0.774 in the literature). A generation row "
+                  "near *reference copy* with a low CLIP-T copies; scores above *real images* are not fidelity."]
     return "\n".join(lines) + "\n"
 
 
@@ -636,13 +696,14 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
             if used:  # the checkpoint defaults actually applied, for the report
                 run_json = Path(args.out, "run.json")
                 run_json.write_text(json.dumps({**json.loads(run_json.read_text()), **used}, indent=1) + "\n")
+        baselines = {}
         records = score(subjects, args.out, images_per_prompt=args.images_per_prompt, clip=clip, dino=dino,
-                        masks=masks, background=background)
+                        masks=masks, background=background, num_refs=args.num_refs, baselines=baselines)
     except EvalError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
 
-    summary = summarize(records)
+    summary = {**summarize(records), "baselines": summarize_baselines(baselines)}
     run_json = Path(args.out, "run.json")  # how the images were made (may predate a --score_only run's flags)
     made = json.loads(run_json.read_text()) if run_json.is_file() else gen_settings
     settings = {"checkpoint": made["ckpt"] or "sample.py default", "references per subject": made["num_refs"],
@@ -654,7 +715,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
                 "mask background": ",".join(map(str, background))}
     md = markdown(summary, settings)
     Path(args.out, "results.md").write_text(md)
-    Path(args.out, "results.json").write_text(json.dumps({"settings": settings, **summary, "images": records},
+    Path(args.out, "results.json").write_text(json.dumps({"settings": settings, **summary, "images": records,
+                                                          "baseline_images": baselines},
                                                          indent=1) + "\n")
     print(md)
     print(f"wrote {os.path.join(args.out, 'results.md')} and results.json")

@@ -425,3 +425,35 @@ def test_cli_reports_every_missing_weight_path(mini_dataset, tmp_path, capsys):
     for expected in ("ViT-B-32.pt", "dino-vits16/config.json", "grounding-dino-tiny/config.json",
                      "sam-vit-base/config.json"):
         assert expected in err
+
+
+def test_baseline_rows_expose_a_model_that_copies_its_reference(mini_dataset, weights, tmp_path):
+    """A 'model' that returns its reference unchanged scores exactly the reference-copy row, above the real-images
+    row (its copy matches itself), and that row is the mean over the other real images."""
+    def copier(model, ref_images, prompts, *, num_sets, **kw):
+        return [[jeval.open_rgb(ref_images[0]) for _ in prompts] for _ in range(num_sets)]
+
+    out = tmp_path / "out"
+    argv = ["--dataset", str(mini_dataset), "--out", str(out), "--num_refs", "1", "--no_masked",
+            "--images_per_prompt", "2", "--clip_model", weights["clip_cfg"], "--clip_weights", weights["clip_bin"],
+            "--dino", weights["dino"], "--device", "cpu"]
+    assert jeval.main(argv, generate_fn=copier, load_model_fn=lambda: None) == 0
+    res = json.loads((out / "results.json").read_text())
+    copy, real = res["baselines"]["reference copy"], res["baselines"]["real images"]
+    assert copy["CLIP-T"]["n"] == 2 * 2  # 2 subjects x 2 prompts x 1 reference
+    assert real["DINO"]["n"] == 2 * 3 and real["CLIP-T"] is None  # every real image; no prompt
+    for m in ("CLIP-T", "CLIP-I", "DINO"):
+        assert res["overall"][m]["mean"] == pytest.approx(copy[m]["mean"], abs=1e-5)  # the copier is the copy row
+    for m in ("CLIP-I", "DINO"):
+        assert copy[m]["mean"] > real[m]["mean"]  # a copy beats the real-image ceiling: it is not fidelity
+    # real images: image i against the subject's other images, by hand from the embeddings
+    clip = jeval.ClipEmbedder(weights["clip_cfg"], weights["clip_bin"])
+    for name in ("toy_a", "dog_b"):
+        paths = sorted(str(p) for p in (mini_dataset / name).glob("*.jpg"))
+        e = clip.images([jeval.open_rgb(p) for p in paths])
+        s = jeval.similarity(e, e)
+        want = [(s[i].sum() - s[i, i]).item() / 2 for i in range(3)]
+        got = [r["CLIP-I"] for r in res["baseline_images"]["real images"] if r["subject"] == name]
+        assert got == pytest.approx(want, abs=1e-5)
+    md = (out / "results.md").read_text()
+    assert "| *reference copy* | | 4 |" in md and "| *real images* | | 6 |" in md
