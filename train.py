@@ -115,6 +115,7 @@ device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
 dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU (no float16: it would need loss scaling)
 compile: bool = False
 activation_checkpointing: bool = False
+channels_last: bool = False  # NHWC activations from the first convolution on (cuDNN's faster layout; same math)
 seed: int = 0
 peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
 config_keys = [k for k, v in globals().items()
@@ -353,6 +354,15 @@ def build_parts(meta, resume_dir, rt):
                  meta.get('text_config', text_config), full_unet_sd)
 
 
+def use_channels_last(unet):
+    """Make the first convolution's input NHWC: cuDNN then runs each convolution NHWC and the activations stay so
+    as far as the ops pass it on. jedi_input's cat (with the broadcast mask) returns NCHW, hence the hook; the
+    weights stay NCHW (FSDP2 shards contiguous parameters). The same math, in another memory order."""
+    unet.input_blocks[0][0].register_forward_pre_hook(
+        lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return unet
+
+
 def parallelize(model, mesh, compute_dtype, use_compile=False, use_ac=False):
     """torchtitan's order, per UNet block: compile, activation checkpointing, then fully_shard; then the UNet, the
     trained text encoder and the root. Params are `compute_dtype` for compute; gradients reduce in fp32."""
@@ -389,6 +399,8 @@ def build_model(parts, null_ids, rt):
 
     with torch.device('meta'):
         unet = UNet(parts.ucfg)
+    if channels_last:
+        use_channels_last(unet)
     trained_text = None if parts.frozen_text else parts.text_encoder.train().requires_grad_(True)
     model = parallelize(Trainee(unet, trained_text, null_ids, **loss_settings()), rt.mesh, rt.compute_dtype,
                         compile, activation_checkpointing)
@@ -426,6 +438,11 @@ def prepare(batch, generator, vae, text_encoder, tokenize, dev, compute_dtype):
         x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=generator).float()
         context = encode(text_encoder, ids) if text_encoder is not None else None
     return x0, ids, context
+
+
+def caption_tokenizer(tokenizer):
+    """caption -> (77,) ids, cached: captions repeat (every image of a set, every epoch)."""
+    return functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
 
 
 def micro_batch(batch, step, micro, parts, tokenize, null_context, rt):
@@ -639,7 +656,7 @@ def main(argv):
     meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
     parts = build_parts(meta, resume_dir, rt)
     tokenizer = Tokenizer()
-    tokenize = functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
+    tokenize = caption_tokenizer(tokenizer)
     null_ids = tokenizer([''])  # (1, 77)
     null_context = encode(parts.text_encoder, null_ids).detach() if parts.frozen_text else None  # (1, 77, D) for ""
     model = build_model(parts, null_ids, rt)
