@@ -139,6 +139,23 @@ def test_trainee_takes_its_loss_settings_as_arguments(monkeypatch):
     assert torch.equal(got, want) and not torch.equal(want, other)
 
 
+def test_channels_last_is_the_same_function():
+    """channels_last=True: the first convolution sees NHWC input; the UNet computes the same function."""
+    from model.unet import UNet
+
+    torch.manual_seed(0)
+    unet = randomize(UNet(tiny_unet_config()), 0).eval()
+    x, t, ctx = torch.randn(4, 7, 16, 16), torch.tensor([3, 500, 999, 42]), torch.randn(4, 77, 16)
+    with torch.no_grad():
+        want = unet(x, t, ctx, set_size=2)
+        seen = []
+        unet.input_blocks[0][0].register_forward_hook(
+            lambda mod, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        got = train.use_channels_last(unet)(x, t, ctx, set_size=2)
+    assert seen == [True] and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_mfu_flop_count_never_runs_an_attention_kernel(monkeypatch):
     """train.py's MFU count (flops.py on meta tensors) under JEDI_ATTN=triton: the same FLOPs as under sdpa, attention
     included, and no attention kernel is called (the Triton op and SDPA both raise here)."""
