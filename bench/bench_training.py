@@ -139,7 +139,7 @@ def write_jpeg_sets(root, num_sets, set_size, resolution, seed):
     w, h = round(1.5 * resolution), round(1.25 * resolution)
     for s in range(num_sets):
         d = Path(root) / f"set{s:03d}"
-        d.mkdir(parents=True)
+        d.mkdir(parents=True, exist_ok=True)  # a row stopped half-way may have begun it
         (d / "caption.txt").write_text(f"a photo of object {s} on a table")
         for i in range(set_size):
             coarse = rng.uniform(0, 255, (h // 32 + 1, w // 32 + 1, 3)).astype(np.uint8)  # (h/32, w/32, 3)
