@@ -30,9 +30,10 @@ EMA, step and data position at any world size (exactly at the same one). There i
 random draw of step s on rank r comes from a generator seeded by (seed, s, r, micro-batch), so a resumed run draws
 what the uninterrupted one would have.
 
-MFU: UNet forward FLOPs per image are counted once per set size with torch.utils.flop_counter on the meta device
-(no compute), ×3 for forward+backward (activation-checkpoint recompute not counted: model FLOPs, not hardware
-FLOPs; the VAE and text encoder are not counted), divided by wall time × world size × the card's dense bf16 peak.
+MFU: UNet forward FLOPs per image are counted once per set size by flops.py on the meta device (no compute; the
+count every benchmark uses), ×3 for forward+backward (activation-checkpoint recompute not counted: model FLOPs, not
+hardware FLOPs; the VAE and text encoder are not counted), divided by wall time × world size × the card's dense bf16
+peak (flops.peak_bf16_flops, or peak_flops).
 """
 import ast
 import functools
@@ -45,6 +46,7 @@ import signal
 import sys
 import time
 import types
+from dataclasses import dataclass
 
 import numpy as np
 import torch
@@ -113,6 +115,7 @@ device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
 dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU (no float16: it would need loss scaling)
 compile: bool = False
 activation_checkpointing: bool = False
+channels_last: bool = False  # NHWC activations from the first convolution on (cuDNN's faster layout; same math)
 seed: int = 0
 peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
 config_keys = [k for k, v in globals().items()
@@ -154,6 +157,16 @@ def configure(argv):
 
 # ----------------------------------------------------------------------------- helpers
 
+def check_config():
+    """Keys with a fixed set of values: a typo stops the run before anything is built."""
+    for key, allowed in (('init_from', ('scratch', 'sd', 'resume')), ('space', ('latent', 'pixel')),
+                         ('lr_decay', ('constant', 'cosine')), ('schedule', ('scaled_linear', 'linear', 'cosine')),
+                         ('prediction', ('eps', 'v')), ('dtype', ('auto', 'bfloat16', 'float32')),
+                         ('device', ('auto', 'cpu', 'cuda'))):
+        if globals()[key] not in allowed:
+            raise SystemExit(f'{key} must be one of {allowed}, not {globals()[key]!r}')
+
+
 def lr_at(step):
     """Linear warm-up to learning_rate, then constant or cosine down to min_lr at max_iters."""
     if step < warmup_iters:
@@ -177,40 +190,35 @@ def latest_checkpoint(root):
     return os.path.join(root, max(done)) if done else None
 
 
-def unet_flops_per_image(cfg, hw, n, context_len=77):
-    """Forward FLOPs per image of the UNet on one set of n, counted on the meta device (no compute). Attention
-    is counted too: coupled attn1 makes the cost per image grow with n."""
-    from torch.utils.flop_counter import FlopCounterMode
-    with torch.device('meta'):
-        net = UNet(cfg)
-        x, ctx = torch.empty(n, cfg.in_channels, hw, hw), torch.empty(n, context_len, cfg.context_dim)
-        with FlopCounterMode(display=False) as counter:
-            net(x, torch.zeros(n, dtype=torch.long), ctx, set_size=n)
-    return counter.get_total_flops() / n
+def log(msg):
+    """Rank 0 prints and appends to {out_dir}/train.log; the other ranks stay quiet."""
+    if dist.get_rank() == 0:
+        print(msg, flush=True)
+        with open(os.path.join(out_dir, 'train.log'), 'a') as f:
+            f.write(msg + '\n')
 
 
-def guess_peak_flops(device_name):
-    """Dense bf16 tensor-core peak per card (vendor data sheets)."""
-    for key, value in (('H200', 989e12), ('H100', 989e12), ('A100', 312e12), ('L40S', 362e12), ('A10', 125e12)):
-        if key in device_name:
-            return value
-    return 0.0
+def loss_settings():
+    """The config's JeDi loss settings, as Trainee's keyword arguments."""
+    return dict(p_ref=p_ref, p_drop=p_drop, p_drop_text=p_drop_text, ref_loss_weight=ref_loss_weight)
 
 
 class Trainee(nn.Module):
-    """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss."""
+    """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss
+    (model.diffusion.jedi_loss with the given settings)."""
 
-    def __init__(self, unet, text_encoder=None, null_ids=None):
+    def __init__(self, unet, text_encoder=None, null_ids=None, *, p_ref, p_drop, p_drop_text, ref_loss_weight):
         super().__init__()
         self.unet, self.text_encoder = unet, text_encoder
         self.null_ids = null_ids  # (1, 77) ids of "", not a buffer: it stays out of the state dict
+        self.loss_settings = dict(p_ref=p_ref, p_drop=p_drop, p_drop_text=p_drop_text, ref_loss_weight=ref_loss_weight)
 
     def forward(self, x0, set_size, generator, diffusion, context=None, null_context=None, ids=None):
         if self.text_encoder is not None:
             states = self.text_encoder(input_ids=torch.cat([ids, self.null_ids.to(ids.device)])).last_hidden_state
             context, null_context = states[:-1], states[-1:]  # (B·N + 1, 77, D) -> captions, ""
-        return jedi_loss(self.unet, diffusion, x0, context, null_context, set_size, p_ref=p_ref, p_drop=p_drop,
-                         p_drop_text=p_drop_text, ref_loss_weight=ref_loss_weight, generator=generator)
+        return jedi_loss(self.unet, diffusion, x0, context, null_context, set_size, generator=generator,
+                         **self.loss_settings)
 
 
 class TrainState:
@@ -236,63 +244,37 @@ class TrainState:
 _stop_requested = False  # set by SIGTERM; acted on at the end of the current step, by all ranks together
 
 
-def parallelize_unet(unet, mesh, compute_dtype, use_compile=False, use_ac=False):
-    """torchtitan's order, per UNet block: compile, activation checkpointing, then fully_shard; then the UNet itself.
-    Returns the MixedPrecisionPolicy used (bench/bench_training.py wraps the same way by calling this)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.utils.checkpoint import checkpoint
-
-    if use_compile:  # all blocks share one forward code object, and dynamo caches graphs per code object:
-        # static shapes (a graph per block and set size; dynamic ones broke inductor on CPU) and room for them all
-        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(unet.blocks))
-        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
-                                                               16 * len(unet.blocks))
-    for block in unet.blocks:  # wrap forward, not the module: state-dict names stay unchanged, FSDP hooks stay eager
-        fwd = torch.compile(block.forward, dynamic=False) if use_compile else block.forward
-        if use_ac:  # keep only the block's input; recompute (compiled) in backward
-            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
-        block.forward = fwd
-    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
-        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
-    for block in unet.blocks:
-        fully_shard(block, mesh=mesh, mp_policy=mp)
-    fully_shard(unet, mesh=mesh, mp_policy=mp)  # time embedding and output head; casts the UNet's inputs
-    return mp
-
-
 def _on_sigterm(signum, frame):
     global _stop_requested
     _stop_requested = True
 
 
-# ----------------------------------------------------------------------------- main
+# ----------------------------------------------------------------------------- processes and models
 
-def main(argv):
-    configure(argv)
-    for key, allowed in (('init_from', ('scratch', 'sd', 'resume')), ('space', ('latent', 'pixel')),
-                         ('lr_decay', ('constant', 'cosine')), ('schedule', ('scaled_linear', 'linear', 'cosine')),
-                         ('prediction', ('eps', 'v')), ('dtype', ('auto', 'bfloat16', 'float32')),
-                         ('device', ('auto', 'cpu', 'cuda'))):
-        if globals()[key] not in allowed:
-            raise SystemExit(f'{key} must be one of {allowed}, not {globals()[key]!r}')
-    ckpt_root = os.path.join(out_dir, 'ckpt')
-    resume_dir = latest_checkpoint(ckpt_root) if init_from == 'resume' else None
-    if init_from == 'resume' and resume_dir is None:
-        raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
-    if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
-        raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
-    import torch.distributed.checkpoint as dcp
-    from safetensors.torch import load_file, save_file
+@dataclass
+class Runtime:
+    """Where this process runs and in what precision."""
+    rank: int
+    world: int
+    dev: str  # 'cpu' | 'cuda:<local rank>'
+    mesh: object  # 1-D DeviceMesh over all ranks: every FSDP2 unit is sharded over it
+    compute_dtype: torch.dtype
+
+    @property
+    def master(self):
+        return self.rank == 0
+
+
+def compute_dtype_for(dev):
+    """The config's dtype: 'auto' = bfloat16 on GPU, float32 on CPU."""
+    return {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32,
+            'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype]
+
+
+def setup_distributed():
+    """torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; alone we are a world of one, the same code path."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
 
-    import data
-    from model.loading import load_sd, save_jedi, strict_load, strip_prefix
-    from model.text import Tokenizer, build_text_encoder, encode, sd14_text_config
-    from model.vae import AutoencoderKL
-
-    # --- processes: torchrun sets RANK/WORLD_SIZE/LOCAL_RANK; alone we are a world of one, same code path
     distributed = int(os.environ.get('RANK', -1)) != -1
     rank, world, local_rank = (int(os.environ[k]) for k in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK')) \
         if distributed else (0, 1, 0)
@@ -306,22 +288,36 @@ def main(argv):
         dist.init_process_group(backend)
     else:
         dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(dev.split(':')[0], (world,))
-    master = rank == 0
-    accum = max(1, gradient_accumulation_steps // world)  # micro-batches per rank and step
-    compute_dtype = {'auto': torch.bfloat16 if dev.startswith('cuda') else torch.float32,
-                     'bfloat16': torch.bfloat16, 'float32': torch.float32}[dtype]
-    if master:
-        os.makedirs(ckpt_root, exist_ok=True)
+    return Runtime(rank, world, dev, init_device_mesh(dev.split(':')[0], (world,)), compute_dtype_for(dev))
 
-    def log(msg):
-        if master:
-            print(msg, flush=True)
-            with open(os.path.join(out_dir, 'train.log'), 'a') as f:
-                f.write(msg + '\n')
 
-    # --- what to build: a checkpoint's meta.json wins over the config for everything that shapes the model
-    meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
+@dataclass
+class Parts:
+    """What a run trains and what it keeps frozen; meta.json records the fields that shape them."""
+    space: str  # 'latent' | 'pixel'
+    sd_path: str  # the SD checkpoint the VAE and text encoder come from; '' for a random text encoder
+    ucfg: UNetConfig
+    diffusion: Diffusion
+    text_encoder: nn.Module  # frozen (replicated, compute dtype) or trained (then sharded inside Trainee)
+    vae: nn.Module | None  # frozen; None in pixel space
+    frozen_text: bool
+    text_random: bool  # a random text encoder: saved with every checkpoint so that resumes match
+    text_config: dict
+    full_unet_sd: dict | None  # the UNet's initial weights (scratch, sd); None on resume: the checkpoint has them
+
+
+def freeze(module, dev, compute_dtype):
+    """A frozen part (VAE, text encoder): replicated, no grads, in the compute dtype."""
+    return module.to(dev, compute_dtype).eval().requires_grad_(False)
+
+
+def build_parts(meta, resume_dir, rt):
+    """The models to build: a checkpoint's meta.json wins over the config for everything that shapes them."""
+    from safetensors.torch import load_file
+
+    from model.loading import load_sd, strict_load
+    from model.text import build_text_encoder, sd14_text_config
+
     model_space, src = meta.get('space', space), meta.get('sd_path', sd_path)
     frozen_text = not meta.get('train_text_encoder', train_text_encoder)
     if (init_from == 'sd' or model_space == 'latent') and not src:
@@ -350,185 +346,344 @@ def main(argv):
         if init_from == 'scratch':
             torch.manual_seed(seed)
             full_unet_sd = UNet(ucfg).state_dict()  # the same seeded init on every rank
-    diffusion = Diffusion(schedule=meta.get('schedule', schedule), prediction=meta.get('prediction', prediction))
-    tokenizer = Tokenizer()
-    tokenize = functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
-    null_ids = tokenizer([''])  # (1, 77)
-
-    # frozen parts: replicated, no grads, reduced precision on GPU
     for m in (vae, text_encoder if frozen_text else None):
         if m is not None:
-            m.to(dev, compute_dtype).eval().requires_grad_(False)
-    null_context = encode(text_encoder, null_ids).detach() if frozen_text else None  # (1, 77, D) for ""
+            freeze(m, rt.dev, rt.compute_dtype)
+    diffusion = Diffusion(schedule=meta.get('schedule', schedule), prediction=meta.get('prediction', prediction))
+    return Parts(model_space, src, ucfg, diffusion, text_encoder, vae, frozen_text, text_random,
+                 meta.get('text_config', text_config), full_unet_sd)
 
-    # --- the trained model: meta device -> AC / compile per block -> fully_shard -> to_empty -> load
-    with torch.device('meta'):
-        unet = UNet(ucfg)
-    mp = parallelize_unet(unet, mesh, compute_dtype, compile, activation_checkpointing)
-    trained_text = None if frozen_text else text_encoder.train().requires_grad_(True)
-    if trained_text is not None:
-        fully_shard(trained_text, mesh=mesh, mp_policy=mp)
-    model = Trainee(unet, trained_text, null_ids)
+
+def use_channels_last(unet):
+    """Make the first convolution's input NHWC: cuDNN then runs each convolution NHWC and the activations stay so
+    as far as the ops pass it on. jedi_input's cat (with the broadcast mask) returns NCHW, hence the hook; the
+    weights stay NCHW (FSDP2 shards contiguous parameters). The same math, in another memory order."""
+    unet.input_blocks[0][0].register_forward_pre_hook(
+        lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
+    return unet
+
+
+def parallelize(model, mesh, compute_dtype, use_compile=False, use_ac=False):
+    """torchtitan's order, per UNet block: compile, activation checkpointing, then fully_shard; then the UNet, the
+    trained text encoder and the root. Params are `compute_dtype` for compute; gradients reduce in fp32."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.utils.checkpoint import checkpoint
+
+    unet = model.unet
+    if use_compile:  # all blocks share one forward code object, and dynamo caches graphs per code object:
+        # static shapes (a graph per block and set size; dynamic ones broke inductor on CPU) and room for them all
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 8 * len(unet.blocks))
+        torch._dynamo.config.accumulated_recompile_limit = max(torch._dynamo.config.accumulated_recompile_limit,
+                                                               16 * len(unet.blocks))
+    for block in unet.blocks:  # wrap forward, not the module: state-dict names stay unchanged, FSDP hooks stay eager
+        fwd = torch.compile(block.forward, dynamic=False) if use_compile else block.forward
+        if use_ac:  # keep only the block's input; recompute (compiled) in backward
+            fwd = functools.partial(checkpoint, fwd, use_reentrant=False)
+        block.forward = fwd
+    mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32) \
+        if compute_dtype != torch.float32 else MixedPrecisionPolicy()
+    for block in unet.blocks:
+        fully_shard(block, mesh=mesh, mp_policy=mp)
+    fully_shard(unet, mesh=mesh, mp_policy=mp)  # time embedding and output head; casts the UNet's inputs
+    if model.text_encoder is not None:
+        fully_shard(model.text_encoder, mesh=mesh, mp_policy=mp)
     # the root keeps x0 and the noise in fp32 (targets are computed outside the UNet); it holds no parameters itself
     root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
     fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)
-    unet.to_empty(device=dev)
-    if full_unet_sd is not None:
-        full = {f'unet.{k}': v for k, v in full_unet_sd.items()}
+    return model
+
+
+def build_model(parts, null_ids, rt):
+    """The trained model: meta device -> compile / AC per block -> fully_shard -> to_empty -> the initial weights."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    with torch.device('meta'):
+        unet = UNet(parts.ucfg)
+    if channels_last:
+        use_channels_last(unet)
+    trained_text = None if parts.frozen_text else parts.text_encoder.train().requires_grad_(True)
+    model = parallelize(Trainee(unet, trained_text, null_ids, **loss_settings()), rt.mesh, rt.compute_dtype,
+                        compile, activation_checkpointing)
+    unet.to_empty(device=rt.dev)
+    if parts.full_unet_sd is not None:
+        full = {f'unet.{k}': v for k, v in parts.full_unet_sd.items()}
         if trained_text is not None:
-            full.update({f'text_encoder.{k}': v for k, v in text_encoder.state_dict().items()})
+            full.update({f'text_encoder.{k}': v for k, v in trained_text.state_dict().items()})
         set_model_state_dict(model, full, options=StateDictOptions(full_state_dict=True))
-        del full, full_unet_sd
+        del full
+        parts.full_unet_sd = None  # loaded: free the full copy
+    return model
+
+
+def build_optimizer(model):
+    """AdamW over the trained parameters, and their EMA (sharded like the params: DTensors)."""
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(params, lr=learning_rate, betas=(beta1, beta2), weight_decay=weight_decay,
                                   fused=True)  # one kernel over all params: far less DTensor dispatch
     with torch.no_grad():
-        ema = {n: p.detach().clone() for n, p in model.named_parameters()}  # sharded like the params (DTensors)
-    state = TrainState(model, optimizer, ema)
+        ema = {n: p.detach().clone() for n, p in model.named_parameters()}
+    return params, optimizer, ema
 
-    step, data_state = 0, None
-    if resume_dir:
-        dcp.load({'train': state}, checkpoint_id=resume_dir)
-        step = meta['step']
-        f = os.path.join(resume_dir, f'data_rank{rank}.json')
-        if meta['world_size'] == world and os.path.isfile(f):  # exact data position; else start_step (approximate
-            data_state = json.load(open(f))  # for streaming WebDataset shards, exact for indexable sources)
-        log(f'resumed from {resume_dir} at step {step} (saved at world size {meta["world_size"]}, now {world})')
+
+# ----------------------------------------------------------------------------- one step
+
+def prepare(batch, generator, vae, text_encoder, tokenize, dev, compute_dtype):
+    """A loader batch -> (x0 (B·N, C, h, w) latents or pixels, ids (B·N, 77), text states or None). The frozen VAE
+    and text encoder run here, outside the trained model; text_encoder=None when the text encoder is trained."""
+    from model.text import encode
+
+    px = batch['pixels'].flatten(0, 1).to(dev, non_blocking=True)  # (B, N, 3, H, W) -> (B·N, 3, H, W)
+    ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, 77)
+    with torch.no_grad():
+        x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=generator).float()
+        context = encode(text_encoder, ids) if text_encoder is not None else None
+    return x0, ids, context
+
+
+def caption_tokenizer(tokenizer):
+    """caption -> (77,) ids, cached: captions repeat (every image of a set, every epoch)."""
+    return functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
+
+
+def micro_batch(batch, step, micro, parts, tokenize, null_context, rt):
+    """-> (model inputs, set size N, generator) for micro-batch `micro` of `step`, latents and text states made now."""
+    g = step_generator(0 if overfit_one_batch else step, rt.rank, micro, rt.dev)
+    x0, ids, context = prepare(batch, g, parts.vae, parts.text_encoder if parts.frozen_text else None, tokenize,
+                               rt.dev, rt.compute_dtype)
+    return dict(x0=x0, context=context, null_context=null_context, ids=ids), batch['pixels'].shape[1], g
+
+
+def forward_backward(model, diffusion, micro_batches, accum):
+    """Gradients of the loss averaged over `accum` micro-batches, reduce-scattered once, on the last.
+    -> (the mean loss on this rank, a float64 tensor; [(images, set size) per micro-batch])."""
+    loss_acc, shapes = 0.0, []
+    for micro, (inputs, N, g) in enumerate(micro_batches):
+        model.set_requires_gradient_sync(micro == accum - 1)
+        loss = model(set_size=N, generator=g, diffusion=diffusion, **inputs)
+        (loss / accum).backward()
+        loss_acc = loss_acc + loss.detach().double() / accum
+        shapes.append((inputs['x0'].shape[0], N))
+    return loss_acc, shapes
+
+
+def clip_gradients(params):
+    """Clip to grad_clip (0: no clipping) -> the global grad norm (a plain tensor)."""
+    grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
+    return grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm  # replicated already
+
+
+def optimizer_step(model, optimizer, ema):
+    """AdamW, then the EMA on the local shards (no communication)."""
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        torch._foreach_lerp_([e.to_local() for e in ema.values()],
+                             [p.detach().to_local() for p in model.parameters()], 1 - ema_decay)
+
+
+# ----------------------------------------------------------------------------- checkpoints, export, evaluation
+
+def resume(state, resume_dir, meta, rt):
+    """Weights, AdamW and EMA, resharded to this world size -> (step, this rank's data-loader state or None)."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.load({'train': state}, checkpoint_id=resume_dir)
+    f, data_state = os.path.join(resume_dir, f'data_rank{rt.rank}.json'), None
+    if meta['world_size'] == rt.world and os.path.isfile(f):  # exact data position; else start_step (approximate
+        data_state = json.load(open(f))  # for streaming WebDataset shards, exact for indexable sources)
+    log(f'resumed from {resume_dir} at step {meta["step"]} (saved at world size {meta["world_size"]}, now {rt.world})')
+    return meta['step'], data_state
+
+
+def save_checkpoint(state, step, parts, loader, rt):
+    """{out_dir}/ckpt/step_XXXXXXXX, written to .tmp_step_XXXXXXXX and renamed when complete; the last
+    keep_checkpoints kept."""
+    import torch.distributed.checkpoint as dcp
+    from safetensors.torch import save_file
+
+    ckpt_root = os.path.join(out_dir, 'ckpt')
+    final, tmp = f'{ckpt_root}/step_{step:08d}', f'{ckpt_root}/.tmp_step_{step:08d}'
+    if rt.master:
+        for d in os.listdir(ckpt_root):  # leftovers of a killed save
+            if d.startswith('.tmp_'):
+                shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
+        os.makedirs(tmp)
+    dist.barrier()
+    dcp.save({'train': state}, checkpoint_id=tmp)
+    with open(os.path.join(tmp, f'data_rank{rt.rank}.json'), 'w') as f:
+        json.dump(loader.state(), f)
+    dist.barrier()
+    if rt.master:
+        if parts.text_random and parts.frozen_text:
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in parts.text_encoder.state_dict().items()},
+                      os.path.join(tmp, 'text_encoder.safetensors'))
+        with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
+            json.dump(dict(step=step, world_size=rt.world, space=parts.space, sd_path=parts.sd_path,
+                           unet_config=parts.ucfg.to_dict(), text_config=parts.text_config,
+                           train_text_encoder=not parts.frozen_text, schedule=parts.diffusion.schedule,
+                           prediction=parts.diffusion.prediction, config={k: globals()[k] for k in config_keys}),
+                      f, indent=1)
+        if os.path.isdir(final):
+            shutil.rmtree(final)
+        os.replace(tmp, final)
+        done = sorted(d for d in os.listdir(ckpt_root)
+                      if re.fullmatch(r'step_\d{8}', d) and os.path.isfile(f'{ckpt_root}/{d}/meta.json'))
+        for d in done[:-keep_checkpoints] if keep_checkpoints > 0 else []:
+            shutil.rmtree(os.path.join(ckpt_root, d))
+    dist.barrier()
+    log(f'saved checkpoint {final}')
+    return final
+
+
+def export(model, ema, step, parts, rt):
+    """Consolidated EMA weights (+ fp32 text encoder and VAE) for sample.py, written by rank 0."""
+    from model.loading import save_jedi, strict_load, strip_prefix
+    from model.text import build_text_encoder
+    from model.vae import AutoencoderKL
+
+    path = export_path or os.path.join(out_dir, 'jedi.safetensors')
+    full = {}
+    for k, v in ema.items():
+        v = v.full_tensor()  # a collective: every rank takes part, one tensor at a time
+        if rt.master:
+            full[k] = v.cpu()
+    if rt.master:
+        with torch.device('meta'):
+            ema_unet = UNet(parts.ucfg)
+        ema_unet = ema_unet.to_empty(device='cpu')
+        strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
+        # fp32 CPU copies of the text encoder (EMA when trained) and the VAE: the frozen ones may be bf16 on GPU
+        text_sd = strip_prefix(full, 'text_encoder.') if model.text_encoder is not None else \
+            {k: v.float().cpu() for k, v in parts.text_encoder.state_dict().items()}
+        out_text = build_text_encoder(parts.text_encoder.config)
+        strict_load(out_text, text_sd, 'text encoder')
+        out_vae = None
+        if parts.vae is not None:
+            out_vae = AutoencoderKL(**parts.vae.config)
+            out_vae.load_state_dict({k: v.float().cpu() for k, v in parts.vae.state_dict().items()})
+        d = parts.diffusion
+        save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
+                  diffusion=dict(schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start,
+                                 beta_end=d.beta_end, prediction=d.prediction),
+                  step=step, ema_decay=ema_decay, steps=sample_steps, guidance=sample_guidance,
+                  sampler=sample_sampler, set_sizes=list(set_sizes), dtype=getattr(torch, export_dtype))
+    dist.barrier()
+    log(f'exported EMA weights at step {step} to {path}')
+
+
+def build_eval_batch(parts, tokenize, rt):
+    """The reference-gain batch: sets of 2 drawn once, with a seed training never uses."""
+    import data
+
+    eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution, images_per_batch=2 * eval_sets,
+                                    rank=rt.rank, world_size=rt.world, seed=seed + 7919, set_sizes=(2,), num_workers=0)
+    return prepare(next(eval_loader), torch.Generator(rt.dev).manual_seed(seed + rt.rank), parts.vae,
+                   parts.text_encoder if parts.frozen_text else None, tokenize, rt.dev, rt.compute_dtype)
+
+
+@torch.no_grad()
+def reference_gain(model, eval_batch, diffusion, rt):
+    """model.diffusion.reference_gain_sums on the eval batch, summed over ranks -> 1 - own / other."""
+    x0, ids, context = eval_batch
+    if context is None:  # the text encoder is trained: its current weights
+        context = model.text_encoder(input_ids=ids).last_hidden_state
+    context = context.to(rt.compute_dtype)
+
+    def unet(x, t, c, set_size):  # the eval batch is fp32; the model computes in compute_dtype
+        return model.unet(x.to(rt.compute_dtype), t, c, set_size=set_size)
+    sums = reference_gain_sums(unet, diffusion, x0, context, torch.Generator(rt.dev).manual_seed(seed + rt.rank))
+    dist.all_reduce(sums)
+    return 1 - (sums[0] / sums[1]).item()
+
+
+# ----------------------------------------------------------------------------- logging
+
+def mfu_setup(parts, rt):
+    """-> (the card's peak FLOP/s or 0 (then no MFU), UNet forward FLOPs per image for a set size, cached)."""
+    from flops import peak_bf16_flops, unet_flops
+
+    peak = peak_flops or (peak_bf16_flops(torch.cuda.get_device_name(rt.dev)) if rt.dev.startswith('cuda') else 0.0)
+    hw = resolution // (parts.vae.downsample_factor if parts.vae is not None else 1)
+    return peak, functools.lru_cache()(lambda n: unet_flops(parts.ucfg, hw, n).per_image() if peak else 0.0)
+
+
+def tensorboard_writer():
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+        return SummaryWriter(os.path.join(out_dir, 'tb'))
+    except ImportError:
+        log('tensorboard is not installed: logging to stdout and train.log only')
+
+
+def log_progress(step, sums, n_steps, dt, grad_norm, lr, bad, peak, writer, rt):
+    """The log line of the last n_steps steps; sums = (loss, sets, images, UNet model FLOPs) over them."""
+    l_sum, s_sum, i_sum, f_sum = sums
+    msg = (f'step {step} | loss {l_sum / n_steps:.4f} | grad norm {grad_norm:.3f} | lr {lr:.3e} | '
+           f'{s_sum / dt:.2f} sets/s | {i_sum / dt:.2f} images/s | {1000 * dt / n_steps:.1f} ms/step')
+    if bad:
+        msg += f' | {bad:.0f} bad samples skipped'
+    if rt.dev.startswith('cuda'):
+        msg += f' | peak mem {torch.cuda.max_memory_allocated(rt.dev) / 2**30:.1f} GiB'
+        torch.cuda.reset_peak_memory_stats(rt.dev)
+    if peak:
+        msg += f' | MFU {100 * f_sum / (dt * rt.world * peak):.1f}%'
+    log(msg)
+    if writer is not None:
+        for k, v in (('loss', l_sum / n_steps), ('grad_norm', grad_norm), ('lr', lr), ('images_per_s', i_sum / dt)):
+            writer.add_scalar(k, v, step)
+
+
+# ----------------------------------------------------------------------------- main
+
+def main(argv):
+    configure(argv)
+    check_config()
+    ckpt_root = os.path.join(out_dir, 'ckpt')
+    resume_dir = latest_checkpoint(ckpt_root) if init_from == 'resume' else None
+    if init_from == 'resume' and resume_dir is None:
+        raise SystemExit(f'init_from=resume: no complete checkpoint in {ckpt_root}')
+    if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
+        raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
+    import data
+    from model.text import Tokenizer, encode
+
+    rt = setup_distributed()
+    world, accum = rt.world, max(1, gradient_accumulation_steps // rt.world)  # accum: micro-batches per rank and step
+    if rt.master:
+        os.makedirs(ckpt_root, exist_ok=True)
+
+    # --- the models, sharded, with AdamW and EMA; a resume restores all three and the step
+    meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
+    parts = build_parts(meta, resume_dir, rt)
+    tokenizer = Tokenizer()
+    tokenize = caption_tokenizer(tokenizer)
+    null_ids = tokenizer([''])  # (1, 77)
+    null_context = encode(parts.text_encoder, null_ids).detach() if parts.frozen_text else None  # (1, 77, D) for ""
+    model = build_model(parts, null_ids, rt)
+    params, optimizer, ema = build_optimizer(model)
+    state = TrainState(model, optimizer, ema)
+    step, data_state = resume(state, resume_dir, meta, rt) if resume_dir else (0, None)
     n_params = sum(p.numel() for p in params)
     if accum * world != gradient_accumulation_steps:
         log(f'note: gradient_accumulation_steps={gradient_accumulation_steps} is not a multiple of the world size '
             f'{world}: a step takes {accum * world} micro-batches')
-    log(f'{init_from}: UNet {ucfg}\n{n_params / 1e6:.2f}M trained parameters, {model_space} space, world {world}, '
-        f'{accum} micro-batch(es) of {images_per_batch} images per rank and step, device {dev}, {compute_dtype}')
-
-    # --- checkpoints, export
-    def save_checkpoint():
-        final, tmp = f'{ckpt_root}/step_{step:08d}', f'{ckpt_root}/.tmp_step_{step:08d}'
-        if master:
-            for d in os.listdir(ckpt_root):  # leftovers of a killed save
-                if d.startswith('.tmp_'):
-                    shutil.rmtree(os.path.join(ckpt_root, d), ignore_errors=True)
-            os.makedirs(tmp)
-        dist.barrier()
-        dcp.save({'train': state}, checkpoint_id=tmp)
-        with open(os.path.join(tmp, f'data_rank{rank}.json'), 'w') as f:
-            json.dump(loader.state() if loader is not None else {}, f)
-        dist.barrier()
-        if master:
-            if text_random and frozen_text:
-                save_file({k: v.detach().float().cpu().contiguous() for k, v in text_encoder.state_dict().items()},
-                          os.path.join(tmp, 'text_encoder.safetensors'))
-            with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
-                json.dump(dict(step=step, world_size=world, space=model_space, sd_path=src, unet_config=ucfg.to_dict(),
-                               text_config=meta.get('text_config', text_config), train_text_encoder=not frozen_text,
-                               schedule=diffusion.schedule, prediction=diffusion.prediction,
-                               config={k: globals()[k] for k in config_keys}), f, indent=1)
-            if os.path.isdir(final):
-                shutil.rmtree(final)
-            os.replace(tmp, final)
-            done = sorted(d for d in os.listdir(ckpt_root)
-                          if re.fullmatch(r'step_\d{8}', d) and os.path.isfile(f'{ckpt_root}/{d}/meta.json'))
-            for d in done[:-keep_checkpoints] if keep_checkpoints > 0 else []:
-                shutil.rmtree(os.path.join(ckpt_root, d))
-        dist.barrier()
-        log(f'saved checkpoint {final}')
-        return final
-
-    def export():
-        path = export_path or os.path.join(out_dir, 'jedi.safetensors')
-        full = {}
-        for k, v in ema.items():
-            v = v.full_tensor()  # a collective: every rank takes part, one tensor at a time
-            if master:
-                full[k] = v.cpu()
-        if master:
-            with torch.device('meta'):
-                ema_unet = UNet(ucfg)
-            ema_unet = ema_unet.to_empty(device='cpu')
-            strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
-            # fp32 CPU copies of the text encoder (EMA when trained) and the VAE: the frozen ones may be bf16 on GPU
-            text_sd = strip_prefix(full, 'text_encoder.') if trained_text is not None else \
-                {k: v.float().cpu() for k, v in text_encoder.state_dict().items()}
-            out_text = build_text_encoder(text_encoder.config)
-            strict_load(out_text, text_sd, 'text encoder')
-            out_vae = None
-            if vae is not None:
-                out_vae = AutoencoderKL(**vae.config)
-                out_vae.load_state_dict({k: v.float().cpu() for k, v in vae.state_dict().items()})
-            save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
-                      diffusion=dict(schedule=diffusion.schedule, num_timesteps=diffusion.num_timesteps,
-                                     beta_start=diffusion.beta_start, beta_end=diffusion.beta_end,
-                                     prediction=diffusion.prediction),
-                      step=step, ema_decay=ema_decay, steps=sample_steps, guidance=sample_guidance,
-                      sampler=sample_sampler, set_sizes=list(set_sizes), dtype=getattr(torch, export_dtype))
-        dist.barrier()
-        log(f'exported EMA weights at step {step} to {path}')
-
-    loader = None
+    log(f'{init_from}: UNet {parts.ucfg}\n{n_params / 1e6:.2f}M trained parameters, {parts.space} space, '
+        f'world {world}, {accum} micro-batch(es) of {images_per_batch} images per rank and step, device {rt.dev}, '
+        f'{rt.compute_dtype}')
     if export_only:
-        export()
+        export(model, ema, step, parts, rt)
         dist.destroy_process_group()
         return
 
     # --- data: loader step = optimizer step × micro-batches per rank, so resuming at any step is exact
-    loader = data.build_loader(data_spec, resolution=resolution, images_per_batch=images_per_batch, rank=rank,
+    loader = data.build_loader(data_spec, resolution=resolution, images_per_batch=images_per_batch, rank=rt.rank,
                                world_size=world, seed=seed, start_step=0 if overfit_one_batch else step * accum,
                                num_workers=num_workers, state=None if overfit_one_batch else data_state,
-                               set_sizes=set_sizes, pin_memory=dev.startswith('cuda'))
+                               set_sizes=set_sizes, pin_memory=rt.dev.startswith('cuda'))
     first_batch = next(loader) if overfit_one_batch else None
-
-    def prepare(batch, g):
-        """A loader batch -> (x0 (B·N, C, h, w) latents or pixels, ids (B·N, 77), frozen text states or None)."""
-        px = batch['pixels'].flatten(0, 1).to(dev, non_blocking=True)  # (B, N, 3, H, W) -> (B·N, 3, H, W)
-        ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, 77)
-        with torch.no_grad():
-            x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=g).float()
-            context = encode(text_encoder, ids) if frozen_text else None
-        return x0, ids, context
-
-    def micro_batch(step, micro):
-        """-> (model inputs, sets, images, set size, generator) with latents/text states computed on the fly."""
-        batch = first_batch if overfit_one_batch else next(loader)
-        g = step_generator(0 if overfit_one_batch else step, rank, micro, dev)
-        B, N = batch['pixels'].shape[:2]
-        x0, ids, context = prepare(batch, g)
-        return dict(x0=x0, context=context, null_context=null_context, ids=ids), B, B * N, N, g
-
-    # --- reference gain (model.diffusion.reference_gain_sums) on a fixed batch of sets of 2 drawn once with a seed
-    # training never uses; summed over ranks.
-    eval_batch = None
-    if eval_interval:
-        eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution,
-                                        images_per_batch=2 * eval_sets, rank=rank, world_size=world, seed=seed + 7919,
-                                        set_sizes=(2,), num_workers=0)
-        eval_batch = prepare(next(eval_loader), torch.Generator(dev).manual_seed(seed + rank))
-        del eval_loader
-
-    @torch.no_grad()
-    def reference_gain():
-        x0, ids, context = eval_batch
-        if context is None:  # the text encoder is trained: its current weights
-            context = model.text_encoder(input_ids=ids).last_hidden_state
-        context = context.to(compute_dtype)
-
-        def unet(x, t, c, set_size):  # the eval batch is fp32; the model computes in compute_dtype
-            return model.unet(x.to(compute_dtype), t, c, set_size=set_size)
-        sums = reference_gain_sums(unet, diffusion, x0, context, torch.Generator(dev).manual_seed(seed + rank))
-        dist.all_reduce(sums)
-        return 1 - (sums[0] / sums[1]).item()
-
-    # --- logging
-    on_gpu = dev.startswith('cuda')
-    peak = peak_flops or (guess_peak_flops(torch.cuda.get_device_name(dev)) if on_gpu else 0.0)
-    hw = resolution // (vae.downsample_factor if vae is not None else 1)
-    flops_per_image = functools.lru_cache()(lambda n: unet_flops_per_image(ucfg, hw, n) if peak else 0.0)
-    writer = None
-    if tensorboard and master:
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-            writer = SummaryWriter(os.path.join(out_dir, 'tb'))
-        except ImportError:
-            log('tensorboard is not installed: logging to stdout and train.log only')
+    eval_batch = build_eval_batch(parts, tokenize, rt) if eval_interval else None
+    peak, flops_per_image = mfu_setup(parts, rt)
+    writer = tensorboard_writer() if tensorboard and rt.master else None
 
     signal.signal(signal.SIGTERM, _on_sigterm)
     last_saved = step if resume_dir else None
@@ -538,67 +693,45 @@ def main(argv):
         lr = lr_at(step)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        loss_acc, counts = torch.zeros((), dtype=torch.float64, device=dev), np.zeros(3)  # sets, images, FLOPs
-        for micro in range(accum):
-            inputs, sets, images, N, g = micro_batch(step, micro)
-            model.set_requires_gradient_sync(micro == accum - 1)  # reduce-scatter once, on the last micro-batch
-            loss = model(set_size=N, generator=g, diffusion=diffusion, **inputs)
-            (loss / accum).backward()
-            loss_acc += loss.detach().double() / accum
-            counts += (sets, images, 3 * images * flops_per_image(N))  # forward + backward = 3 forwards
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, grad_clip if grad_clip > 0 else float('inf'), foreach=True)
-        grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, 'full_tensor') else grad_norm  # replicated already
-        host = torch.tensor([*counts, float(_stop_requested), loader.num_bad], dtype=torch.float64, device=dev)
-        stats = torch.cat([loss_acc[None], host])
+        batches = (micro_batch(first_batch if overfit_one_batch else next(loader), step, micro, parts, tokenize,
+                               null_context, rt) for micro in range(accum))
+        loss, shapes = forward_backward(model, parts.diffusion, batches, accum)
+        grad_norm = clip_gradients(params)
+        sets, images = sum(i // n for i, n in shapes), sum(i for i, _ in shapes)
+        flops = sum(3 * i * flops_per_image(n) for i, n in shapes)  # forward + backward = 3 forwards
+        host = torch.tensor([sets, images, flops, float(_stop_requested), loader.num_bad], dtype=torch.float64,
+                            device=rt.dev)
+        stats = torch.cat([loss[None], host])
         dist.all_reduce(stats)  # one collective: every rank's loss, the counts, bad samples, whether anyone got SIGTERM
         loss_sum, sets, images, flops, stop, bad = stats.tolist()
         loss_avg, gnorm = loss_sum / world, grad_norm.item()
         if not (math.isfinite(loss_avg) and math.isfinite(gnorm)):
-            last = latest_checkpoint(ckpt_root)
             log(f'stopping: loss {loss_avg} / grad norm {gnorm} at step {step + 1} (the update from step {step}); '
-                f'not applied, nothing saved; the last good checkpoint is {last}')
+                f'not applied, nothing saved; the last good checkpoint is {latest_checkpoint(ckpt_root)}')
             dist.destroy_process_group()
             sys.exit(1)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        with torch.no_grad():  # EMA on the local shards: no communication
-            torch._foreach_lerp_([e.to_local() for e in ema.values()],
-                                 [p.detach().to_local() for p in model.parameters()], 1 - ema_decay)
+        optimizer_step(model, optimizer, ema)
         step += 1
 
         interval += torch.tensor([loss_avg, sets, images, flops], dtype=torch.float64)
         n_log += 1
         if step % log_interval == 0 or step == max_iters or stop:
-            dt = time.perf_counter() - t_log
-            l_sum, s_sum, i_sum, f_sum = interval.tolist()
-            msg = (f'step {step} | loss {l_sum / n_log:.4f} | grad norm {gnorm:.3f} | lr {lr:.3e} | '
-                   f'{s_sum / dt:.2f} sets/s | {i_sum / dt:.2f} images/s | {1000 * dt / n_log:.1f} ms/step')
-            if bad:
-                msg += f' | {bad:.0f} bad samples skipped'
-            if on_gpu:
-                msg += f' | peak mem {torch.cuda.max_memory_allocated(dev) / 2**30:.1f} GiB'
-                torch.cuda.reset_peak_memory_stats(dev)
-            if peak:
-                msg += f' | MFU {100 * f_sum / (dt * world * peak):.1f}%'
-            log(msg)
-            if writer is not None:
-                for k, v in (('loss', l_sum / n_log), ('grad_norm', gnorm), ('lr', lr), ('images_per_s', i_sum / dt)):
-                    writer.add_scalar(k, v, step)
+            log_progress(step, interval.tolist(), n_log, time.perf_counter() - t_log, gnorm, lr, bad, peak, writer, rt)
             interval.zero_()
             t_log, n_log = time.perf_counter(), 0
         if eval_interval and (step % eval_interval == 0 or step == max_iters):
-            log(f'step {step} | ref gain {100 * reference_gain():.2f}% (loss of a generated image with its own set\'s '
-                f'reference vs another set\'s, t = 300/500/700/900)')
+            log(f'step {step} | ref gain {100 * reference_gain(model, eval_batch, parts.diffusion, rt):.2f}% (loss of '
+                f'a generated image with its own set\'s reference vs another set\'s, t = 300/500/700/900)')
         if (ckpt_interval and step % ckpt_interval == 0) or step == max_iters or stop:
-            save_checkpoint()
+            save_checkpoint(state, step, parts, loader, rt)
             last_saved = step
         if stop:
             log(f'SIGTERM: stopped after saving step {step}')
             dist.destroy_process_group()
             return
     if last_saved != step:  # e.g. resumed at or past max_iters
-        save_checkpoint()
-    export()
+        save_checkpoint(state, step, parts, loader, rt)
+    export(model, ema, step, parts, rt)
     if writer is not None:
         writer.close()
     dist.destroy_process_group()

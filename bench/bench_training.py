@@ -3,38 +3,50 @@
     python bench/bench_training.py --out bench/results/<date>-<card>/bench_training.md --compile --channels_last
     python bench/bench_training.py --tiny --out /tmp/t.md           # CPU rot check (numbers mean nothing)
 
-The step is train.py's, mirrored here because train.py builds it inside main() (no function to import):
-the SD-1.4-sized JeDi UNet with every block in `unet.blocks` an FSDP2 `fully_shard` unit, then the UNet, then a
-root module holding the JeDi loss (`model.diffusion.jedi_loss`); MixedPrecisionPolicy(param_dtype=bf16,
-reduce_dtype=fp32) on GPU (fp32 master weights, AdamW state and gradient reduction); world size 1 (a
-single-process group: the same code path as train.py without torchrun); activation checkpointing and
-torch.compile of each block's forward (static shapes, recompile limit raised for the blocks' shared code), wrapped
-by the checkpoint, before sharding, as train.py applies them. One step = forward + backward of the loss, grad-norm clipping, AdamW (fused, as train.py)
-and the EMA update, with one host sync to read the loss
-and grad norm, as train.py's logging does. Inputs are random latents (B·N, 4, 64, 64) and text states
-(B·N, 77, 768): train.py's VAE and text encoder are frozen and run outside the trained model, so they are excluded.
+The step is train.py's own, imported, not copied: the SD-1.4-sized JeDi UNet inside train.Trainee (the JeDi loss
+with train.py's default settings), wrapped by train.parallelize (torch.compile and activation checkpointing per
+block, every block in `unet.blocks` an FSDP2 `fully_shard` unit, then the UNet, then the root; bf16 params with fp32
+master weights, AdamW state and gradient reduction on GPU), train.build_optimizer (fused AdamW, EMA), then per step
+train.forward_backward, train.clip_gradients and train.optimizer_step, and one host sync to read the loss and grad
+norm, as train.py's logging does. World size 1: train.setup_distributed without torchrun, the same code path.
+Only the weights differ: random, made on the device (train.py builds on meta and loads a full state dict).
 
 Rows (a variant is "+"-joined tokens: attention backend, then options):
     triton | sdpa        attention backend (kernels.attention, JEDI_ATTN)
     +ac                  activation checkpointing of every block (train.py's activation_checkpointing=True)
     +compile             torch.compile of every block (train.py's compile=True)
-    +channels_last       the first convolution's input in NHWC: cuDNN runs a convolution NHWC when its input is,
-                         so the activations stay NHWC as far as the ops pass it on (the weights stay NCHW: FSDP2
-                         shards contiguous parameters; sampling converts the weights too)
-Default: each backend plain, the first with +ac; --channels_last adds a row on top of the first backend,
---compile the rows +ac+compile and +compile, last (the slowest to set up). config/jedi_sd14.py's setting is +ac.
+    +channels_last       NHWC activations from the first convolution on (train.py's channels_last=True)
+    +data                the real data path in front of the step: data.py's loader on a folder of JPEG sets this
+                         script writes (RES·1.5 × RES·1.25 px: decode, resize and crop all run), then train.prepare:
+                         the frozen VAE encodes the images (at RES = 512 px full size) and the frozen text encoder the
+                         captions, as train.py does every step. Its "load ms" is the wait for the loader's next batch
+                         (num_workers as train.py's default on GPU, 0 with --tiny), "encode ms" the VAE + text encoder.
+                         The other rows feed random latents (B·N, 4, 64, 64) and text states (B·N, 77, 768) instead.
+Default: each backend plain, the first with +ac and with +data; --channels_last adds a row on top of the first
+backend, --compile the rows +ac+compile and +compile, last (the slowest to set up). config/jedi_sd14.py's setting
+is +ac.
 
-MFU = model FLOPs per step / step time / the card's dense bf16 peak (bench/flops.py: H100 SXM 989 TFLOP/s).
-Model FLOPs per step = 3 × the UNet forward on the batch (bench/flops.py: FlopCounterMode for every op but
-attention, 4·B·H·Lq·Lk·D for attention, the same for both backends); checkpoint recompute is not counted.
-Step time: median of --steps timed steps after --warmup steps. Peak memory: torch.cuda.max_memory_allocated over
-the timed steps. Exit status: 0, 1 if a row failed, 2 without CUDA at full size, 130 if interrupted.
+MFU = model FLOPs per step / step time / the card's dense bf16 peak (flops.py, the one FLOP counter: H100 SXM 989
+TFLOP/s). Model FLOPs per step = 3 × the UNet forward on the batch (flops.unet_flops: FlopCounterMode for every op
+but attention, 4·B·H·Lq·Lk·D for attention, the same for both backends); checkpoint recompute is not counted, nor
+the VAE and text encoder of +data rows (train.py's MFU does not count them either).
+Step time: median of --steps timed steps after --warmup steps. "first step s" is the first warm-up step alone
+(compile rows compile there), "setup s" the build and all warm-up. Peak memory: torch.cuda.max_memory_allocated
+over the timed steps.
+
+Budget (--max-seconds): a row starts only if it should end inside the budget (Budget in e2e_common), and a row that
+is still running when the budget runs out (a compile that takes too long) is stopped there and reported as "not
+finished in budget" with how far it got, instead of being killed with the rest of the table (SIGALRM; it lands
+when the main thread next runs Python, so a backward in progress, where the backward graphs compile, ends first).
+Exit status: 0, 1 if a row failed, 2 without CUDA at full size, 130 if interrupted.
 """
 import argparse
 import math
 import os
+import signal
 import statistics
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -44,16 +56,13 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
-import torch.nn as nn  # noqa: E402
 
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, fmt, header,  # noqa: E402
                         redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
 BACKENDS = ("triton", "sdpa")
-OPTIONS = ("ac", "compile", "channels_last")
+OPTIONS = ("ac", "compile", "channels_last", "data")
 CONTEXT_LEN = 77
-# train.py's defaults for what the step does besides the UNet (they do not change its cost)
-LR, BETAS, WEIGHT_DECAY, GRAD_CLIP, EMA_DECAY = 5e-5, (0.9, 0.999), 1e-2, 1.0, 0.9999
 
 
 def parse_args(argv=None):
@@ -71,7 +80,8 @@ def parse_args(argv=None):
     p.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak of the card (default: by name)")
     p.add_argument("--max-seconds", type=float, default=float("inf"),
                    help="time budget: a row starts only if it should end inside it (judged by the longest row of its "
-                        "kind so far, else ~20 s, ~120 s with compile); skipped rows are listed")
+                        "kind so far, else ~20 s, ~60 s with compile), and a row still running when it runs out is "
+                        "stopped and reported as not finished; skipped rows are listed")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
@@ -95,7 +105,7 @@ def parse_variants(names):
 def default_variants(a):
     backends = (a.backends or ("triton,sdpa" if torch.cuda.is_available() else "sdpa")).split(",")
     main = backends[0]
-    rows = [main, f"{main}+ac", *backends[1:]]
+    rows = [main, f"{main}+ac", f"{main}+data", *backends[1:]]
     if a.channels_last:
         rows.append(f"{main}+channels_last")
     if a.compile:
@@ -103,41 +113,90 @@ def default_variants(a):
     return parse_variants(rows)
 
 
-class LossRoot(nn.Module):
-    """train.py's `Trainee` without the trainable-text-encoder branch: the FSDP root, forward() = the JeDi loss."""
-
-    def __init__(self, unet):
-        super().__init__()
-        self.unet = unet
-
-    def forward(self, x0, context, null_context, set_size, generator, diffusion):
-        from model.diffusion import jedi_loss
-        return jedi_loss(self.unet, diffusion, x0, context, null_context, set_size, generator=generator)
-
-
-def build(cfg, opts, dev, mesh, compute_dtype, seed):
-    """train.py's model set-up (see its main(): AC / compile per block -> fully_shard blocks, UNet, root)."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
-
+def build(cfg, opts, rt, seed):
+    """train.py's trained model, AdamW and EMA around a UNet with random weights made on the device."""
+    import train
     from model.unet import UNet
-    from train import parallelize_unet
 
     torch.manual_seed(seed)
-    # train.py builds on meta and loads a full state dict; random weights made on the device time the same
-    with torch.device(dev):
+    with torch.device(rt.dev):
         unet = redraw_zero_layers(UNet(cfg))
-    if "channels_last" in opts:  # jedi_input's cat (with the broadcast mask) returns NCHW: convert at the first conv
-        unet.input_blocks[0][0].register_forward_pre_hook(
-            lambda mod, args: (args[0].contiguous(memory_format=torch.channels_last), *args[1:]))
-    parallelize_unet(unet, mesh, compute_dtype, "compile" in opts, "ac" in opts)  # exactly as train.py wraps
-    model = LossRoot(unet)
-    root_mp = MixedPrecisionPolicy(param_dtype=compute_dtype, reduce_dtype=torch.float32, cast_forward_inputs=False)
-    fully_shard(model, mesh=mesh, mp_policy=root_mp, reshard_after_forward=False)  # x0 and noise stay fp32
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=LR, betas=BETAS, weight_decay=WEIGHT_DECAY, fused=True)
-    with torch.no_grad():
-        ema = [p.detach().clone() for p in model.parameters()]
+    if "channels_last" in opts:
+        train.use_channels_last(unet)
+    model = train.parallelize(train.Trainee(unet, **train.loss_settings()), rt.mesh, rt.compute_dtype,
+                              "compile" in opts, "ac" in opts)
+    params, optimizer, ema = train.build_optimizer(model)
     return model, params, optimizer, ema
+
+
+def write_jpeg_sets(root, num_sets, set_size, resolution, seed):
+    """`num_sets` folders of `set_size` JPEGs (1.5 × 1.25 × resolution: smooth colour fields plus grain, so they
+    decode like photos, not like flat colour) and a caption.txt each: data.py's "sets" folder layout."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    w, h = round(1.5 * resolution), round(1.25 * resolution)
+    for s in range(num_sets):
+        d = Path(root) / f"set{s:03d}"
+        d.mkdir(parents=True, exist_ok=True)  # a row stopped half-way may have begun it
+        (d / "caption.txt").write_text(f"a photo of object {s} on a table")
+        for i in range(set_size):
+            coarse = rng.uniform(0, 255, (h // 32 + 1, w // 32 + 1, 3)).astype(np.uint8)  # (h/32, w/32, 3)
+            img = np.asarray(Image.fromarray(coarse).resize((w, h), Image.BICUBIC), dtype=np.float32)  # (h, w, 3)
+            img = np.clip(img + rng.normal(0, 12, img.shape), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(d / f"{i}.jpg", quality=90)
+
+
+class DataPath:
+    """train.py's data path for +data rows: the loader on the JPEG folder, the frozen VAE and text encoder (random
+    weights, SD-1.4 sizes at full size), train.prepare. Built once, on the first +data row."""
+
+    def __init__(self, args, cfg, hw, rt, workdir):
+        import data
+        import train
+        from model.text import Tokenizer, build_text_encoder, encode, sd14_text_config
+        from model.vae import AutoencoderKL, sd14_vae_config
+
+        torch.manual_seed(args.seed)
+        vae_cfg = sd14_vae_config(ch=32, num_res_blocks=1) if args.tiny else sd14_vae_config()
+        self.vae = train.freeze(AutoencoderKL(**vae_cfg), rt.dev, rt.compute_dtype)
+        text_cfg = sd14_text_config(hidden_size=cfg.context_dim, num_hidden_layers=1, num_attention_heads=2,
+                                    intermediate_size=2 * cfg.context_dim) if args.tiny else sd14_text_config()
+        self.text_encoder = train.freeze(build_text_encoder(text_cfg), rt.dev, rt.compute_dtype)
+        tokenizer = Tokenizer()
+        self.tokenize = train.caption_tokenizer(tokenizer)
+        self.null_context = encode(self.text_encoder, tokenizer([""]).to(rt.dev))  # (1, 77, D) for ""
+        self.resolution = hw * self.vae.downsample_factor  # 512 px at full size
+        self.num_workers = 0 if args.tiny else train.num_workers
+        B, N = args.sets, args.set_size
+        write_jpeg_sets(workdir, 4 * B, N, self.resolution, args.seed)
+        self.loader = data.build_loader(f"sets:{workdir}", resolution=self.resolution, images_per_batch=B * N,
+                                        seed=args.seed, set_sizes=(N,), num_workers=self.num_workers,
+                                        pin_memory=rt.dev.startswith("cuda"))
+        self.rt = rt
+
+    def inputs(self, generator):
+        """-> (model inputs, seconds waiting for the batch, seconds in the VAE and text encoder)."""
+        import train
+
+        t0 = time.perf_counter()
+        batch = next(self.loader)
+        t1 = time.perf_counter()
+        x0, ids, context = train.prepare(batch, generator, self.vae, self.text_encoder, self.tokenize, self.rt.dev,
+                                         self.rt.compute_dtype)
+        if self.rt.dev.startswith("cuda"):
+            torch.cuda.synchronize()
+        return dict(x0=x0, context=context, null_context=self.null_context, ids=ids), t1 - t0, time.perf_counter() - t1
+
+
+class OverBudget(BaseException):
+    """Raised by SIGALRM when --max-seconds runs out inside a row. A BaseException, like KeyboardInterrupt, so that
+    no `except Exception` on the way (dynamo's and inductor's compile error handling) turns it into something else."""
+
+
+def _over_budget(signum, frame):
+    raise OverBudget()
 
 
 def main(argv=None):
@@ -147,46 +206,46 @@ def main(argv=None):
         return 0
     refuse_full_size_without_cuda("bench_training", args.tiny)
 
-    from torch.distributed.device_mesh import init_device_mesh
-
+    import train
     from flops import peak_bf16_flops, unet_flops
     from model.diffusion import Diffusion
 
-    on_cuda = torch.cuda.is_available()
-    dev = torch.device("cuda", 0) if on_cuda else torch.device("cpu")
-    if on_cuda:
-        torch.cuda.set_device(dev)
-        torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = True  # as train.py
-    compute_dtype = torch.bfloat16 if on_cuda else torch.float32  # train.py's dtype='auto'
-    # a world of one, as train.py without torchrun
-    dist.init_process_group("nccl" if on_cuda else "gloo", store=dist.HashStore(), rank=0, world_size=1)
-    mesh = init_device_mesh(dev.type, (1,))
-
+    rt = train.setup_distributed()  # a world of one (no torchrun), cuda:0 or CPU, train.py's dtype='auto'
+    dev, on_cuda = torch.device(rt.dev), rt.dev.startswith("cuda")
     cfg = unet_config(args.tiny)
     hw = TINY_HW if args.tiny else FULL_HW
     B, N = args.sets, args.set_size
     step_flops = unet_flops(cfg, hw, N, num_sets=B).train_step
-    peak = (args.peak_tflops * 1e12 if args.peak_tflops else peak_bf16_flops(torch.cuda.get_device_name(dev))) \
-        if on_cuda else 0.0
+    peak = args.peak_tflops * 1e12 if args.peak_tflops else \
+        (peak_bf16_flops(torch.cuda.get_device_name(dev)) if on_cuda else 0.0)
 
     title = (f"JeDi training throughput: {'TINY UNet (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
              f"{hw * 8} px ({hw}x{hw} latents), {B} sets of N={N} ({B * N} images) per step, one device, "
-             f"FSDP2 world size 1, {str(compute_dtype).removeprefix('torch.')} compute")
+             f"FSDP2 world size 1, {str(rt.compute_dtype).removeprefix('torch.')} compute")
     source = "--peak-tflops" if args.peak_tflops else "by card name"
     peak_note = f"peak {peak / 1e12:.0f} TFLOP/s dense bf16 ({source})" if peak else "no peak known here: no MFU"
-    notes = ["", f"- model FLOPs per step: {step_flops / 1e12:.4g} TFLOP (3 × forward, bench/flops.py); {peak_note}",
-             f"- step = loss fwd+bwd, grad clip {GRAD_CLIP}, AdamW, EMA, one host sync; median of {args.steps} steps "
-             f"after {args.warmup} warm-up; random latents and text states (frozen VAE / text encoder excluded)"]
-    columns = ["variant", "step ms", "sets/s", "images/s", "peak GiB", "TFLOP/s", "MFU", "setup s", "loss", "note"]
+    notes = ["", f"- model FLOPs per step: {step_flops / 1e12:.4g} TFLOP (3 × UNet forward, flops.py); {peak_note}",
+             f"- step = train.py's: loss fwd+bwd, grad clip {train.grad_clip}, fused AdamW, EMA, one host sync; "
+             f"median of {args.steps} steps after {args.warmup} warm-up; random latents and text states except in "
+             f"+data rows (JPEG decode + resize + VAE/text encode in front of the step)"]
+    columns = ["variant", "step ms", "sets/s", "images/s", "peak GiB", "TFLOP/s", "MFU", "load ms", "encode ms",
+               "first step s", "setup s", "loss", "note"]
     report = Report(args.out, header(title) + notes, columns)
 
     g = torch.Generator(device=dev).manual_seed(args.seed)
     x0 = torch.randn(B * N, cfg.out_channels, hw, hw, device=dev, generator=g)  # fp32, as the VAE's latents
-    context = torch.randn(B * N, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(compute_dtype)
-    null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(compute_dtype)
+    context = torch.randn(B * N, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(rt.compute_dtype)
+    null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(rt.compute_dtype)
+    synthetic = dict(x0=x0, context=context, null_context=null)
     diffusion = Diffusion()
+    # H200 2026-11-27: the compile row ran > 150 s and was killed with the table. Now a row over budget is stopped
+    # and reported (how far it got), so a compile row is started whenever a minute is left, not skipped unseen.
+    budget = Budget(args.max_seconds, guess=20, compile_guess=60)
+    workdir = tempfile.TemporaryDirectory(prefix="bench_training_jpegs_")
+    data_path = None
 
     def run_row(variant):
+        nonlocal data_path
         backend, *opts = variant.split("+")
         if backend == "triton" and not on_cuda:
             return {"note": "skipped: needs CUDA"}
@@ -194,54 +253,80 @@ def main(argv=None):
         if "compile" in opts:
             from torch._dynamo.utils import counters
             counters.clear()  # graph breaks of this row only
-        row, t0 = {}, time.perf_counter()
-        model, params, optimizer, ema = build(cfg, opts, dev, mesh, compute_dtype, args.seed)
-
-        def step(i):
-            gen = torch.Generator(device=dev).manual_seed(args.seed + i)
-            loss = model(x0, context, null, N, gen, diffusion)
-            loss.backward()
-            gnorm = torch.nn.utils.clip_grad_norm_(params, GRAD_CLIP, foreach=True)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
-            with torch.no_grad():  # train.py's EMA on the local shards
-                torch._foreach_lerp_([e.to_local() for e in ema], [p.detach().to_local() for p in model.parameters()],
-                                     1 - EMA_DECAY)
-            gnorm = gnorm.full_tensor() if hasattr(gnorm, "full_tensor") else gnorm
-            return loss.item(), gnorm.item()  # the host sync train.py's logging does every step
-
+        row, t0, phase = {}, time.perf_counter(), "build"
+        left = budget.max_seconds - (t0 - budget.start)
+        if math.isfinite(left):  # stop this row, not the table, when the budget runs out inside it
+            signal.signal(signal.SIGALRM, _over_budget)
+            signal.setitimer(signal.ITIMER_REAL, max(left, 1.0))
+        model = None
         try:
+            if "data" in opts and data_path is None:
+                phase = "writing JPEGs, building the VAE and text encoder"
+                data_path = DataPath(args, cfg, hw, rt, workdir.name)
+            phase = "build"
+            model, params, optimizer, ema = build(cfg, opts, rt, args.seed)
+            load_s, encode_s = [], []
+
+            def step(i):
+                gen = torch.Generator(device=dev).manual_seed(args.seed + i)
+                inputs = synthetic
+                if "data" in opts:
+                    inputs, wait, enc = data_path.inputs(gen)
+                    load_s.append(wait)
+                    encode_s.append(enc)
+                loss, _ = train.forward_backward(model, diffusion, [(inputs, N, gen)], accum=1)
+                grad_norm = train.clip_gradients(params)
+                train.optimizer_step(model, optimizer, ema)
+                return loss.item(), grad_norm.item()  # the host sync train.py's logging does every step
+
             for i in range(args.warmup):
+                phase = f"warm-up step {i + 1} of {args.warmup}" + (" (compiling)" if "compile" in opts else "")
+                t1 = time.perf_counter()
                 step(i)
+                if i == 0:
+                    row["first step s"] = fmt(time.perf_counter() - t1)
             row["setup s"] = fmt(time.perf_counter() - t0)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(dev)
             times, loss = [], None
+            load_s.clear(), encode_s.clear()
             for i in range(args.steps):
+                phase = f"timed step {i + 1} of {args.steps}"
                 t1 = time.perf_counter()
                 loss, gnorm = step(args.warmup + i)  # ends with a sync: the host clock is the step time
                 times.append(time.perf_counter() - t1)
+            signal.setitimer(signal.ITIMER_REAL, 0)
             dt = statistics.median(times)
             row.update({"step ms": fmt(1000 * dt), "sets/s": fmt(B / dt), "images/s": fmt(B * N / dt),
                         "TFLOP/s": fmt(step_flops / dt / 1e12), "loss": fmt(loss)})
+            if load_s:
+                row.update({"load ms": fmt(1000 * statistics.median(load_s)),
+                            "encode ms": fmt(1000 * statistics.median(encode_s))})
+                row["note"] = f"{data_path.resolution} px JPEGs, {data_path.num_workers} loader workers"
             if peak:
                 row["MFU"] = f"{100 * step_flops / dt / peak:.1f}%"
             if on_cuda:
                 row["peak GiB"] = fmt(torch.cuda.max_memory_allocated(dev) / 2**30)
             if not (math.isfinite(loss) and math.isfinite(gnorm)):
-                row["note"] = f"non-finite loss {loss} / grad norm {gnorm}"
-            if "compile" in opts:
-                row["note"] = (row.get("note", "") + " " + compile_note()).strip()
+                row["note"] = (row.get("note", "") + f"; non-finite loss {loss} / grad norm {gnorm}").lstrip("; ")
+        except OverBudget:
+            row = {"note": f"not finished in budget: stopped at {phase}, {time.perf_counter() - t0:.0f} s into the "
+                           f"row, when --max-seconds {args.max_seconds:g} ran out", **row}
         except torch.OutOfMemoryError:
             row = {"note": f"out of memory at {B} sets of {N} (try --sets {max(1, B // 2)})"}
         finally:
-            del model, params, optimizer, ema
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            del model
+        if "compile" in opts:
+            row["note"] = (row.get("note", "") + "; " + compile_note()).lstrip("; ")
         return row
 
-    budget = Budget(args.max_seconds, guess=20, compile_guess=150)  # H200 2026-11-27: the compile row ran > 150 s
     try:
         status = run_rows(args.variants, run_row, report, budget, on_cuda)
     finally:
+        if data_path is not None:
+            del data_path.loader  # its workers, before the folder goes
+        workdir.cleanup()
         dist.destroy_process_group()
     print(report.text())
     return status

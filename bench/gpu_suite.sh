@@ -65,7 +65,7 @@ STEPS=(
   # To confirm after the 2026-11-27 fix of GraphedUNet (bench/results/2026-11-27-h200-run2): graph rows with Δ ~ 1e-2
   # or less, finite compile rows (sdpa+channels_last+compile separates compile from graphs); training's compile row.
   "bench_sampling|190|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,sdpa,triton,sdpa+channels_last,sdpa+cuda_graphs,sdpa+channels_last+cuda_graphs,sdpa+channels_last+compile,sdpa+channels_last+cuda_graphs+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_sampling.md"
-  "bench_training|190|$PY bench/bench_training.py --steps 6 --variants sdpa,sdpa+compile,sdpa+ac --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
+  "bench_training|190|$PY bench/bench_training.py --steps 6 --variants sdpa,sdpa+ac,sdpa+data,sdpa+compile --max-seconds \$((STEP_LIMIT - 20)) --out $OUT/bench_training.md"
   "profile_unet|35|$PY bench/profile_unet.py --out $OUT/profile_unet.md"
   "bench_attention_fp16|35|$PY bench/bench_attention.py --dtype fp16 --max-seconds 20 --out $OUT/bench_attention_fp16.md"
   "check_attention|30|$PY bench/check_attention_cuda.py --dtypes bf16 --out $OUT/check_attention.md"

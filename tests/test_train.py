@@ -6,6 +6,7 @@ import re
 import signal
 import subprocess
 import sys
+import types
 
 import pytest
 import torch
@@ -114,6 +115,70 @@ def test_latest_checkpoint_ignores_incomplete(tmp_path):
         (tmp_path / d / 'meta.json').write_text('{}')
     assert train.latest_checkpoint(str(tmp_path)) == str(tmp_path / 'step_00000008')
     assert train.latest_checkpoint(str(tmp_path / 'missing')) is None
+
+
+def tiny_unet_config():
+    from model.unet import UNetConfig
+    return UNetConfig(in_channels=7, out_channels=3, model_channels=16, channel_mult=(1, 2), attention_resolutions=(1, 2),
+                      num_res_blocks=1, num_heads=2, norm_groups=8, context_dim=16)  # config/tiny.py's UNet
+
+
+def test_trainee_takes_its_loss_settings_as_arguments(monkeypatch):
+    from model.diffusion import Diffusion, jedi_loss
+    from model.unet import UNet
+
+    torch.manual_seed(0)
+    unet, diffusion = UNet(tiny_unet_config()), Diffusion(schedule='cosine', prediction='v')
+    x0, ctx, null = torch.randn(4, 3, 8, 8), torch.randn(4, 77, 16), torch.randn(1, 77, 16)
+    settings = dict(p_ref=0.7, p_drop=0.3, p_drop_text=0.2, ref_loss_weight=0.5)
+    for k in settings:  # nonsense globals: Trainee must not read them
+        monkeypatch.setattr(train, k, -1.0)
+    got = train.Trainee(unet, **settings)(x0, 2, torch.Generator().manual_seed(3), diffusion, ctx, null)
+    want = jedi_loss(unet, diffusion, x0, ctx, null, 2, generator=torch.Generator().manual_seed(3), **settings)
+    other = jedi_loss(unet, diffusion, x0, ctx, null, 2, generator=torch.Generator().manual_seed(3))
+    assert torch.equal(got, want) and not torch.equal(want, other)
+
+
+def test_channels_last_is_the_same_function():
+    """channels_last=True: the first convolution sees NHWC input; the UNet computes the same function."""
+    from model.unet import UNet
+
+    torch.manual_seed(0)
+    unet = randomize(UNet(tiny_unet_config()), 0).eval()
+    x, t, ctx = torch.randn(4, 7, 16, 16), torch.tensor([3, 500, 999, 42]), torch.randn(4, 77, 16)
+    with torch.no_grad():
+        want = unet(x, t, ctx, set_size=2)
+        seen = []
+        unet.input_blocks[0][0].register_forward_hook(
+            lambda mod, args, out: seen.append(args[0].is_contiguous(memory_format=torch.channels_last)))
+        got = train.use_channels_last(unet)(x, t, ctx, set_size=2)
+    assert seen == [True] and want.abs().max() > 0.1
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_mfu_flop_count_never_runs_an_attention_kernel(monkeypatch):
+    """train.py's MFU count (flops.py on meta tensors) under JEDI_ATTN=triton: the same FLOPs as under sdpa, attention
+    included, and no attention kernel is called (the Triton op and SDPA both raise here)."""
+    import kernels
+    import kernels.flash_attn
+    from flops import unet_flops
+
+    cfg = tiny_unet_config()
+    monkeypatch.setattr(train, 'peak_flops', 1e12)
+    monkeypatch.setattr(train, 'resolution', 16)
+    parts, rt = types.SimpleNamespace(ucfg=cfg, vae=None), types.SimpleNamespace(dev='cpu')
+
+    def kernel(*args, **kwargs):
+        raise AssertionError('the FLOP count ran an attention kernel')
+    monkeypatch.setattr(kernels.flash_attn, 'flash_attention', kernel)
+    monkeypatch.setattr(kernels, 'sdpa_attention', kernel)
+    counts = {}
+    for backend in ('sdpa', 'triton'):
+        monkeypatch.setenv('JEDI_ATTN', backend)
+        peak, flops_per_image = train.mfu_setup(parts, rt)
+        counts[backend] = flops_per_image(2)
+    f = unet_flops(cfg, 16, 2)
+    assert peak == 1e12 and f.attention > 0 and counts['triton'] == counts['sdpa'] == f.per_image()
 
 
 # ----------------------------------------------------------------------------- subprocess runs

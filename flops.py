@@ -1,4 +1,5 @@
-"""Model FLOPs of the JeDi UNet, and the dense bf16 peak of the card, for TFLOP/s and MFU figures.
+"""Model FLOPs of the JeDi UNet, and the dense bf16 peak of the card, for TFLOP/s and MFU figures: the one home of
+both, used by train.py's MFU log line and by every benchmark in bench/.
 
 How the UNet is counted (once per shape, on the meta device, so no compute and no memory):
 - every op but attention: ``torch.utils.flop_counter.FlopCounterMode`` over one forward (convolutions, linears,
@@ -11,27 +12,37 @@ How the UNet is counted (once per shape, on the meta device, so no compute and n
 - forward + backward = 3 × forward (the backward does two matmuls per forward matmul, attention included):
   model FLOPs, as in PaLM's MFU. Activation-checkpoint recompute and FlashAttention's recompute of P are
   hardware work, not model work, and are not counted. The VAE and text encoder are not counted.
+- attention kernels alone (bench/bench_attention.py) follow the FlashAttention papers' convention instead: the
+  backward is ATTENTION_BACKWARD_FACTOR = 2.5 × the forward (5 matmuls, the recompute of P included, against 2),
+  at the true head dim, not the padded one.
+The UNet's forward never runs an attention kernel here: a recording stub stands in for ``model.unet.attention``,
+so under JEDI_ATTN=triton no meta tensor reaches Triton.
 """
 import contextlib
 from dataclasses import dataclass
 
 import torch
 
-# Dense (no sparsity) bf16 tensor-core peaks, FLOP/s, from the vendors' data sheets. More specific names first:
-# "H100 PCIe" must not match the SXM row. The name is torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3".
+# Dense (no sparsity) bf16 tensor-core peaks with fp32 accumulation, FLOP/s, from NVIDIA's data sheets (their
+# "with sparsity" figures halved): H100 / H200 (SXM 1,979 / PCIe 1,513 / NVL 1,671 sparse), A100 (312 dense),
+# L40S (733 sparse), L40 (362 sparse), L4 (242 sparse), A10 (250 sparse), H20 (296 sparse), GeForce RTX 4090 (Ada
+# whitepaper: 165 with fp32 accumulate). More specific names first: the key is a substring of
+# torch.cuda.get_device_name(), e.g. "NVIDIA H100 80GB HBM3" (SXM), "NVIDIA H100 PCIe", "NVIDIA GH200 480GB".
+# A10G (AWS's variant of the A10) has no NVIDIA data sheet; earlier tables here said 70 and 125. It is listed as
+# unknown (no MFU) rather than guessed: pass the peak (train.py --peak_flops, bench --peak-tflops).
 PEAK_BF16 = [
     ("H100 PCIe", 756e12),
     ("H100 NVL", 835e12),
-    ("H100", 989e12),  # SXM5 (HBM3): "NVIDIA H100 80GB HBM3"
-    ("H200", 989e12),
+    ("H200 NVL", 835e12),
+    ("H100", 989e12),  # SXM5 (HBM3)
+    ("H200", 989e12),  # SXM; also matches GH200 (the same 989)
     ("H20", 148e12),
-    ("GH200", 989e12),
     ("A100", 312e12),
     ("A800", 312e12),
     ("L40S", 362e12),
     ("L40", 181e12),
     ("L4", 121e12),
-    ("A10G", 70e12),
+    ("A10G", 0.0),
     ("A10", 125e12),
     ("RTX 4090", 165e12),
 ]
@@ -83,7 +94,11 @@ def _recorded_attention(calls):
         unet_mod.attention = real
 
 
+ATTENTION_BACKWARD_FACTOR = 2.5  # kernel benchmarks: backward FLOPs = 2.5 × attention_flops (REFERENCE.md)
+
+
 def attention_flops(b, lq, lk, h, d) -> float:
+    """Forward FLOPs of non-causal attention, q (b, lq, h, d), k and v (b, lk, h, d): QKᵀ and PV."""
     return 4.0 * b * h * lq * lk * d
 
 
@@ -131,11 +146,7 @@ def counted_sdpa_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, co
     return float(counter.get_total_flops())
 
 
-if __name__ == "__main__":  # python bench/flops.py: the numbers for the benchmark shapes
-    import sys
-    from pathlib import Path
-
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+if __name__ == "__main__":  # python flops.py: the numbers for the benchmark shapes
     from model.unet import UNetConfig
 
     for n, sets in ((4, 2), (4, 4)):
