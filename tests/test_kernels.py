@@ -61,28 +61,32 @@ def _leaf(x, dtype):
 
 
 CASES = [
-    # B, Lq,  Lk,  H, D,   dtype,         split, packed
-    (2, 77, 77, 2, 40, torch.float32, False, True),  # SD d40, odd length, strided views
-    (1, 100, 77, 2, 80, torch.float16, False, False),  # cross-attention length, Lq != Lk
-    (1, 257, 100, 1, 160, torch.float16, False, False),  # d160, one past a block multiple
-    (1, 64, 128, 3, 64, torch.float32, False, False),  # power of two, no ragged tails at all
-    (1, 33, 77, 2, 40, torch.float16, True, False),  # split 32 + 16 (8 masked)
-    (1, 77, 130, 1, 80, torch.float32, True, False),  # split 64 + 16
-    (1, 100, 50, 1, 160, torch.float16, True, False),  # split 128 + 32
-    (1, 1, 1, 1, 8, torch.float32, False, False),  # degenerate: one query, one key, tiny head
-    (1, 64, 77, 2, 80, torch.bfloat16, False, False),  # bf16: tiles upcast under the interpreter
+    # B, Lq,  Lk,  H, D,   dtype,         variant, packed
+    (2, 77, 77, 2, 40, torch.float32, None, True),  # SD d40, odd length, strided views
+    (1, 100, 77, 2, 80, torch.float16, None, False),  # cross-attention length, Lq != Lk
+    (1, 257, 100, 1, 160, torch.float16, None, False),  # d160, one past a block multiple
+    (1, 64, 128, 3, 64, torch.float32, None, False),  # power of two, no ragged tails at all
+    (1, 1, 1, 1, 8, torch.float32, None, False),  # degenerate: one query, one key, tiny head
+    (1, 64, 77, 2, 80, torch.bfloat16, None, False),  # bf16: tiles upcast under the interpreter
+    (1, 100, 77, 2, 40, torch.bfloat16, "qsplit3", False),  # dK/dV query sweep in 3 shares (cross-attention)
+    (1, 70, 77, 1, 160, torch.float16, "qsplit5", False),  # 5 shares of 3 query blocks: two sweep nothing
+    (1, 50, 40, 2, 40, torch.float16, "noalign", False),  # the A/B switch: no alignment hints
+    (1, 50, 40, 1, 80, torch.float16, "ws", False),  # warp_specialize (the interpreter ignores the pass)
 ]
 
 
-@pytest.mark.parametrize("B,Lq,Lk,H,D,dtype,split,packed", CASES,
-                         ids=[f"d{c[4]}-{c[1]}x{c[2]}-{str(c[5])[6:]}{'-split' if c[6] else ''}" for c in CASES])
-def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, split, packed):
+@pytest.mark.parametrize("B,Lq,Lk,H,D,dtype,variant,packed", CASES,
+                         ids=[f"d{c[4]}-{c[1]}x{c[2]}-{str(c[5])[6:]}{'-' + c[6] if c[6] else ''}" for c in CASES])
+def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, variant, packed, monkeypatch):
     q, k, v = _inputs(B, Lq, Lk, H, D, dtype, packed)
     do = torch.randn(B, Lq, H, D, device=DEVICE, dtype=dtype).transpose(1, 2).contiguous().transpose(1, 2)
     # ^ upstream gradient in (B, H, L, D) memory order: the backward must honour its strides too.
     scale = 0.7 / math.sqrt(D)  # not the default, so a dropped scale shows
+    if variant and variant.startswith("qsplit"):
+        monkeypatch.setattr(flash_attn, "dkdv_q_splits", lambda *a: int(variant[6:]))
+    opts = dict(warp_specialize=variant == "ws", align_hint=variant != "noalign")
 
-    got = _run(lambda q, k, v: flash_attn.flash_attention(q, k, v, scale, split_d=split), q, k, v, do)
+    got = _run(lambda q, k, v: flash_attn.flash_attention(q, k, v, scale, **opts), q, k, v, do)
     f64 = [_leaf(x, torch.float64) for x in (q, k, v)]
     ref = _run(lambda q, k, v: attention_reference(q, k, v, scale), *f64, do.double())
     # What torch's own SDPA gets wrong in the same dtype sets the bar.
@@ -95,6 +99,22 @@ def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, split, packed):
         err_sdpa = (s.double() - r).abs().max().item()
         tol = 2 * err_sdpa + EPS[dtype] * max(1.0, r.abs().max().item())
         assert err <= tol, f"{name}: max err {err:.3g} > {tol:.3g} (sdpa {err_sdpa:.3g}), seed {SEED}"
+
+
+def test_dkdv_q_splits_heuristic():
+    cpu = torch.device("cpu")  # one "SM": the heuristic's arithmetic without a GPU
+    assert flash_attn.dkdv_q_splits(4096, 4096, 16, cpu) == 1  # self-attention: key blocks fill the SMs
+    assert flash_attn.dkdv_q_splits(100, 77, 1, cpu) == 1  # short query sweep: nothing to split
+    if DEVICE == "cuda":
+        assert flash_attn.dkdv_q_splits(4096, 77, 64, torch.device("cuda")) > 1  # cross-attention, 8 images
+
+
+def test_alignment_hint_conditions():
+    x = torch.randn(2, 16, 3, 8, 40, device=DEVICE)  # packed (B, L, 3, H, D)
+    assert flash_attn._aligned(*x.unbind(2))  # strides 960 / 320 / 40, offsets of 320 floats
+    assert not flash_attn._aligned(torch.randn(2, 16, 8, 36, device=DEVICE))  # head stride 36
+    assert not flash_attn._aligned(x[..., 1:33])  # pointer 4 bytes past a 16-byte boundary
+    assert not flash_attn._aligned(x.transpose(-1, -2))  # last stride not 1
 
 
 def test_only_requested_grads():
@@ -136,19 +156,8 @@ def test_traceable_by_torch_compile():
         assert torch.equal(g, r), f"seed {SEED}"
 
 
-def test_split_mode_refused_on_cuda():
-    if DEVICE != "cuda":
-        pytest.skip("the refusal is CUDA-only; split mode runs under the interpreter")
-    q = torch.randn(1, 64, 1, 40, device=DEVICE, dtype=torch.float16)
-    with pytest.raises(NotImplementedError, match="split_d"):
-        flash_attn.flash_attention(q, q, q, split_d=True)
-
-
-def test_head_dim_pieces():
-    assert [flash_attn.head_dim_pieces(d) for d in (8, 40, 64, 80, 160, 256)] == \
-        [(16, 0), (64, 0), (64, 0), (128, 0), (256, 0), (256, 0)]
-    assert [flash_attn.head_dim_pieces(d, split=True) for d in (40, 64, 80, 96, 160, 200)] == \
-        [(32, 16), (64, 0), (64, 16), (64, 32), (128, 32), (256, 0)]
+def test_head_dim_tile():
+    assert [flash_attn.head_dim_tile(d) for d in (8, 40, 64, 80, 160, 256)] == [16, 64, 64, 128, 256, 256]
 
 
 def test_rejects_bad_inputs():
@@ -159,6 +168,8 @@ def test_rejects_bad_inputs():
         flash_attn.flash_attention(q.double(), q.double(), q.double())
     with pytest.raises(ValueError):
         flash_attn.flash_attention(*[torch.randn(1, 4, 1, 320, device=DEVICE)] * 3)
+    with pytest.raises(ValueError, match="positive"):
+        flash_attn.flash_attention(q, q, q, scale=-1.0)
 
 
 # ---------------------------------------------------------------------------------------------------------
