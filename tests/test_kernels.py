@@ -209,12 +209,95 @@ def test_dispatch_env_and_backend_argument(spy, monkeypatch):
 
 
 def test_dispatch_auto(spy):
-    # auto = SDPA everywhere: cuDNN's SDPA beat the Triton kernel on an H200 (kernels/__init__.py has the numbers).
-    q = torch.randn(1, 8, 1, 16, device=DEVICE)
+    # auto on CPU = SDPA; on a card, whatever its committed table says (an unmeasured card: SDPA).
+    q = torch.randn(1, 8, 1, 16, device="cpu")
     assert kernels.resolve_backend(q, q, q, "auto") == "sdpa"
     assert kernels.resolve_backend(q, q, q, "triton") == "triton"
     kernels.attention(q, q, q)
     assert spy == []
+
+
+def _table(entries, card="Test Card 9000"):
+    return {"schema": 1, "card": card, "measured": {"date": "test"}, "entries": entries}
+
+
+def _entry(**kw):
+    e = dict(dtype="bf16", head_dim=40, lq=8192, lk=8192, direction="fwd", backend="triton",
+             ms={"triton": 1.0, "sdpa": 1.5})
+    e.update(kw)
+    return e
+
+
+@pytest.fixture
+def table_dir(tmp_path, monkeypatch):
+    from kernels import dispatch
+    monkeypatch.setattr(dispatch, "TABLE_DIR", tmp_path)
+    dispatch.table_for.cache_clear()
+    yield tmp_path
+    dispatch.table_for.cache_clear()
+
+
+def test_dispatch_table_lookup(table_dir):
+    import json
+
+    from kernels import dispatch
+    (table_dir / "test-card-9000.json").write_text(json.dumps(_table(
+        [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, head_dim=40, backend="triton-ws")])))
+    assert dispatch.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
+    assert dispatch.lookup("Test Card 9000", "bf16", 40, 8192, 8192, "fwd") == "triton"
+    assert dispatch.lookup("Test Card 9000", "bf16", 40, 5000, 7000, "fwd") == "triton"  # same buckets
+    assert dispatch.lookup("Test Card 9000", "bf16", 40, 8192, 8192, "train") == "sdpa"
+    assert dispatch.lookup("Test Card 9000", "bf16", 40, 4096, 77, "fwd") == "triton-ws"  # cross-attention
+    assert dispatch.lookup("Test Card 9000", "fp16", 40, 8192, 8192, "fwd") == "sdpa"  # not measured
+    assert dispatch.lookup("Test Card 9000", "bf16", 40, 16384, 16384, "fwd") == "sdpa"
+    assert dispatch.lookup("Some Other Card", "bf16", 40, 8192, 8192, "fwd") == "sdpa"  # no table
+
+
+BAD_TABLES = [
+    (_table([_entry(), _entry(backend="cudnn")]), r"entries\[1\].*backend must be"),
+    (_table([_entry(), _entry(lq=8000)]), r"entries\[1\].*power-of-two"),
+    (_table([_entry(), _entry(direction="bwd")]), r"entries\[1\].*direction"),
+    (_table([_entry(), _entry()]), r"entries\[1\].*duplicate"),
+    (_table([_entry(), {"dtype": "bf16"}]), r"entries\[1\].*missing"),
+    (_table([_entry(ms={"triton": -1})]), r"entries\[0\].*ms must"),
+    (_table([_entry(head_dim="40")]), r"entries\[0\].*head_dim"),
+    ({**_table([]), "schema": 2}, r"'schema' must be 1"),
+    (_table([], card="Another Card"), r"'card' is 'Another Card'"),
+]
+
+
+@pytest.mark.parametrize("table,message", BAD_TABLES, ids=[m.split(".*")[-1].strip("\\'") for _, m in BAD_TABLES])
+def test_malformed_dispatch_table(table_dir, table, message):
+    import json
+
+    from kernels import dispatch
+    path = table_dir / "test-card-9000.json"
+    path.write_text(json.dumps(table))
+    with pytest.raises(ValueError, match=message) as info:
+        dispatch.lookup("Test Card 9000", "bf16", 40, 8192, 8192, "fwd")
+    assert str(path) in str(info.value) and "\n" not in str(info.value)  # one line, naming the file
+
+
+def test_unreadable_dispatch_table(table_dir):
+    from kernels import dispatch
+    (table_dir / "test-card-9000.json").write_text("{not json")
+    with pytest.raises(ValueError, match="not a readable JSON"):
+        dispatch.lookup("Test Card 9000", "bf16", 40, 8192, 8192, "fwd")
+
+
+def test_record_backends(spy):
+    q = torch.randn(1, 20, 2, 40, device=DEVICE, requires_grad=True)
+    k = torch.randn(1, 77, 2, 40, device=DEVICE)
+    with kernels.record_backends() as used:
+        kernels.attention(q, k, k, backend="sdpa")
+        kernels.attention(q, k, k, backend="triton")
+        with torch.no_grad():
+            kernels.attention(q, k, k, backend="sdpa")
+            kernels.attention(q, k, k, backend="sdpa")
+    kernels.attention(q, k, k, backend="sdpa")  # outside: not counted
+    U = kernels.BackendUse
+    assert used == {U("sdpa", 40, 32, 128, "train"): 1, U("triton", 40, 32, 128, "train"): 1,
+                    U("sdpa", 40, 32, 128, "fwd"): 2}
 
 
 def test_model_same_output_either_backend(spy, monkeypatch):
