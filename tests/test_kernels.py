@@ -358,10 +358,28 @@ def test_kernels_compile_for_sm90():
     assert r.returncode == 0 and "0 compile failures" in r.stdout, r.stdout + r.stderr
 
 
+def test_kernel_sweep_cpu_smoke(tmp_path):
+    # The sweep's whole Python path at a tiny size under the interpreter: correctness first, timing, tables,
+    # and a dispatch table that kernels/dispatch accepts.
+    from kernels import dispatch
+    r = subprocess.run([sys.executable, "bench/kernel_sweep.py", "--cpu-smoke", "--dtypes", "fp16", "--out",
+                        str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = (tmp_path / "kernel_sweep.md").read_text()
+    assert "fp16 forward (TFLOP/s)" in text and "triton-noalign" in text and "| wrong" not in text
+    card, entries = dispatch.load(tmp_path / "dispatch" / "cpu-interpreter-smoke.json")
+    assert card == "CPU interpreter smoke"
+    assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
+        {("fp16", 40, 32, 32), ("fp16", 40, 16, 16)}  # the self- and cross-attention buckets
+    assert "git:" in (tmp_path / "SUMMARY.md").read_text()
+
+
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
-def test_gpu_suite_fails_fast_without_cuda(tmp_path):
+@pytest.mark.parametrize("script", ["gpu_suite.sh", "gpu_kernel_sweep.sh"])
+def test_gpu_scripts_fail_fast_without_cuda(tmp_path, script):
     t = time.time()
-    r = subprocess.run(["bash", "bench/gpu_suite.sh", str(tmp_path / "suite")], cwd=ROOT, env=_sub_env(),
+    r = subprocess.run(["bash", f"bench/{script}", str(tmp_path / "out")], cwd=ROOT, env=_sub_env(),
                        capture_output=True, text=True, timeout=120)
-    assert r.returncode != 0 and "CUDA" in r.stderr, r.stdout + r.stderr
+    assert r.returncode == 2 and "CUDA" in r.stderr, r.stdout + r.stderr
+    assert not (tmp_path / "out").exists()  # nothing half-written
     assert time.time() - t < 60
