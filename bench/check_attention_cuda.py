@@ -28,7 +28,7 @@ def main():
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--dtypes", default="fp16,bf16")
     p.add_argument("--variants", default="triton",
-                   help="kernel variants to check: triton, triton-ws (warp-specialized forward), triton-noalign")
+                   help="kernel variants to check: triton, triton-tma, triton-ws, triton-noalign (comma list)")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: two tiny cases under the interpreter")
     p.add_argument("--compile-only", choices=["quick", "all"], default=None,
                    help="no GPU needed: compile the kernels for sm_90 with ptxas (quick: a few; all: every autotune "
@@ -94,7 +94,7 @@ def main():
             ref = run(ref_fn, *[leaf(x, torch.float32) for x in (q, k, v)], do.float())
             low = run(kernels.sdpa_attention, *[leaf(x, dtype) for x in (q, k, v)], do)
             for mode in args.variants.split(","):
-                opts = dict(warp_specialize=mode == "triton-ws", align_hint=mode != "triton-noalign")
+                opts = kernels.TRITON_OPTIONS.get(mode, dict(align_hint=False))  # else triton-noalign
                 got = run(lambda q, k, v: flash_attn.flash_attention(q, k, v, **opts), q, k, v, do)
                 cells, ok = [], True
                 for g, r, s in zip(got, ref, low):
@@ -166,7 +166,8 @@ def compile_only(which):
     return 1 if failures else 0
 
 
-def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, seq=4096, heads=8):
+def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, tma=False, seq=4096,
+                 heads=8):
     """Compile one kernel as the JIT would for contiguous (2, seq, heads, d) tensors: pointers and the integer
     arguments that are multiples of 16 get the JIT's divisibility-16 attribute, arguments equal to 1 become
     constants. -> dict of ptxas and assembly counts."""
@@ -187,7 +188,7 @@ def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True
     cx = dict(HEAD_DIM=d, BD=bd, CHECK_D=bd > d, ALIGNED=aligned, UPCAST=False,
               PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, CHECK_M=check_m, CHECK_N=check_n)
     if kind == "fwd":
-        cx["WS"] = ws
+        cx["WS"], cx["TMA"] = ws, tma
     values = {"b": 2 * seq * heads * d, "m": heads * d, "n": heads * d, "h": d, "d": 1}  # strides by last letter
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):
@@ -224,7 +225,8 @@ def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True
     return dict(regs=regs[-1] if regs else "?", spill=spill[-1] if spill else "?", smem_kb=k.metadata.shared // 1024,
                 ld_b16=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)),
                 ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
-                ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)))
+                ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+                utmaldg=len(re.findall(r"\bUTMALDG\b", sass)), setmaxnreg=ptx.count("setmaxnreg"))
 
 
 if __name__ == "__main__":

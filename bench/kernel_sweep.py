@@ -7,9 +7,10 @@
 Shapes (8 heads): SD-1.4's self-attention coupled over N = 1..4 images, L = N*HW for HW 4096 / 1024 / 256 / 64
 with head dims 40 / 80 / 160 / 160, batch 2 sets (one set with classifier-free guidance); and its
 cross-attention, Lq = HW, Lk = 77, batch 8 images (2 x 4). Forward and backward, fp16 and bf16.
-Variants: ours -- triton (autotuned), triton-ws (warp-specialized forward), triton-noalign (the pre-fix scalar
-loads, D 40 self-attention only: at D 80 / 160 it compiles to the same code) -- and PyTorch's SDPA: its default
-choice (what the "sdpa" backend runs) and each of cudnn / flash / efficient forced.
+Variants: ours -- triton (autotuned, pointer loads), triton-tma (forward K/V through TMA descriptors),
+triton-ws (TMA + warp-specialized forward loop), triton-noalign (the pre-fix scalar loads, D 40 self-attention
+only: at D 80 / 160 it compiles to the same code) -- and PyTorch's SDPA: its default choice (what the "sdpa"
+backend runs) and each of cudnn / flash / efficient forced.
 
 Order of work:
 1. warm-up (GPU): `--workers` processes compile every Triton kernel the sweep will run, in parallel, into
@@ -22,7 +23,7 @@ Order of work:
    OUTDIR/dispatch/<card>.json (the format kernels/dispatch reads; copy it to kernels/dispatch/ to commit it)
    and OUTDIR/SUMMARY.md (card, date, command, versions, git commit, seconds per phase, anything skipped).
 The dispatch table picks, per (dtype, head dim, Lq bucket, Lk bucket), the backend with the least summed time
-over the bucket's shapes among triton / triton-ws / sdpa (default): "fwd" by forward time, "train" by
+over the bucket's shapes among triton / triton-tma / triton-ws / sdpa (default): "fwd" by forward time, "train" by
 forward + backward. A shape is started only if the --max-seconds budget should still cover it.
 """
 import argparse
@@ -41,7 +42,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # flops.py lives in bench/ or a
 
 HEADS = 8
 LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens per image HW, head dim D) per UNet level
-OURS = ("triton", "triton-ws", "triton-noalign")
+OURS = ("triton", "triton-tma", "triton-ws", "triton-noalign")
 SDPAS = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 DTYPES = ("fp16", "bf16")
 EPS = {"fp16": 5e-4, "bf16": 4e-3}  # as bench/check_attention_cuda.py
@@ -73,7 +74,8 @@ def make_fn(torch, name):
 
     from kernels import flash_attn, sdpa_attention
     if name in OURS:
-        opts = dict(warp_specialize=name == "triton-ws", align_hint=name != "triton-noalign")
+        from kernels import TRITON_OPTIONS
+        opts = TRITON_OPTIONS.get(name, dict(align_hint=False))  # triton-noalign: the A/B switch
         return lambda q, k, v: flash_attn.flash_attention(q, k, v, **opts)
     if name == "sdpa":
         return sdpa_attention
@@ -223,8 +225,8 @@ def tflops(b, lq, lk, d, ms, bwd):
 
 
 def dispatch_entries(rows, dname):
-    """Per (D, Lq bucket, Lk bucket): the least summed time over the bucket's shapes among triton / triton-ws /
-    sdpa, for "fwd" and "train". A backend enters a bucket only if it passed and was timed at all its shapes."""
+    """Per (D, Lq bucket, Lk bucket): the least summed time over the bucket's shapes among our variants and
+    default sdpa, for "fwd" and "train". A backend enters a bucket only if it passed and was timed at all its shapes."""
     from kernels.dispatch import bucket
     groups = {}
     for r in rows:
@@ -234,7 +236,7 @@ def dispatch_entries(rows, dname):
     for (d, lqb, lkb), rs in sorted(groups.items()):
         for direction in ("fwd", "train"):
             total = {}
-            for name in ("triton", "triton-ws", "sdpa"):
+            for name in ("triton", "triton-tma", "triton-ws", "sdpa"):
                 ts = [r["ms"].get(name) for r in rs]
                 if all(t is not None for t in ts):
                     total[name] = sum(f + (b if direction == "train" else 0.0) for f, b in ts)

@@ -5,14 +5,15 @@
 
 Backends:
     "triton":    the fused flash-attention kernel in ``kernels/flash_attn.py`` (fp16/bf16/fp32, D <= 256).
-    "triton-ws": the same with the forward's key loop warp-specialized (Triton's Hopper pass).
+    "triton-tma": the same with the forward's K/V tiles loaded through TMA descriptors (Hopper and later).
+    "triton-ws": TMA plus the forward's key loop warp-specialized (Triton's Hopper pass; falls back without).
     "sdpa":      PyTorch's ``scaled_dot_product_attention`` (never materialises Lq x Lk on its fused paths).
     "auto" (default): per call, the backend measured fastest on this card for (dtype, head dim, Lq bucket,
         Lk bucket, direction) in ``kernels/dispatch/<card>.json`` (written by bench/gpu_kernel_sweep.sh).
         Direction "train" (some input requires grad) compares forward + backward, and the op runs both on
         that backend; "fwd" compares the forward. A card without a table, an unmeasured shape, fp32 and every
         CPU tensor get "sdpa".
-The ``backend`` argument wins over the environment variable ``JEDI_ATTN=auto|triton|triton-ws|sdpa``.
+The ``backend`` argument wins over the environment variable ``JEDI_ATTN=auto|triton|triton-tma|triton-ws|sdpa``.
 Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (that is how the tests run it).
 
 ``record_backends()``: a context manager yielding a Counter of ``BackendUse(backend, head_dim, lq, lk,
@@ -29,7 +30,8 @@ import torch.nn.functional as F
 
 from . import dispatch
 
-BACKENDS = ("auto", "triton", "triton-ws", "sdpa")
+BACKENDS = ("auto", "triton", "triton-tma", "triton-ws", "sdpa")
+TRITON_OPTIONS = {"triton": {}, "triton-tma": dict(tma=True), "triton-ws": dict(tma=True, warp_specialize=True)}
 BackendUse = collections.namedtuple("BackendUse", "backend head_dim lq lk direction")
 _RECORDERS = []  # Counters of the active record_backends() contexts
 
@@ -53,7 +55,7 @@ def _direction(q, k, v):
 
 
 def resolve_backend(q, k, v, backend=None) -> str:
-    """The backend ``attention`` would use for these tensors: "triton", "triton-ws" or "sdpa"."""
+    """The backend ``attention`` would use for these tensors: "sdpa" or one of the "triton" variants."""
     backend = (backend or os.environ.get("JEDI_ATTN") or "auto").lower()
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; expected one of {BACKENDS} (JEDI_ATTN / backend=)")
@@ -81,7 +83,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
                          _direction(q, k, v))
         for counts in _RECORDERS:
             counts[use] += 1
-    if chosen in ("triton", "triton-ws"):
+    if chosen in TRITON_OPTIONS:
         from . import flash_attn  # imported lazily: triton.jit fixes interpreter vs compiler at import time
-        return flash_attn.flash_attention(q, k, v, scale, warp_specialize=chosen == "triton-ws")
+        return flash_attn.flash_attention(q, k, v, scale, **TRITON_OPTIONS[chosen])
     return sdpa_attention(q, k, v, scale)

@@ -24,6 +24,9 @@ Design (FlashAttention-2, as in the Triton tutorial, without its causal-only bac
   torch.backends.cuda.matmul.allow_tf32 is set. Under TRITON_INTERPRET=1 bf16 arithmetic is silently
   wrong (numpy has no bf16), so the constexpr UPCAST -- true only when interpreting bf16 -- upcasts each
   loaded tile to fp32; compiled GPU code never takes that branch.
+- tma=True loads the forward's K and V tiles through TMA descriptors (tl.make_tensor_descriptor over one
+  head's (L, D) slab): the copy engine zero-fills the padded columns and the key tail, no address math or
+  masks in the loop. Hopper and later, fp16 / bf16, aligned strides; anything else takes the pointer loads.
 - warp_specialize=True runs the forward's key loop as tl.range(..., warp_specialize=True) (Triton >= 3.4 has
   a Hopper pass for it); on a Triton without it the flag is ignored, and where the pass fails to compile
   (Triton 3.8, sm_90, D 40) the forward warns once and runs without it.
@@ -46,6 +49,7 @@ INTERPRET = type(tl.zeros).__name__ == "InterpretedFunction"
 _INTERPRET_ENV = os.environ.get("TRITON_INTERPRET", "0").lower() in ("1", "true", "on", "yes")
 # tl.range(warp_specialize=...) exists from Triton 3.4 (the GPU machine has 3.6); older ones never get the flag.
 HAS_WARP_SPECIALIZE = "warp_specialize" in inspect.signature(tl.range.__init__).parameters
+HAS_TMA = hasattr(tl, "make_tensor_descriptor")  # Triton >= 3.4
 
 # Tests set this to float("nan") so that any output element a kernel fails to write shows up.
 _DEBUG_FILL = None
@@ -128,7 +132,7 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
                 s_vb, s_vn, s_vh, s_vd, s_ob, s_om, s_oh, s_od,
                 H, LQ, LK, LQ_KEY, LK_KEY,
                 HEAD_DIM: tl.constexpr, BD: tl.constexpr, CHECK_D: tl.constexpr, ALIGNED: tl.constexpr,
-                UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr,
+                UPCAST: tl.constexpr, PREC: tl.constexpr, WS: tl.constexpr, TMA: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
@@ -142,6 +146,9 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     d = tl.arange(0, BD)
+    if TMA:  # one head's (L, HEAD_DIM) slab: TMA zero-fills the padded columns and the key tail, no masks
+        k_desc = tl.make_tensor_descriptor(K, shape=[LK, HEAD_DIM], strides=[s_kn, 1], block_shape=[BLOCK_N, BD])
+        v_desc = tl.make_tensor_descriptor(V, shape=[LK, HEAD_DIM], strides=[s_vn, 1], block_shape=[BLOCK_N, BD])
     q = _load(_tile(Q, offs_m, s_qm, d, s_qd, ALIGNED), offs_m, LQ, d, HEAD_DIM, CHECK_M, CHECK_D, UPCAST)
     acc = tl.zeros([BLOCK_M, BD], dtype=tl.float32)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)  # running max of scaled scores (log2 units)
@@ -150,7 +157,12 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
 
     for start_n in tl.range(0, LK, BLOCK_N, warp_specialize=WS):
         cur_n = start_n + offs_n
-        k = _load(_tile(K, cur_n, s_kn, d, s_kd, ALIGNED), cur_n, LK, d, HEAD_DIM, CHECK_N, CHECK_D, UPCAST)
+        if TMA:
+            k = k_desc.load([start_n, 0])
+            if UPCAST:
+                k = k.to(tl.float32)
+        else:
+            k = _load(_tile(K, cur_n, s_kn, d, s_kd, ALIGNED), cur_n, LK, d, HEAD_DIM, CHECK_N, CHECK_D, UPCAST)
         qk = tl.dot(q, tl.trans(k), input_precision=PREC)  # (BLOCK_M, BLOCK_N) fp32 raw scores
         if CHECK_N:  # keys past LK get zero weight
             qk = tl.where(cur_n[None, :] < LK, qk, float("-inf"))
@@ -158,7 +170,12 @@ def _fwd_kernel(Q, K, V, O, LSE, sm_scale,
         p = tl.math.exp2(qk * qk_scale - m_new[:, None])  # one FMA per score (sm_scale > 0: max commutes)
         alpha = tl.math.exp2(m_i - m_new)  # rescales what was accumulated under the old max (0 at first)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = _load(_tile(V, cur_n, s_vn, d, s_vd, ALIGNED), cur_n, LK, d, HEAD_DIM, CHECK_N, CHECK_D, UPCAST)
+        if TMA:
+            v = v_desc.load([start_n, 0])
+            if UPCAST:
+                v = v.to(tl.float32)
+        else:
+            v = _load(_tile(V, cur_n, s_vn, d, s_vd, ALIGNED), cur_n, LK, d, HEAD_DIM, CHECK_N, CHECK_D, UPCAST)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PREC)
         m_i = m_new
 
@@ -337,7 +354,7 @@ def _autotuned(kernel, kind):
     configs = sorted({cfg for tier in _TABLES[kind].values() for cfg in tier})
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
-        key=["HEAD_DIM", "LQ_KEY", "LK_KEY", "ALIGNED"] + (["WS"] if kind == "fwd" else []),  # + dtypes (Triton)
+        key=["HEAD_DIM", "LQ_KEY", "LK_KEY", "ALIGNED"] + (["WS", "TMA"] if kind == "fwd" else []),  # + dtypes
         prune_configs_by={"early_config_prune": _make_prune(kind)},
         # Short benchmarks keep first-call tuning cheap (<= 3 configs x 3 kernels per key), and picks are cached
         # on disk (Triton's cache dir), so later processes on the machine skip the tuning.
@@ -421,10 +438,22 @@ def _check(q, k, v, scale):
         raise ValueError("empty attention")
 
 
-_WS_FAILED = set()  # (D, dtype, ALIGNED) for which the warp-specialized forward failed to compile
+_WS_FAILED = set()  # (D, dtype, ALIGNED, TMA) for which the warp-specialized forward failed to compile
 
 
-def _forward(q, k, v, scale, ws, align_hint):
+def _set_allocator():
+    # Descriptors made on the device (tl.make_tensor_descriptor) live in a global-memory scratch that Triton
+    # asks the program for; set once, the first time the TMA forward runs on a GPU.
+    global _ALLOCATOR_SET
+    if not _ALLOCATOR_SET:
+        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
+        _ALLOCATOR_SET = True
+
+
+_ALLOCATOR_SET = False
+
+
+def _forward(q, k, v, scale, ws, tma, align_hint):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     o = _empty((B, Lq, H, D), q.device, q.dtype)  # (B, Lq, H, D) contiguous
@@ -432,7 +461,12 @@ def _forward(q, k, v, scale, ws, align_hint):
     args = (q, k, v, o, lse, scale, *q.stride(), *k.stride(), *v.stride(), *o.stride(),
             H, Lq, Lk, _bucket(Lq), _bucket(Lk))
     meta = _meta(q, D, q, k, v, o, align_hint=align_hint)
-    key = (D, q.dtype, meta["ALIGNED"])
+    # TMA wants 16-byte aligned rows and base: what ALIGNED promises; fp32 tiles of 256 columns exceed its box.
+    meta["TMA"] = tma and HAS_TMA and meta["ALIGNED"] and q.dtype != torch.float32 and (
+        not q.is_cuda or torch.cuda.get_device_capability(q.device)[0] >= 9)  # TMA: Hopper and later
+    if meta["TMA"] and q.is_cuda:
+        _set_allocator()
+    key = (D, q.dtype, meta["ALIGNED"], meta["TMA"])
     if ws and HAS_WARP_SPECIALIZE and key not in _WS_FAILED:
         try:
             _launch(_fwd, (Lq, "BLOCK_M"), B * H, *args, **meta, WS=True)
@@ -477,13 +511,13 @@ def _backward(do, q, k, v, o, lse, scale, align_hint):
 # A torch.library custom op, not a bare autograd.Function: torch.compile treats it as one opaque node (Dynamo
 # cannot trace into Triton's autotuner launch), and the fake implementations give compile the output shapes.
 @torch.library.custom_op("jedi::flash_attn_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ws: bool, align_hint: bool
-            ) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale, ws, align_hint)
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ws: bool, tma: bool,
+            align_hint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, ws, tma, align_hint)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, scale, ws, align_hint):
+def _(q, k, v, scale, ws, tma, align_hint):
     B, Lq, H, D = q.shape
     return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)  # o, lse (both contiguous)
 
@@ -500,7 +534,7 @@ def _(do, q, k, v, o, lse, scale, align_hint):
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, ws, align_hint = inputs
+    q, k, v, scale, ws, tma, align_hint = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
     ctx.scale, ctx.align_hint = scale, align_hint
@@ -510,19 +544,21 @@ def _setup_context(ctx, inputs, output):
 def _backward_rule(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
     dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.align_hint)
-    return dq, dk, dv, None, None, None
+    return dq, dk, dv, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def flash_attention(q, k, v, scale=None, warp_specialize=False, align_hint=True):
+def flash_attention(q, k, v, scale=None, warp_specialize=False, tma=False, align_hint=True):
     """Non-causal softmax attention, fused (never materialises the Lq x Lk matrix). Differentiable.
 
     q:      (B, Lq, H, D)  fp16 / bf16 / fp32, any strides (e.g. views of a packed qkv projection)
     k, v:   (B, Lk, H, D)  same dtype and device as q; Lk may differ from Lq
     scale:  softmax scale (> 0), default 1/sqrt(D)
     warp_specialize: the forward's key loop as tl.range(warp_specialize=True) (ignored on Triton < 3.4)
+    tma: the forward loads K and V through TMA descriptors (tl.make_tensor_descriptor; fp16 / bf16 with
+        16-byte aligned strides, else the pointer loads)
     align_hint: False drops the 16-byte alignment hints, reproducing the pre-2026-12-01 scalar loads at D 40
         (an A/B switch for bench/gpu_kernel_sweep.sh; results are identical either way)
     returns (B, Lq, H, D) contiguous, dtype of q.  1 <= D <= 256.
@@ -531,4 +567,4 @@ def flash_attention(q, k, v, scale=None, warp_specialize=False, align_hint=True)
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     _check(q, k, v, scale)
-    return _fwd_op(q, k, v, float(scale), bool(warp_specialize), bool(align_hint))[0]
+    return _fwd_op(q, k, v, float(scale), bool(warp_specialize), bool(tma), bool(align_hint))[0]

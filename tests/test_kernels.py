@@ -71,7 +71,9 @@ CASES = [
     (1, 100, 77, 2, 40, torch.bfloat16, "qsplit3", False),  # dK/dV query sweep in 3 shares (cross-attention)
     (1, 70, 77, 1, 160, torch.float16, "qsplit5", False),  # 5 shares of 3 query blocks: two sweep nothing
     (1, 50, 40, 2, 40, torch.float16, "noalign", False),  # the A/B switch: no alignment hints
-    (1, 50, 40, 1, 80, torch.float16, "ws", False),  # warp_specialize (the interpreter ignores the pass)
+    (1, 50, 77, 2, 40, torch.float16, "tma", False),  # TMA descriptors: zero-filled key tail and columns
+    (1, 45, 45, 1, 80, torch.bfloat16, "tma", True),  # ... on strided views, bf16
+    (1, 33, 100, 1, 160, torch.float16, "ws", False),  # TMA + warp_specialize (the interpreter ignores the pass)
 ]
 
 
@@ -84,7 +86,7 @@ def test_flash_attention_matches_fp64(B, Lq, Lk, H, D, dtype, variant, packed, m
     scale = 0.7 / math.sqrt(D)  # not the default, so a dropped scale shows
     if variant and variant.startswith("qsplit"):
         monkeypatch.setattr(flash_attn, "dkdv_q_splits", lambda *a: int(variant[6:]))
-    opts = dict(warp_specialize=variant == "ws", align_hint=variant != "noalign")
+    opts = dict(warp_specialize=variant == "ws", tma=variant in ("tma", "ws"), align_hint=variant != "noalign")
 
     got = _run(lambda q, k, v: flash_attn.flash_attention(q, k, v, scale, **opts), q, k, v, do)
     f64 = [_leaf(x, torch.float64) for x in (q, k, v)]
@@ -372,6 +374,22 @@ def test_kernel_sweep_cpu_smoke(tmp_path):
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
         {("fp16", 40, 32, 32), ("fp16", 40, 16, 16)}  # the self- and cross-attention buckets
     assert "git:" in (tmp_path / "SUMMARY.md").read_text()
+
+
+def test_kernel_sweep_rejects_a_wrong_variant():
+    # Correctness comes first in the sweep: a variant 1% off in its output, or one that raises, gets a verdict
+    # (and so is never timed); the real kernel passes.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_sweep
+    q, k, v, do = kernel_sweep.inputs(torch, 1, 40, 24, 40, torch.float16, DEVICE, seed=0)
+
+    def broken(q, k, v):
+        raise RuntimeError("no kernel")
+    verdict = kernel_sweep.check(torch, {"triton": flash_attn.flash_attention,
+                                         "off": lambda q, k, v: kernels.sdpa_attention(q, k, v) * 1.01,
+                                         "broken": broken}, q, k, v, do, "fp16")
+    assert verdict["triton"] is None, verdict
+    assert "out err" in verdict["off"] and "no kernel" in verdict["broken"], verdict
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU failure path")
