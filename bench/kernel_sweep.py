@@ -191,29 +191,46 @@ def warm_worker(args):
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16}
     jobs = json.loads(args.warm_jobs)
     for dname, name, (kind, b, lq, lk, d, n) in jobs:
-        q, k, v, do = inputs(torch, b, lq, lk, d, dts[dname], "cuda", 0)
+        q, k, v, do = inputs(torch, b, lq, lk, d, dts[dname], args.warm_device, 0)
+        fn = make_fn(torch, name)
         try:
-            fwd_bwd(torch, make_fn(torch, name), q, k, v, do)
+            if name in ("triton-tma", "triton-ws"):  # their backward kernels are triton's, compiled by its group
+                with torch.no_grad():
+                    fn(q, k, v)
+            else:
+                fwd_bwd(torch, fn, q, k, v, do)
         except Exception as e:  # noqa: BLE001 -- the measuring process reports it
             print(f"warm-up {dname} {name} {kind} L {lq}x{lk} D {d}: {type(e).__name__}", flush=True)
-    torch.cuda.synchronize()
+    if args.warm_device == "cuda":
+        torch.cuda.synchronize()
     return 0
 
 
 def warm_up(args, work):
     """Compile in `--workers` parallel processes (compilation is CPU-bound and single-threaded per process)."""
-    jobs = [(dname, name, s) for dname, s in work for name in variants_for(s[0], s[4]) if name in OURS]
-    shares = [jobs[i::args.workers] for i in range(args.workers)]
-    procs = [subprocess.Popen([sys.executable, __file__, "--warm-jobs", json.dumps(share)], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for share in shares if share]
+    groups = {}  # jobs that share compiled binaries (dtype, variant, head dim, tail masks) go to one worker
+    for dname, s in work:
+        for name in variants_for(s[0], s[4]):
+            if name in OURS:
+                groups.setdefault((dname, name, s[4], s[0]), []).append((dname, name, s))
+    shares = [[] for _ in range(args.workers)]
+    for group in sorted(groups.values(), key=len, reverse=True):  # greedy: the biggest group to the emptiest
+        min(shares, key=len).extend(group)
+    device = "cpu" if args.cpu_smoke else "cuda"  # the smoke runs this path too, under the interpreter
+    cmd = [sys.executable, __file__, "--warm-device", device, "--warm-jobs"]
+    procs = [subprocess.Popen(cmd + [json.dumps(share)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for share in shares if share]
+    stop = time.time() + max(10.0, 0.45 * (args.deadline - time.time()))  # leave most of the budget to measuring
     logs = []
-    for p in procs:
+    for i, p in enumerate(procs):
         try:
-            out, _ = p.communicate(timeout=max(10.0, args.deadline - time.time() - 60))
+            out, _ = p.communicate(timeout=max(1.0, stop - time.time()))
         except subprocess.TimeoutExpired:
             p.kill()
             out, _ = p.communicate()
+            logs.append(f"warm-up worker {i} stopped at its time limit (the measuring process compiles the rest)")
+        if p.returncode not in (0, -9):
+            logs.append(f"warm-up worker {i} exited {p.returncode}: {out.strip().splitlines()[-1:] or ''}")
         logs += [line for line in out.splitlines() if line.startswith("warm-up")]
     return logs
 
@@ -345,6 +362,7 @@ def main():
     p.add_argument("--workers", type=int, default=6, help="parallel compile processes of the warm-up")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny shapes under the interpreter")
     p.add_argument("--warm-jobs", default=None, help=argparse.SUPPRESS)  # internal: one warm-up worker
+    p.add_argument("--warm-device", default="cuda", help=argparse.SUPPRESS)
     args = p.parse_args()
     t_start = time.time()
     args.deadline = t_start + args.max_seconds
@@ -370,7 +388,9 @@ def main():
     torch.backends.cuda.matmul.allow_tf32 = False
     work = [(dname, s) for s in shapes(args.cpu_smoke) for dname in dts]
     phases, logs = {}, []
-    if not args.cpu_smoke and args.workers > 0:
+    if args.workers > 0:
+        if args.cpu_smoke:
+            args.workers = 1
         logs = warm_up(args, work)
         phases["warm-up compile"] = time.time() - t_start
     meta = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()] + [
