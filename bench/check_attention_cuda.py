@@ -133,13 +133,14 @@ def compile_only(which):
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
     from kernels import flash_attn as fa
-    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned)
+    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma])
     if which == "quick":
         jobs = [("fwd", "fp16", 40, (128, 64, 4, 3), True, True, True),
                 ("fwd", "fp32", 64, (64, 64, 4, 3), False, False, True),
                 ("dkdv", "bf16", 80, (32, 64, 4, 2), True, True, True),
                 ("dq", "fp16", 160, (64, 32, 8, 2), True, False, True),
-                ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False)]
+                ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False),
+                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True)]  # TMA descriptors
     else:
         for kind in ("fwd", "dkdv", "dq"):
             for d in (40, 80, 160):
@@ -147,20 +148,21 @@ def compile_only(which):
                     for aligned in ((False, True) if d == 40 else (True,)):  # D 80/160: hinted by the JIT anyway
                         jobs.append((kind, "fp16", d, cfg, False, False, aligned))
     print("| kernel | dtype | D | BM | BN | warps | stages | hint | regs | spill B | smem KB | ld.b16 | ld.v4 | "
-          "LDGSTS | HGMMA | s |")
-    print("|" + "---|" * 16)
+          "LDGSTS | UTMALDG | HGMMA | s |")
+    print("|" + "---|" * 17)
     failures = 0
-    for kind, dtype, d, cfg, check_m, check_n, aligned in jobs:
+    for kind, dtype, d, cfg, check_m, check_n, aligned, *tma in jobs:
         t = time.time()
         try:
-            r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned)
+            r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned, tma=bool(tma))
             res = f"{r['regs']} | {r['spill']} | {r['smem_kb']} | {r['ld_b16']} | {r['ld_v4']} | {r['ldgsts']} | " \
-                  f"{r['hgmma']} | {time.time() - t:.1f}"
+                  f"{r['utmaldg']} | {r['hgmma']} | {time.time() - t:.1f}"
         except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
             failures += 1
             res = f"FAIL {type(e).__name__}: {str(e)[:300]}"
         bm, bn, w, st = cfg
-        print(f"| {kind} | {dtype} | {d} | {bm} | {bn} | {w} | {st} | {'yes' if aligned else 'no'} | {res} |",
+        hint = ("yes" if aligned else "no") + (", TMA" if tma else "")
+        print(f"| {kind} | {dtype} | {d} | {bm} | {bn} | {w} | {st} | {hint} | {res} |",
               flush=True)
     print(f"{failures} compile failures of {len(jobs)}")
     return 1 if failures else 0
