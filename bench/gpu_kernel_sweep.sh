@@ -34,6 +34,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 timeout --signal=INT --kill-after=10 "$BUDGET" "$PY" bench/kernel_sweep.py --out "$OUT" \
   --max-seconds $(( BUDGET - 15 )) ${SWEEP_ARGS:-} 2>&1 | tee "$OUT/kernel_sweep.log"
 rc=${PIPESTATUS[0]}
-[[ $rc -eq 124 ]] && echo "gpu_kernel_sweep: TIMED OUT after ${BUDGET}s (rows so far are in $OUT)" | tee -a "$OUT/kernel_sweep.log"
+[[ $rc -eq 124 ]] && echo "gpu_kernel_sweep: TIMED OUT after ${BUDGET}s (rows so far are in $OUT)" \
+  | tee -a "$OUT/kernel_sweep.log"
 echo "- exit status: $rc; script: bash bench/gpu_kernel_sweep.sh $*" >> "$OUT/SUMMARY.md"
 exit "$rc"

@@ -393,9 +393,9 @@ def main():
             args.workers = 1
         logs = warm_up(args, work)
         phases["warm-up compile"] = time.time() - t_start
+    how = "wall clock, one call (smoke: meaningless)" if args.cpu_smoke else "CUDA graph of many calls, median of 5"
     meta = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()] + [
-        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x (true D); "
-        f"{'wall clock, one call (smoke: meaningless)' if args.cpu_smoke else 'CUDA graph of many calls, median of 5 replays'}",
+        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x (true D); {how}",
         "- cells: TFLOP/s; wrong = failed the correctness check (never timed); fails = could not run; "
         "n/a = not timed (budget)", ""]
 

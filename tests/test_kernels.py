@@ -244,7 +244,7 @@ def test_dispatch_table_lookup(table_dir):
 
     from kernels import dispatch
     (table_dir / "test-card-9000.json").write_text(json.dumps(_table(
-        [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, head_dim=40, backend="triton-ws")])))
+        [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, backend="triton-ws")])))
     assert dispatch.card_slug("NVIDIA H100 80GB HBM3") == "nvidia-h100-80gb-hbm3"
     assert dispatch.lookup("Test Card 9000", "bf16", 40, 8192, 8192, "fwd") == "triton"
     assert dispatch.lookup("Test Card 9000", "bf16", 40, 5000, 7000, "fwd") == "triton"  # same buckets
@@ -401,3 +401,11 @@ def test_gpu_scripts_fail_fast_without_cuda(tmp_path, script):
     assert r.returncode == 2 and "CUDA" in r.stderr, r.stdout + r.stderr
     assert not (tmp_path / "out").exists()  # nothing half-written
     assert time.time() - t < 60
+
+
+def test_committed_dispatch_tables_are_valid():
+    # Every table committed under kernels/dispatch/ loads, and is filed under its own card's name.
+    from kernels import dispatch
+    for path in sorted(dispatch.TABLE_DIR.glob("*.json")):
+        card, _ = dispatch.load(path)
+        assert path.name == f"{dispatch.card_slug(card)}.json", path
