@@ -133,43 +133,47 @@ def compile_only(which):
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
     from kernels import flash_attn as fa
-    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma])
+    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma / atomic dQ])
     if which == "quick":
         jobs = [("fwd", "fp16", 40, (128, 64, 4, 3), True, True, True),
                 ("fwd", "fp32", 64, (64, 64, 4, 3), False, False, True),
                 ("dkdv", "bf16", 80, (32, 64, 4, 2), True, True, True),
                 ("dq", "fp16", 160, (64, 32, 8, 2), True, False, True),
                 ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False),
-                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True)]  # TMA descriptors
+                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True),  # TMA descriptors
+                ("dkdv", "fp16", 80, (32, 64, 4, 2), True, True, True, True)]  # atomic dQ
     else:
         for kind in ("fwd", "dkdv", "dq"):
             for d in (40, 80, 160):
                 for cfg in fa._TABLES[kind][fa.head_dim_tile(d)]:
                     for aligned in ((False, True) if d == 40 else (True,)):  # D 80/160: hinted by the JIT anyway
                         jobs.append((kind, "fp16", d, cfg, False, False, aligned))
+                    if kind != "dq":  # the TMA forward, the atomic-dQ backward
+                        jobs.append((kind, "fp16", d, cfg, False, False, True, True))
     print("| kernel | dtype | D | BM | BN | warps | stages | hint | regs | spill B | smem KB | ld.b16 | ld.v4 | "
           "LDGSTS | UTMALDG | HGMMA | s |")
     print("|" + "---|" * 17)
     failures = 0
-    for kind, dtype, d, cfg, check_m, check_n, aligned, *tma in jobs:
+    for kind, dtype, d, cfg, check_m, check_n, aligned, *extra in jobs:
         t = time.time()
         try:
-            r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned, tma=bool(tma))
+            r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned, tma=bool(extra) and kind == "fwd",
+                             atomic=bool(extra) and kind == "dkdv")
             res = f"{r['regs']} | {r['spill']} | {r['smem_kb']} | {r['ld_b16']} | {r['ld_v4']} | {r['ldgsts']} | " \
                   f"{r['utmaldg']} | {r['hgmma']} | {time.time() - t:.1f}"
         except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
             failures += 1
             res = f"FAIL {type(e).__name__}: {str(e)[:300]}"
         bm, bn, w, st = cfg
-        hint = ("yes" if aligned else "no") + (", TMA" if tma else "")
+        hint = ("yes" if aligned else "no") + ((", TMA" if kind == "fwd" else ", atomic dQ") if extra else "")
         print(f"| {kind} | {dtype} | {d} | {bm} | {bn} | {w} | {st} | {hint} | {res} |",
               flush=True)
     print(f"{failures} compile failures of {len(jobs)}")
     return 1 if failures else 0
 
 
-def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, tma=False, seq=4096,
-                 heads=8):
+def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, tma=False, atomic=False,
+                 seq=4096, heads=8):
     """Compile one kernel as the JIT would for contiguous (2, seq, heads, d) tensors: pointers and the integer
     arguments that are multiples of 16 get the JIT's divisibility-16 attribute, arguments equal to 1 become
     constants. -> dict of ptxas and assembly counts."""
@@ -191,6 +195,8 @@ def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True
               PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, CHECK_M=check_m, CHECK_N=check_n)
     if kind == "fwd":
         cx["WS"], cx["TMA"] = ws, tma
+    if kind == "dkdv":
+        cx["ATOMIC_DQ"] = atomic
     values = {"b": 2 * seq * heads * d, "m": heads * d, "n": heads * d, "h": d, "d": 1}  # strides by last letter
     sig, attrs = {}, {}
     for i, name in enumerate(fn.arg_names):

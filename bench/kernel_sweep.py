@@ -8,7 +8,8 @@ Shapes (8 heads): SD-1.4's self-attention coupled over N = 1..4 images, L = N*HW
 with head dims 40 / 80 / 160 / 160, batch 2 sets (one set with classifier-free guidance); and its
 cross-attention, Lq = HW, Lk = 77, batch 8 images (2 x 4). Forward and backward, fp16 and bf16.
 Variants: ours -- triton (autotuned, pointer loads), triton-tma (forward K/V through TMA descriptors),
-triton-ws (TMA + warp-specialized forward loop), triton-noalign (the pre-fix scalar loads, D 40 self-attention
+triton-ws (TMA + warp-specialized forward loop), triton-atomic (one backward kernel, atomic fp32 dQ),
+triton-noalign (the pre-fix scalar loads, D 40 self-attention
 only: at D 80 / 160 it compiles to the same code) -- and PyTorch's SDPA: its default choice (what the "sdpa"
 backend runs) and each of cudnn / flash / efficient forced.
 
@@ -42,7 +43,7 @@ sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # flops.py lives in bench/ or a
 
 HEADS = 8
 LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens per image HW, head dim D) per UNet level
-OURS = ("triton", "triton-tma", "triton-ws", "triton-noalign")
+OURS = ("triton", "triton-tma", "triton-ws", "triton-atomic", "triton-noalign")
 SDPAS = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 DTYPES = ("fp16", "bf16")
 EPS = {"fp16": 5e-4, "bf16": 4e-3}  # as bench/check_attention_cuda.py
@@ -253,7 +254,7 @@ def dispatch_entries(rows, dname):
     for (d, lqb, lkb), rs in sorted(groups.items()):
         for direction in ("fwd", "train"):
             total = {}
-            for name in ("triton", "triton-tma", "triton-ws", "sdpa"):
+            for name in ("triton", "triton-tma", "triton-ws", "triton-atomic", "sdpa"):
                 ts = [r["ms"].get(name) for r in rs]
                 if all(t is not None for t in ts):
                     total[name] = sum(f + (b if direction == "train" else 0.0) for f, b in ts)

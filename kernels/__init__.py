@@ -7,13 +7,14 @@ Backends:
     "triton":    the fused flash-attention kernel in ``kernels/flash_attn.py`` (fp16/bf16/fp32, D <= 256).
     "triton-tma": the same with the forward's K/V tiles loaded through TMA descriptors (Hopper and later).
     "triton-ws": TMA plus the forward's key loop warp-specialized (Triton's Hopper pass; falls back without).
+    "triton-atomic": the backward as one kernel adding dQ with fp32 atomics (FlashAttention-2 style).
     "sdpa":      PyTorch's ``scaled_dot_product_attention`` (never materialises Lq x Lk on its fused paths).
     "auto" (default): per call, the backend measured fastest on this card for (dtype, head dim, Lq bucket,
         Lk bucket, direction) in ``kernels/dispatch/<card>.json`` (written by bench/gpu_kernel_sweep.sh).
         Direction "train" (some input requires grad) compares forward + backward, and the op runs both on
         that backend; "fwd" compares the forward. A card without a table, an unmeasured shape, fp32 and every
         CPU tensor get "sdpa".
-The ``backend`` argument wins over the environment variable ``JEDI_ATTN=auto|triton|triton-tma|triton-ws|sdpa``.
+The ``backend`` argument wins over the environment variable ``JEDI_ATTN`` (any of BACKENDS).
 Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (that is how the tests run it).
 
 ``record_backends()``: a context manager yielding a Counter of ``BackendUse(backend, head_dim, lq, lk,
@@ -30,8 +31,9 @@ import torch.nn.functional as F
 
 from . import dispatch
 
-BACKENDS = ("auto", "triton", "triton-tma", "triton-ws", "sdpa")
-TRITON_OPTIONS = {"triton": {}, "triton-tma": dict(tma=True), "triton-ws": dict(tma=True, warp_specialize=True)}
+BACKENDS = ("auto", "triton", "triton-tma", "triton-ws", "triton-atomic", "sdpa")
+TRITON_OPTIONS = {"triton": {}, "triton-tma": dict(tma=True), "triton-ws": dict(tma=True, warp_specialize=True),
+                  "triton-atomic": dict(atomic_dq=True)}
 BackendUse = collections.namedtuple("BackendUse", "backend head_dim lq lk direction")
 _RECORDERS = []  # Counters of the active record_backends() contexts
 

@@ -11,6 +11,8 @@ Design (FlashAttention-2, as in the Triton tutorial, without its causal-only bac
 - Backward: a preprocess kernel computes delta = rowsum(dO * O); then two kernels with no atomics:
   dK/dV (one program per key block, sweeps the queries) and dQ (one program per query block, sweeps all keys).
   This recomputes P twice but needs no atomics, and every output element is written by exactly one program.
+  atomic_dq=True instead adds dQ from the dK/dV kernel with fp32 atomics (FlashAttention-2's design): 5 dots
+  and one exp per score instead of 7 and two, at the cost of atomic traffic and run-to-run rounding noise.
   With few key blocks (cross-attention to 77 text tokens) the dK/dV query sweep is split over Q_SPLITS
   programs that write fp32 partial sums, added on the host: more programs for the SMs, still deterministic.
 - Any Lq, Lk (ragged tails are masked; Lq != Lk), any head dim 1..256, padded to one power-of-two tile
@@ -211,16 +213,18 @@ def _bwd_preprocess(O, DO, DELTA, s_ob, s_om, s_oh, s_od, s_dob, s_dom, s_doh, s
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale,
+def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, DQ, LSE, DELTA, sm_scale,
                      s_qb, s_qm, s_qh, s_qd, s_kb, s_kn, s_kh, s_kd, s_vb, s_vn, s_vh, s_vd,
                      s_dob, s_dom, s_doh, s_dod, s_dkb, s_dkn, s_dkh, s_dkd, s_dvb, s_dvn, s_dvh, s_dvd,
-                     s_split, H, LQ, LK, LQ_KEY, LK_KEY, Q_SPLITS,
+                     s_dqb, s_dqm, s_dqh, s_dqd, s_split, H, LQ, LK, LQ_KEY, LK_KEY, Q_SPLITS,
                      HEAD_DIM: tl.constexpr, BD: tl.constexpr, CHECK_D: tl.constexpr, ALIGNED: tl.constexpr,
-                     UPCAST: tl.constexpr, PREC: tl.constexpr,
+                     UPCAST: tl.constexpr, PREC: tl.constexpr, ATOMIC_DQ: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, CHECK_M: tl.constexpr, CHECK_N: tl.constexpr):
     # One program owns BLOCK_N keys and sweeps its share of the queries (program_id(2) of Q_SPLITS shares;
     # non-causal: no diagonal block). With Q_SPLITS > 1, DK/DV are fp32 partial sums, s_split apart.
     # Works on transposed tiles (keys x queries) so dK and dV come out as plain dots.
+    # ATOMIC_DQ (FlashAttention-2 style): also adds this key block's share of dQ into the fp32 DQ with atomics,
+    # so P and dS are computed once (no dQ kernel); the summation order, and so the last bits, vary by run.
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
     pid_s = tl.program_id(2)
@@ -232,6 +236,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale,
     DO += _head(b, h, s_dob, s_doh, ALIGNED)
     DK += _head(b, h, s_dkb, s_dkh, ALIGNED) + pid_s.to(tl.int64) * s_split
     DV += _head(b, h, s_dvb, s_dvh, ALIGNED) + pid_s.to(tl.int64) * s_split
+    if ATOMIC_DQ:
+        DQ += _head(b, h, s_dqb, s_dqh, ALIGNED)
     LSE += pid_bh.to(tl.int64) * LQ
     DELTA += pid_bh.to(tl.int64) * LQ
 
@@ -257,10 +263,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, DK, DV, LSE, DELTA, sm_scale,
         pT = tl.math.exp2(qkT * qk_scale - lse[None, :])  # one FMA per score
         if CHECK_M:  # queries past LQ: q = dO = lse = delta = 0 already gives 0 contributions; be explicit
             pT = tl.where(cur_m[None, :] < LQ, pT, 0.0)
+        if ATOMIC_DQ and CHECK_N:  # padded keys: pT = exp2(-lse) can be inf, and inf * (k = 0) is NaN in dQ
+            pT = tl.where(offs_n[:, None] < LK, pT, 0.0)
         dv += tl.dot(pT.to(do.dtype), do, input_precision=PREC)
         dpT = tl.dot(v, tl.trans(do), input_precision=PREC)  # (BLOCK_N, BLOCK_M)
-        dsT = pT * (dpT - delta[None, :])
-        dk += tl.dot(dsT.to(q.dtype), q, input_precision=PREC)
+        dsT = (pT * (dpT - delta[None, :])).to(q.dtype)
+        dk += tl.dot(dsT, q, input_precision=PREC)
+        if ATOMIC_DQ:
+            dq = tl.dot(tl.trans(dsT), k, input_precision=PREC) * sm_scale  # (BLOCK_M, BD) fp32
+            tl.atomic_add(_tile(DQ, cur_m, s_dqm, d, s_dqd, ALIGNED), dq,
+                          mask=(cur_m[:, None] < LQ) & (d[None, :] < HEAD_DIM))
 
     # Rows past LK hold garbage (they saw zero keys) but are masked out of the store.
     _store(_tile(DK, offs_n, s_dkn, d, s_dkd, ALIGNED), dk * sm_scale, offs_n, LK, d, HEAD_DIM, CHECK_N, CHECK_D)
@@ -326,7 +338,7 @@ _TABLES = {
     "fwd": {64: [(128, 64, 4, 3), (128, 128, 8, 3), (64, 64, 4, 4)],
             128: [(128, 64, 8, 3), (128, 128, 8, 3), (64, 64, 4, 3)],
             256: [(64, 64, 8, 2), (64, 32, 4, 2), (32, 64, 4, 2)]},
-    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],
+    "dkdv": {64: [(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 4, 3)],  # also the ATOMIC_DQ backward
              128: [(32, 64, 4, 2), (64, 64, 8, 2), (32, 128, 8, 2)],
              256: [(32, 32, 4, 2), (32, 64, 8, 2), (16, 32, 4, 2)]},
     "dq": {64: [(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)],
@@ -354,7 +366,7 @@ def _autotuned(kernel, kind):
     configs = sorted({cfg for tier in _TABLES[kind].values() for cfg in tier})
     return triton.autotune(
         configs=[triton.Config({"BLOCK_M": bm, "BLOCK_N": bn}, num_warps=w, num_stages=s) for bm, bn, w, s in configs],
-        key=["HEAD_DIM", "LQ_KEY", "LK_KEY", "ALIGNED"] + (["WS", "TMA"] if kind == "fwd" else []),  # + dtypes
+        key=["HEAD_DIM", "LQ_KEY", "LK_KEY", "ALIGNED"] + {"fwd": ["WS", "TMA"], "dkdv": ["ATOMIC_DQ"]}.get(kind, []),
         prune_configs_by={"early_config_prune": _make_prune(kind)},
         # Short benchmarks keep first-call tuning cheap (<= 3 configs x 3 kernels per key), and picks are cached
         # on disk (Triton's cache dir), so later processes on the machine skip the tuning.
@@ -479,7 +491,7 @@ def _forward(q, k, v, scale, ws, tma, align_hint):
     return o, lse
 
 
-def _backward(do, q, k, v, o, lse, scale, align_hint):
+def _backward(do, q, k, v, o, lse, scale, atomic_dq, align_hint):
     B, Lq, H, D = q.shape
     Lk = k.shape[1]
     delta = _empty((B, H, Lq), q.device, torch.float32)  # rowsum(dO * O)
@@ -495,13 +507,19 @@ def _backward(do, q, k, v, o, lse, scale, align_hint):
         dk = _empty((splits, *k.shape), k.device, torch.float32)  # (S, B, Lk, H, D)
         dv = _empty((splits, *v.shape), v.device, torch.float32)
     dk_, dv_ = (dk, dv) if splits == 1 else (dk[0], dv[0])  # (B, Lk, H, D) views for the strides
-    dq = _empty(q.shape, q.device, q.dtype)  # (B, Lq, H, D) contiguous
+    if atomic_dq:  # fp32, summed into by every key block's program
+        dq = torch.zeros(q.shape, device=q.device, dtype=torch.float32)  # (B, Lq, H, D)
+    else:
+        dq = _empty(q.shape, q.device, q.dtype)  # (B, Lq, H, D) contiguous
     meta = _meta(q, D, q, k, v, do, dk_, dv_, dq, align_hint=align_hint)
-    _launch(_dkdv, (Lk, "BLOCK_N"), B * H, q, k, v, do, dk, dv, lse, delta, scale,
-            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_.stride(), *dv_.stride(),
-            dk.stride(0) if splits > 1 else 0, H, Lq, Lk, _bucket(Lq), _bucket(Lk), splits, splits=splits, **meta)
+    _launch(_dkdv, (Lk, "BLOCK_N"), B * H, q, k, v, do, dk, dv, dq, lse, delta, scale,
+            *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dk_.stride(), *dv_.stride(), *dq.stride(),
+            dk.stride(0) if splits > 1 else 0, H, Lq, Lk, _bucket(Lq), _bucket(Lk), splits, splits=splits,
+            ATOMIC_DQ=atomic_dq, **meta)
     if splits > 1:
         dk, dv = dk.sum(0).to(k.dtype), dv.sum(0).to(v.dtype)  # (B, Lk, H, D)
+    if atomic_dq:
+        return dq.to(q.dtype), dk, dv
     _launch(_dq, (Lq, "BLOCK_M"), B * H, q, k, v, do, dq, lse, delta, scale,
             *q.stride(), *k.stride(), *v.stride(), *do.stride(), *dq.stride(),
             H, Lq, Lk, _bucket(Lq), _bucket(Lk), **meta)
@@ -512,45 +530,45 @@ def _backward(do, q, k, v, o, lse, scale, align_hint):
 # cannot trace into Triton's autotuner launch), and the fake implementations give compile the output shapes.
 @torch.library.custom_op("jedi::flash_attn_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float, ws: bool, tma: bool,
-            align_hint: bool) -> tuple[torch.Tensor, torch.Tensor]:
-    return _forward(q, k, v, scale, ws, tma, align_hint)
+            atomic_dq: bool, align_hint: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    return _forward(q, k, v, scale, ws, tma, align_hint)  # atomic_dq: only the backward reads it
 
 
 @_fwd_op.register_fake
-def _(q, k, v, scale, ws, tma, align_hint):
+def _(q, k, v, scale, ws, tma, atomic_dq, align_hint):
     B, Lq, H, D = q.shape
     return q.new_empty((B, Lq, H, D)), q.new_empty((B, H, Lq), dtype=torch.float32)  # o, lse (both contiguous)
 
 
 @torch.library.custom_op("jedi::flash_attn_bwd", mutates_args=())
 def _bwd_op(do: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, o: torch.Tensor, lse: torch.Tensor,
-            scale: float, align_hint: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _backward(do, q, k, v, o, lse, scale, align_hint)
+            scale: float, atomic_dq: bool, align_hint: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _backward(do, q, k, v, o, lse, scale, atomic_dq, align_hint)
 
 
 @_bwd_op.register_fake
-def _(do, q, k, v, o, lse, scale, align_hint):
+def _(do, q, k, v, o, lse, scale, atomic_dq, align_hint):
     return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, like the kernels' outputs
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, scale, ws, tma, align_hint = inputs
+    q, k, v, scale, ws, tma, atomic_dq, align_hint = inputs
     o, lse = output
     ctx.save_for_backward(q, k, v, o, lse)
-    ctx.scale, ctx.align_hint = scale, align_hint
+    ctx.scale, ctx.atomic_dq, ctx.align_hint = scale, atomic_dq, align_hint
     ctx.mark_non_differentiable(lse)
 
 
 def _backward_rule(ctx, do, _dlse):
     q, k, v, o, lse = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.align_hint)
-    return dq, dk, dv, None, None, None, None
+    dq, dk, dv = _bwd_op(do, q, k, v, o, lse, ctx.scale, ctx.atomic_dq, ctx.align_hint)
+    return dq, dk, dv, None, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward_rule, setup_context=_setup_context)
 
 
-def flash_attention(q, k, v, scale=None, warp_specialize=False, tma=False, align_hint=True):
+def flash_attention(q, k, v, scale=None, warp_specialize=False, tma=False, atomic_dq=False, align_hint=True):
     """Non-causal softmax attention, fused (never materialises the Lq x Lk matrix). Differentiable.
 
     q:      (B, Lq, H, D)  fp16 / bf16 / fp32, any strides (e.g. views of a packed qkv projection)
@@ -559,6 +577,8 @@ def flash_attention(q, k, v, scale=None, warp_specialize=False, tma=False, align
     warp_specialize: the forward's key loop as tl.range(warp_specialize=True) (ignored on Triton < 3.4)
     tma: the forward loads K and V through TMA descriptors (tl.make_tensor_descriptor; fp16 / bf16 with
         16-byte aligned strides, else the pointer loads)
+    atomic_dq: one backward kernel that adds dQ with fp32 atomics (P and dS computed once) instead of a
+        separate dQ kernel (no atomics, bitwise deterministic)
     align_hint: False drops the 16-byte alignment hints, reproducing the pre-2026-12-01 scalar loads at D 40
         (an A/B switch for bench/gpu_kernel_sweep.sh; results are identical either way)
     returns (B, Lq, H, D) contiguous, dtype of q.  1 <= D <= 256.
@@ -567,4 +587,4 @@ def flash_attention(q, k, v, scale=None, warp_specialize=False, tma=False, align
     if scale is None:
         scale = 1.0 / math.sqrt(q.shape[-1])
     _check(q, k, v, scale)
-    return _fwd_op(q, k, v, float(scale), bool(warp_specialize), bool(tma), bool(align_hint))[0]
+    return _fwd_op(q, k, v, float(scale), bool(warp_specialize), bool(tma), bool(atomic_dq), bool(align_hint))[0]

@@ -11,8 +11,8 @@ One JSON file per card in this folder, named by ``card_slug(torch.cuda.get_devic
 - dtype "fp16" | "bf16"; head_dim 1..256; lq, lk: power-of-two length buckets (next_power_of_2 of the lengths);
 - direction "fwd" (inference: fastest forward) or "train" (fastest forward + backward: the op runs both on one
   backend, since our backward needs our forward's logsumexp and SDPA's backward its own saved state);
-- backend "triton" | "triton-tma" | "triton-ws" (kernels/flash_attn.py; TMA loads; TMA + warp-specialized
-  forward) | "sdpa";
+- backend "triton" | "triton-tma" | "triton-ws" | "triton-atomic" (kernels/flash_attn.py; TMA loads; TMA +
+  warp-specialized forward; one-kernel backward with atomic dQ) | "sdpa";
 - ms: optional, the measured times behind the choice (milliseconds per call, by backend), for humans.
 A shape with no entry, a card with no file, and every CPU tensor get "sdpa". A malformed file raises one
 ValueError naming the file and the bad entry.
@@ -26,7 +26,7 @@ TABLE_DIR = Path(__file__).resolve().parent
 SCHEMA = 1
 DTYPES = {"fp16": "torch.float16", "bf16": "torch.bfloat16"}
 DIRECTIONS = ("fwd", "train")
-TABLE_BACKENDS = ("triton", "triton-tma", "triton-ws", "sdpa")
+TABLE_BACKENDS = ("triton", "triton-tma", "triton-ws", "triton-atomic", "sdpa")
 
 
 def card_slug(name: str) -> str:
