@@ -376,7 +376,7 @@ def test_kernel_sweep_cpu_smoke(tmp_path):
                         str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "kernel_sweep.md").read_text()
-    assert "fp16 forward (TFLOP/s)" in text and "triton-noalign" in text and "| wrong" not in text
+    assert "fp16 forward (TFLOP/s)" in text and "triton-atomic" in text and "| wrong" not in text
     card, entries = dispatch.load(tmp_path / "dispatch" / "cpu-interpreter-smoke.json")
     assert card == "CPU interpreter smoke"
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
