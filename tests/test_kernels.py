@@ -247,7 +247,7 @@ def table_dir(tmp_path, monkeypatch):
     dispatch.table_for.cache_clear()
 
 
-def test_dispatch_table_lookup(table_dir):
+def test_dispatch_table_lookup(table_dir, monkeypatch):
     import json
 
     from kernels import dispatch
@@ -261,6 +261,12 @@ def test_dispatch_table_lookup(table_dir):
     assert dispatch.lookup("Test Card 9000", "fp16", 40, 8192, 8192, "fwd") == "sdpa"  # not measured
     assert dispatch.lookup("Test Card 9000", "bf16", 40, 16384, 16384, "fwd") == "sdpa"
     assert dispatch.lookup("Some Other Card", "bf16", 40, 8192, 8192, "fwd") == "sdpa"  # no table
+    # attention()'s "auto" on a CUDA tensor of that card (the card's name is all it asks the driver for)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test Card 9000")
+    assert kernels._auto("cuda", 0, str(torch.bfloat16), 40, 8192, 8192, "fwd") == "triton"
+    assert kernels._auto("cuda", 0, str(torch.bfloat16), 40, 8192, 8192, "train") == "sdpa"
+    assert kernels._auto("cuda", 0, str(torch.float32), 40, 8192, 8192, "fwd") == "sdpa"  # fp32: never measured
+    assert kernels._auto("cpu", 0, str(torch.bfloat16), 40, 8192, 8192, "fwd") == "sdpa"
 
 
 BAD_TABLES = [
