@@ -54,8 +54,7 @@ def backends(torch, on_cuda):
                 return sdpa_attention(q, k, v)
         return fn
 
-    out = {"triton": lambda q, k, v: flash_attn.flash_attention(q, k, v, split_d=False),
-           "triton-split": lambda q, k, v: flash_attn.flash_attention(q, k, v, split_d=True)}
+    out = {"triton": flash_attn.flash_attention}  # every variant, CUDA-graph timed: bench/kernel_sweep.py
     if on_cuda:
         out.update({"sdpa-flash": with_backend(SDPBackend.FLASH_ATTENTION),
                     "sdpa-cudnn": with_backend(SDPBackend.CUDNN_ATTENTION),
@@ -186,7 +185,7 @@ def write(path, meta, rows, names, cut, partial=False):
         cache = getattr(getattr(flash_attn, kname), "cache", {})  # autotuner: key -> best Config
         picks += [f"- {kname[1:]} {key}: {cfg}" for key, cfg in cache.items()]
     if picks:
-        lines += ["### Triton autotune picks (key: HEAD_DIM, BD0, BD1, Lq bucket, Lk bucket, dtypes)", ""] + picks
+        lines += ["### Triton autotune picks (key: HEAD_DIM, Lq bucket, Lk bucket, ALIGNED[, WS], dtypes)", ""] + picks
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")
 

@@ -27,13 +27,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--dtypes", default="fp16,bf16")
-    p.add_argument("--modes", default="pad", help="head-dim handling to check: pad (split is refused on CUDA: kernels/flash_attn.py)")
-    p.add_argument("--split-dtypes", default="fp16",
-                   help="dtypes in which split mode is checked too (each mode x dtype costs its own compiles)")
+    p.add_argument("--variants", default="triton",
+                   help="kernel variants to check: triton, triton-tma, triton-ws, triton-noalign (comma list)")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: two tiny cases under the interpreter")
     p.add_argument("--compile-only", choices=["quick", "all"], default=None,
                    help="no GPU needed: compile the kernels for sm_90 with ptxas (quick: a few; all: every autotune "
-                        "config, pad and split, fp16) and report registers / spills / shared memory")
+                        "config at D 40/80/160, fp16, with and without the alignment hint) and report registers, "
+                        "spills, shared memory, global-load widths and wgmma counts")
     args = p.parse_args()
     if args.compile_only:
         return compile_only(args.compile_only)
@@ -78,7 +78,7 @@ def main():
              f"- card: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, interpreter'}; torch {torch.__version__}, triton {triton.__version__}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; seed {seed}",
              "- errors: max abs vs fp32 SDPA, shown as triton / sdpa-same-dtype", "",
-             "| B | Lq | Lk | D | dtype | mode | out | dq | dk | dv | ok |", "|" + "---|" * 11]
+             "| B | Lq | Lk | D | dtype | variant | out | dq | dk | dv | ok |", "|" + "---|" * 11]
     failures, t0 = 0, time.time()
     for b, lq, lk, h, d, dtypes, packed in cases:
         for dname in dtypes:
@@ -93,10 +93,9 @@ def main():
             leaf = lambda x, dt: x.detach().to(dt).requires_grad_()  # noqa: E731
             ref = run(ref_fn, *[leaf(x, torch.float32) for x in (q, k, v)], do.float())
             low = run(kernels.sdpa_attention, *[leaf(x, dtype) for x in (q, k, v)], do)
-            for mode in args.modes.split(","):
-                if mode == "split" and dname not in args.split_dtypes.split(","):
-                    continue
-                got = run(lambda q, k, v: flash_attn.flash_attention(q, k, v, split_d=mode == "split"), q, k, v, do)
+            for mode in args.variants.split(","):
+                opts = kernels.TRITON_OPTIONS.get(mode, dict(align_hint=False))  # else triton-noalign
+                got = run(lambda q, k, v: flash_attn.flash_attention(q, k, v, **opts), q, k, v, do)
                 cells, ok = [], True
                 for g, r, s in zip(got, ref, low):
                     err = (g.float() - r).abs().max().item()  # NaN if any element was left unwritten
@@ -114,11 +113,9 @@ def main():
                     args.out.parent.mkdir(parents=True, exist_ok=True)
                     args.out.write_text("\n".join(lines + ["", "(in progress)"]) + "\n")
             del q, k, v, do, ref, low
-    # Dispatch: on CUDA the model's entry point must pick the kernel by default.
+    # Dispatch: the committed table for this card (or SDPA without one) must load and validate.
     x = torch.randn(1, 64, 8, 40, device=device, dtype=torch.float16)
-    dispatch_ok = kernels.resolve_backend(x, x, x) == ("triton" if device == "cuda" else "sdpa")
-    failures += not dispatch_ok
-    lines += ["", f"- dispatch default on {device} fp16: {kernels.resolve_backend(x, x, x)}{'' if dispatch_ok else ' FAIL'}",
+    lines += ["", f"- dispatch on {device} fp16 D 40 L 64: {kernels.resolve_backend(x, x, x)}",
               f"- {failures} failing rows; {time.time() - t0:.0f} s"]
     print("\n".join(lines[-2:]))
     if args.out:
@@ -129,65 +126,115 @@ def main():
 
 def compile_only(which):
     """Compile for an H100 (sm_90) target offline: catches errors the interpreter cannot (static-if scoping, dot
-    shapes, shared memory) and shows register spills. Needs no GPU or driver, only the ptxas in the triton wheel."""
-    import contextlib
-    import io
-    import re
-
+    shapes, shared memory), shows register spills, and counts in the PTX / SASS how the tiles are loaded
+    (scalar ld.global.b16 vs 16-byte ld.global.v4, cp.async = LDGSTS) and whether the dots are wgmma (HGMMA).
+    Needs no GPU or driver, only ptxas / cuobjdump from the triton wheel."""
     os.environ.pop("TRITON_INTERPRET", None)  # must hold before triton is imported
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
+    from kernels import flash_attn as fa
+    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma / atomic dQ])
+    if which == "quick":
+        jobs = [("fwd", "fp16", 40, (128, 64, 4, 3), True, True, True),
+                ("fwd", "fp32", 64, (64, 64, 4, 3), False, False, True),
+                ("dkdv", "bf16", 80, (32, 64, 4, 2), True, True, True),
+                ("dq", "fp16", 160, (64, 32, 8, 2), True, False, True),
+                ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False),
+                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True),  # TMA descriptors
+                ("dkdv", "fp16", 80, (32, 64, 4, 2), True, True, True, True)]  # atomic dQ
+    else:
+        for kind in ("fwd", "dkdv", "dq"):
+            for d in (40, 80, 160):
+                for cfg in fa._TABLES[kind][fa.head_dim_tile(d)]:
+                    for aligned in ((False, True) if d == 40 else (True,)):  # D 80/160: hinted by the JIT anyway
+                        jobs.append((kind, "fp16", d, cfg, False, False, aligned))
+                    if kind != "dq":  # the TMA forward, the atomic-dQ backward
+                        jobs.append((kind, "fp16", d, cfg, False, False, True, True))
+    print("| kernel | dtype | D | BM | BN | warps | stages | hint | regs | spill B | smem KB | ld.b16 | ld.v4 | "
+          "LDGSTS | UTMALDG | HGMMA | s |")
+    print("|" + "---|" * 17)
+    failures = 0
+    for kind, dtype, d, cfg, check_m, check_n, aligned, *extra in jobs:
+        t = time.time()
+        try:
+            r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned, tma=bool(extra) and kind == "fwd",
+                             atomic=bool(extra) and kind == "dkdv")
+            res = f"{r['regs']} | {r['spill']} | {r['smem_kb']} | {r['ld_b16']} | {r['ld_v4']} | {r['ldgsts']} | " \
+                  f"{r['utmaldg']} | {r['hgmma']} | {time.time() - t:.1f}"
+        except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
+            failures += 1
+            res = f"FAIL {type(e).__name__}: {str(e)[:300]}"
+        bm, bn, w, st = cfg
+        hint = ("yes" if aligned else "no") + ((", TMA" if kind == "fwd" else ", atomic dQ") if extra else "")
+        print(f"| {kind} | {dtype} | {d} | {bm} | {bn} | {w} | {st} | {hint} | {res} |",
+              flush=True)
+    print(f"{failures} compile failures of {len(jobs)}")
+    return 1 if failures else 0
+
+
+def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, tma=False, atomic=False,
+                 seq=4096, heads=8):
+    """Compile one kernel as the JIT would for contiguous (2, seq, heads, d) tensors: pointers and the integer
+    arguments that are multiples of 16 get the JIT's divisibility-16 attribute, arguments equal to 1 become
+    constants. -> dict of ptxas and assembly counts."""
+    import contextlib
+    import io
+    import re
+    import subprocess
+    import tempfile
+
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
     from kernels import flash_attn as fa
-    fns = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel}
-    jobs = []  # (kind, dtype, D, split, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N)
-    if which == "quick":
-        jobs = [("fwd", "fp16", 40, False, (128, 64, 4, 3), True, True),
-                ("fwd", "fp32", 64, False, (64, 64, 4, 3), False, False),
-                ("dkdv", "bf16", 80, False, (32, 64, 4, 2), True, True),
-                ("dq", "fp16", 160, True, (64, 32, 8, 2), True, False),
-                ("dkdv", "fp16", 160, True, (32, 64, 8, 2), False, True)]
-    else:
-        for kind in fns:
-            for d in (40, 80, 160):
-                for split in (False, True):
-                    for cfg in fa._TABLES[kind][fa._tier(*fa.head_dim_pieces(d, split))]:
-                        jobs.append((kind, "fp16", d, split, cfg, False, False))
-    failures = 0
-    for kind, dtype, d, split, (bm, bn, w, st), check_m, check_n in jobs:
-        fn = fns[kind]
-        bd0, bd1 = fa.head_dim_pieces(d, split)
-        cx = dict(HEAD_DIM=d, BD0=bd0, BD1=bd1, CHECK_D0=bd0 > d, CHECK_D1=bd0 + bd1 > d, UPCAST=False,
-                  PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, CHECK_M=check_m, CHECK_N=check_n)
-        sig = {}
-        for name in fn.arg_names:
-            if name in cx:
-                sig[name] = "constexpr"
-            elif name in ("LSE", "DELTA"):
-                sig[name] = "*fp32"
-            elif name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
-                sig[name] = "*" + dtype
-            else:
-                sig[name] = "fp32" if name == "sm_scale" else "i32"
-        log = io.StringIO()
-        t = time.time()
-        try:
-            with contextlib.redirect_stdout(log):  # triton prints the ptxas -v log
-                k = triton.compile(ASTSource(fn, sig, constexprs=cx), target=GPUTarget("cuda", 90, 32),
-                                   options=dict(num_warps=w, num_stages=st))
-            regs = re.findall(r"Used (\d+) registers", log.getvalue())
-            spill = re.findall(r"(\d+) bytes spill stores", log.getvalue())
-            res = f"regs {regs[-1] if regs else '?'}, spill {spill[-1] if spill else '?'} B, " \
-                  f"smem {k.metadata.shared // 1024} KB, {time.time() - t:.1f} s"
-        except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
-            failures += 1
-            res = f"FAIL {type(e).__name__}: {str(e)[:500]}"
-        print(f"{kind:5s} {dtype} D{d} {'split' if split else 'pad'} BM{bm} BN{bn} w{w} s{st}: {res}", flush=True)
-    print(f"{failures} compile failures of {len(jobs)}")
-    return 1 if failures else 0
+    fn = {"fwd": fa._fwd_kernel, "dkdv": fa._bwd_dkdv_kernel, "dq": fa._bwd_dq_kernel}[kind]
+    bm, bn, w, st = cfg
+    bd = fa.head_dim_tile(d)
+    cx = dict(HEAD_DIM=d, BD=bd, CHECK_D=bd > d, ALIGNED=aligned, UPCAST=False,
+              PREC="ieee" if dtype == "fp32" else "tf32", BLOCK_M=bm, BLOCK_N=bn, CHECK_M=check_m, CHECK_N=check_n)
+    if kind == "fwd":
+        cx["WS"], cx["TMA"] = ws, tma
+    if kind == "dkdv":
+        cx["ATOMIC_DQ"] = atomic
+    values = {"b": 2 * seq * heads * d, "m": heads * d, "n": heads * d, "h": d, "d": 1}  # strides by last letter
+    sig, attrs = {}, {}
+    for i, name in enumerate(fn.arg_names):
+        if name in cx:
+            sig[name] = "constexpr"
+            continue
+        if name in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "LSE", "DELTA"):
+            sig[name] = "*fp32" if name in ("LSE", "DELTA") else "*" + dtype
+            attrs[(i,)] = [["tt.divisibility", 16]]
+            continue
+        if name == "sm_scale":
+            sig[name] = "fp32"
+            continue
+        value = {"H": heads, "s_split": 0, "Q_SPLITS": 2}.get(name, values.get(name[-1], seq) if name.startswith("s_")
+                                                                  else seq)
+        if value == 1:
+            sig[name], cx[name] = "constexpr", 1
+        else:
+            sig[name] = "i32"
+            if value % 16 == 0:
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # triton prints the ptxas -v log
+        k = triton.compile(ASTSource(fn, sig, constexprs=cx, attrs=attrs), target=GPUTarget("cuda", 90, 32),
+                           options=dict(num_warps=w, num_stages=st))
+    ptx = k.asm["ptx"]
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+        f.write(k.asm["cubin"])
+        f.flush()
+        sass = subprocess.run([str(bin_dir / "cuobjdump"), "-sass", f.name], capture_output=True, text=True).stdout
+    regs = re.findall(r"Used (\d+) registers", log.getvalue())
+    spill = re.findall(r"(\d+) bytes spill stores", log.getvalue())
+    return dict(regs=regs[-1] if regs else "?", spill=spill[-1] if spill else "?", smem_kb=k.metadata.shared // 1024,
+                ld_b16=len(re.findall(r"ld\.global(?:\.\w+)*\.b16\b", ptx)),
+                ld_v4=len(re.findall(r"ld\.global(?:\.\w+)*\.v4\.", ptx)),
+                ldgsts=len(re.findall(r"\bLDGSTS\b", sass)), hgmma=len(re.findall(r"\bHGMMA\b", sass)),
+                utmaldg=len(re.findall(r"\bUTMALDG\b", sass)), setmaxnreg=ptx.count("setmaxnreg"))
 
 
 if __name__ == "__main__":

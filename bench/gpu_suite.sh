@@ -18,7 +18,7 @@ fi
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=$(command -v python3 || echo python); fi
-unset TRITON_INTERPRET JEDI_ATTN JEDI_ATTN_SPLIT_D  # compiled kernels, default dispatch
+unset TRITON_INTERPRET JEDI_ATTN  # compiled kernels, default dispatch
 export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
 
 # ---- 0. preflight: fail fast and clearly without a GPU -------------------------------------------------------

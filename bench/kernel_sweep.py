@@ -1,0 +1,463 @@
+"""Attention kernel sweep: every variant x JeDi's shapes, correctness first, then TFLOP/s and the dispatch table.
+
+    bash bench/gpu_kernel_sweep.sh OUTDIR                  # the entry point on a GPU (exit 2 without CUDA)
+    python bench/kernel_sweep.py --out OUTDIR [--dtypes fp16,bf16] [--max-seconds 270] [--workers 6]
+    python bench/kernel_sweep.py --cpu-smoke --out OUTDIR  # no GPU: tiny shapes under TRITON_INTERPRET=1
+
+Shapes (8 heads): SD-1.4's self-attention coupled over N = 1..4 images, L = N*HW for HW 4096 / 1024 / 256 / 64
+with head dims 40 / 80 / 160 / 160, batch 2 sets (one set with classifier-free guidance); and its
+cross-attention, Lq = HW, Lk = 77, batch 8 images (2 x 4). Forward and backward, fp16 and bf16.
+Variants: ours -- triton (autotuned, pointer loads), triton-tma (forward K/V through TMA descriptors),
+triton-ws (TMA + warp-specialized forward loop), triton-atomic (one backward kernel, atomic fp32 dQ),
+triton-noalign (the pre-fix scalar loads; D 40 self-attention only: at D 80 / 160 it compiles to the same
+code) -- and PyTorch's SDPA: its default choice (what the "sdpa" backend runs) and each of cudnn / flash /
+efficient forced.
+
+Order of work:
+1. warm-up (GPU): `--workers` processes compile every Triton kernel the sweep will run, in parallel, into
+   Triton's on-disk cache (autotune picks are not saved there, so concurrent GPU use does not bias them);
+2. per (shape, dtype), every variant is checked against SDPA on fp32 copies -- out, dq, dk, dv within
+   2 x (default SDPA's own error in that dtype) + eps, every kernel buffer pre-filled with NaN -- and only the
+   variants that pass are timed: a CUDA graph of many calls (launch overhead removed: it would dominate the
+   ~20 us of D 160 at L 512), median of 5 replays; backward = (forward + backward) - forward;
+3. writes OUTDIR/kernel_sweep.md (TFLOP/s; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x, true D),
+   OUTDIR/dispatch/<card>.json (the format kernels/dispatch reads; copy it to kernels/dispatch/ to commit it)
+   and OUTDIR/SUMMARY.md (card, date, command, versions, git commit, seconds per phase, anything skipped).
+The dispatch table picks, per (dtype, head dim, Lq bucket, Lk bucket), the backend with the least summed time
+over the bucket's shapes among our variants (not triton-noalign) and default sdpa: "fwd" by forward time,
+"train" by forward + backward; ours must beat sdpa by 2 % (timing noise does not flip a choice). A shape is
+started only if the --max-seconds budget should still cover it.
+"""
+import argparse
+import datetime
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # flops.py lives in bench/ or at the root, depending on the tree
+
+from check_attention_cuda import EPS  # noqa: E402  the same correctness rule as the CUDA check
+
+HEADS = 8
+LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens per image HW, head dim D) per UNet level
+OURS = ("triton", "triton-tma", "triton-ws", "triton-atomic", "triton-noalign")
+SDPAS = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
+DTYPES = ("fp16", "bf16")
+MARGIN = 0.98  # a Triton variant enters the dispatch table only if it takes <= 98 % of sdpa's time
+
+
+def shapes(smoke=False):
+    """[(kind, B, Lq, Lk, D, N)], the issue's target shapes first (D 40 at L >= 8192, D 80 at L >= 2048,
+    D 160 at L 512), so a budget cut drops the least decisive ones."""
+    if smoke:
+        return [("self", 1, 32, 32, 40, 2), ("cross", 1, 16, 13, 40, 1)]
+    out = [("self", 2, n * hw, n * hw, d, n) for hw, d in LEVELS for n in (1, 2, 3, 4)]
+    out += [("cross", 8, hw, 77, d, 1) for hw, d in LEVELS]
+
+    def rank(s):
+        _, _, lq, _, d, n = s
+        target = (d == 40 and lq >= 8192) or (d == 80 and lq >= 2048) or (d == 160 and lq == 512)
+        return (not target, s[0] == "cross")
+    return sorted(out, key=rank)
+
+
+def variants_for(kind, d, smoke=False):
+    ours = [v for v in OURS if v != "triton-noalign" or (kind == "self" and d == 40)]
+    if smoke:  # under the interpreter TMA / warp specialization are the same Python: save the CI seconds
+        return [v for v in ours if v not in ("triton-tma", "triton-ws")] + ["sdpa"]
+    return ours + list(SDPAS)
+
+
+def make_fn(torch, name):
+    """name -> attention(q, k, v) on (B, L, H, D) tensors."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels import flash_attn, sdpa_attention
+    if name in OURS:
+        from kernels import TRITON_OPTIONS
+        opts = TRITON_OPTIONS.get(name, dict(align_hint=False))  # triton-noalign: the A/B switch
+        return lambda q, k, v: flash_attn.flash_attention(q, k, v, **opts)
+    if name == "sdpa":
+        return sdpa_attention
+    be = {"sdpa-cudnn": SDPBackend.CUDNN_ATTENTION, "sdpa-flash": SDPBackend.FLASH_ATTENTION,
+          "sdpa-efficient": SDPBackend.EFFICIENT_ATTENTION}[name]
+
+    def fn(q, k, v):
+        with sdpa_kernel([be]):
+            return sdpa_attention(q, k, v)
+    return fn
+
+
+def inputs(torch, b, lq, lk, d, dtype, device, seed):
+    g = torch.Generator(device=device).manual_seed(seed)
+    q = torch.randn(b, lq, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    k = torch.randn(b, lk, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(b, lk, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(b, lq, HEADS, d, device=device, dtype=dtype, generator=g)
+    return q, k, v, do
+
+
+def fwd_bwd(torch, fn, q, k, v, do):
+    out = fn(q, k, v)
+    return (out, *torch.autograd.grad(out, (q, k, v), do))
+
+
+def check(torch, fns, q, k, v, do, dname):
+    """{variant: None if correct, else why}. SDPA on fp32 copies is the reference; default SDPA in the same
+    dtype sets the bar. Every buffer the Triton kernels allocate starts as NaN, so unwritten elements fail."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels import flash_attn, sdpa_attention
+    leaf = lambda x, dt: x.detach().to(dt).requires_grad_()  # noqa: E731
+
+    def ref_fn(q, k, v):
+        with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            return sdpa_attention(q, k, v)
+    ref = fwd_bwd(torch, ref_fn, *[leaf(x, torch.float32) for x in (q, k, v)], do.float())
+    low = fwd_bwd(torch, sdpa_attention, *[leaf(x, q.dtype) for x in (q, k, v)], do)
+    bars = [2 * (s.float() - r).abs().max().item() + EPS[dname] * max(1.0, r.abs().max().item())
+            for s, r in zip(low, ref)]
+    verdicts = {}
+    flash_attn._DEBUG_FILL = float("nan")
+    try:
+        for name, fn in fns.items():
+            try:
+                got = fwd_bwd(torch, fn, *[leaf(x, q.dtype) for x in (q, k, v)], do)
+            except Exception as e:  # noqa: BLE001 -- a variant that cannot run is reported, never timed
+                verdicts[name] = f"{type(e).__name__}: {str(e).splitlines()[0][:100] if str(e) else ''}"
+                continue
+            errs = [(g.float() - r).abs().max().item() for g, r in zip(got, ref)]
+            bad = [f"{n} err {e:.2e} > {t:.2e}" for n, e, t in zip(("out", "dq", "dk", "dv"), errs, bars)
+                   if not e <= t]  # NaN fails too
+            verdicts[name] = "; ".join(bad) or None
+    finally:
+        flash_attn._DEBUG_FILL = None
+    return verdicts
+
+
+def graph_ms(torch, fn, target_ms=3.0):
+    """Milliseconds per call: a CUDA graph of `reps` calls (about target_ms long), median of 5 replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    fn()
+    end.record()
+    end.synchronize()
+    reps = max(1, min(100, round(target_ms / max(start.elapsed_time(end), 1e-3))))
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    times = []
+    for _ in range(5):
+        start.record()
+        g.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) / reps)
+    del g
+    return sorted(times)[2]
+
+
+def bench_ms(torch, fn, target_ms=None):
+    # Fallback where a backend cannot be captured in a CUDA graph: do_bench median (includes launch overhead).
+    import triton.testing
+    return triton.testing.do_bench(fn, warmup=10, rep=50, quantiles=[0.5])
+
+
+def wall_ms(torch, fn, target_ms=None):
+    # CPU smoke only: one wall-clock call (the numbers mean nothing).
+    t = time.perf_counter()
+    fn()
+    return (time.perf_counter() - t) * 1e3
+
+
+def time_variant(torch, fn, q, k, v, do, timer):
+    """(forward ms, backward ms): backward is (forward + backward) - forward, both timed the same way."""
+    fwd = timer(torch, lambda: fn(q, k, v))
+    both = timer(torch, lambda: torch.autograd.grad(fn(q, k, v), (q, k, v), do))
+    return fwd, max(both - fwd, 1e-6)
+
+
+def warm_worker(args):
+    """Warm-up worker: run forward + backward of its share of (dtype, variant, shape) once, so every Triton
+    kernel is compiled into the on-disk cache. Autotune picks are not cached from here (concurrent processes
+    share the GPU), the measuring process re-tunes on warm binaries."""
+    import torch
+
+    from kernels import flash_attn
+    for kernel in (flash_attn._fwd, flash_attn._dkdv, flash_attn._dq):
+        kernel.cache_results = False
+    dts = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    jobs = json.loads(args.warm_jobs)
+    for dname, name, (kind, b, lq, lk, d, n) in jobs:
+        q, k, v, do = inputs(torch, b, lq, lk, d, dts[dname], args.warm_device, 0)
+        fn = make_fn(torch, name)
+        try:
+            if name in ("triton-tma", "triton-ws"):  # their backward kernels are triton's, compiled by its group
+                with torch.no_grad():
+                    fn(q, k, v)
+            else:
+                fwd_bwd(torch, fn, q, k, v, do)
+        except Exception as e:  # noqa: BLE001 -- the measuring process reports it
+            print(f"warm-up {dname} {name} {kind} L {lq}x{lk} D {d}: {type(e).__name__}", flush=True)
+    if args.warm_device == "cuda":
+        torch.cuda.synchronize()
+    return 0
+
+
+def warm_up(args, work):
+    """Compile in `--workers` parallel processes (compilation is CPU-bound and single-threaded per process)."""
+    groups = {}  # jobs that share compiled binaries (dtype, variant, head dim, tail masks) go to one worker
+    for dname, s in work:
+        for name in variants_for(s[0], s[4], args.cpu_smoke):
+            if name in OURS:
+                groups.setdefault((dname, name, s[4], s[0]), []).append((dname, name, s))
+    if args.cpu_smoke:  # one small job: the smoke checks the plumbing, not the (absent) compiler
+        groups = dict(list(groups.items())[:1])
+    shares = [[] for _ in range(args.workers)]
+    for group in sorted(groups.values(), key=len, reverse=True):  # greedy: the biggest group to the emptiest
+        min(shares, key=len).extend(group)
+    device = "cpu" if args.cpu_smoke else "cuda"  # the smoke runs this path too, under the interpreter
+    cmd = [sys.executable, __file__, "--warm-device", device, "--warm-jobs"]
+    procs = [subprocess.Popen(cmd + [json.dumps(share)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              text=True) for share in shares if share]
+    stop = time.time() + max(10.0, 0.45 * (args.deadline - time.time()))  # leave most of the budget to measuring
+    logs = []
+    for i, p in enumerate(procs):
+        try:
+            out, _ = p.communicate(timeout=max(1.0, stop - time.time()))
+        except subprocess.TimeoutExpired:
+            p.kill()
+            out, _ = p.communicate()
+            logs.append(f"warm-up worker {i} stopped at its time limit (the measuring process compiles the rest)")
+        if p.returncode not in (0, -9):
+            logs.append(f"warm-up worker {i} exited {p.returncode}: {out.strip().splitlines()[-1:] or ''}")
+        logs += [line for line in out.splitlines() if line.startswith("warm-up")]
+    return logs
+
+
+def tflops(b, lq, lk, d, ms, bwd):
+    from flops import attention_flops
+    f = attention_flops(b, lq, lk, HEADS, d) * (2.5 if bwd else 1.0)
+    return f / (ms * 1e-3) / 1e12
+
+
+def dispatch_entries(rows, dname):
+    """Per (D, Lq bucket, Lk bucket): the least summed time over the bucket's shapes among our variants and
+    default sdpa, for "fwd" and "train". A backend enters a bucket only if it passed and was timed at all of
+    the bucket's shapes; ours wins only if at least MARGIN faster than sdpa."""
+    from kernels.dispatch import bucket
+    groups = {}
+    for r in rows:
+        if r["dtype"] == dname:
+            groups.setdefault((r["d"], bucket(r["lq"]), bucket(r["lk"])), []).append(r)
+    entries = []
+    for (d, lqb, lkb), rs in sorted(groups.items()):
+        for direction in ("fwd", "train"):
+            total = {}
+            for name in ("triton", "triton-tma", "triton-ws", "triton-atomic", "sdpa"):
+                if name == "triton-atomic" and direction == "fwd":
+                    continue  # its forward is triton's
+                ts = [r["ms"].get(name) for r in rs]
+                if all(t is not None for t in ts):
+                    total[name] = sum(f + (b if direction == "train" else 0.0) for f, b in ts)
+            if "sdpa" not in total:
+                continue  # the fallback itself was not timed (budget): leave the bucket to the default
+            best = min(total, key=total.get)
+            if total[best] > MARGIN * total["sdpa"]:
+                best = "sdpa"
+            entries.append(dict(dtype=dname, head_dim=d, lq=lqb, lk=lkb, direction=direction, backend=best,
+                                ms={k: float(f"{t:.4g}") for k, t in total.items()}))
+    return entries
+
+
+def fmt(x):
+    return "" if x is None else f"{x:.4g}"
+
+
+def tables(rows, dname, names):
+    out = []
+    for bwd in (False, True):
+        title = "backward (TFLOP/s, 2.5x forward FLOPs; (fwd+bwd) - fwd)" if bwd else "forward (TFLOP/s)"
+        head = ["kind", "B", "N", "Lq", "Lk", "D"] + names + ["best ours / best sdpa"]
+        out += [f"### {dname} {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for r in (r for r in rows if r["dtype"] == dname):
+            cells, best = [], {"ours": 0.0, "sdpa": 0.0}
+            for name in names:
+                if name not in r["verdict"]:
+                    cells.append("")
+                elif r["verdict"][name]:
+                    cells.append("wrong" if "err" in r["verdict"][name] else "fails")
+                elif name not in r["ms"]:
+                    cells.append("n/a")
+                else:
+                    t = tflops(r["b"], r["lq"], r["lk"], r["d"], r["ms"][name][bwd], bwd)
+                    fam = "ours" if name in OURS and name != "triton-noalign" else "sdpa" if name in SDPAS else None
+                    if fam:
+                        best[fam] = max(best[fam], t)
+                    cells.append(fmt(t))
+            ratio = f"{best['ours'] / best['sdpa']:.2f}x" if best["ours"] and best["sdpa"] else "n/a"
+            out.append("| " + " | ".join([r["kind"], str(r["b"]), str(r["n"]), str(r["lq"]), str(r["lk"]),
+                                          str(r["d"])] + cells + [ratio]) + " |")
+        out.append("")
+    return out
+
+
+def write(args, meta, rows, skipped, logs, card, dts, phases, done):
+    import kernels.dispatch as kd
+    names = [n for n in OURS + SDPAS if any(n in r["verdict"] for r in rows)]
+    lines = list(meta) + ([] if done else ["**In progress.**", ""])
+    for dname in dts:
+        lines += tables(rows, dname, names)
+    problems = [f"- {r['dtype']} {r['kind']} L {r['lq']}x{r['lk']} D {r['d']} {n}: {why}"
+                for r in rows for n, why in r["verdict"].items() if why]
+    lines += ["### variants not timed (failed the correctness check or could not run)", ""] + (problems or ["- none"])
+    lines += ["", "### skipped (budget)", ""] + ([f"- {s}" for s in skipped] or ["- none"]) + [""]
+    no_graph = [f"- {r['dtype']} {r['kind']} L {r['lq']}x{r['lk']} D {r['d']}: {x}"
+                for r in rows for x in r["no_graph"]]
+    if no_graph:
+        lines += ["### timed with do_bench, not a CUDA graph (capture failed; includes launch overhead)", ""]
+        lines += no_graph + [""]
+    if logs:
+        lines += ["### warm-up messages", ""] + [f"- {m}" for m in logs] + [""]
+    from kernels import flash_attn
+    if flash_attn._WS_FAILED:
+        lines += ["### triton-ws fell back to the plain loop (warp_specialize did not compile)", ""]
+        lines += [f"- D {d} {dt} aligned {al}" for d, dt, al in sorted(flash_attn._WS_FAILED, key=str)] + [""]
+    picks = [f"- {kname[1:]} {key}: {cfg}" for kname in ("_fwd", "_dkdv", "_dq")
+             for key, cfg in getattr(getattr(flash_attn, kname), "cache", {}).items()]
+    if picks:
+        lines += ["### Triton autotune picks (key: HEAD_DIM, Lq bucket, Lk bucket, ALIGNED[, WS], dtypes)", ""] + picks
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "kernel_sweep.md").write_text("\n".join(lines) + "\n")
+
+    table = {"schema": kd.SCHEMA, "card": card,
+             "measured": {k: str(v) for k, v in meta_dict(args, card).items()},
+             "entries": [e for dname in dts for e in dispatch_entries(rows, dname)]}
+    kd.validate(table, "the sweep's own dispatch table")  # never write a table kernels/ would refuse
+    (args.out / "dispatch").mkdir(exist_ok=True)
+    (args.out / "dispatch" / f"{kd.card_slug(card)}.json").write_text(json.dumps(table, indent=1) + "\n")
+
+    summary = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()]
+    summary += [f"- phases (s): {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}",
+                f"- shapes x dtypes measured: {len(rows)}; skipped: {len(skipped)}; "
+                f"variants not timed: {len(problems)}{'' if done else ' (in progress)'}",
+                f"- files: kernel_sweep.md, dispatch/{kd.card_slug(card)}.json "
+                f"({len(table['entries'])} entries; copy to kernels/dispatch/ to commit)", ""]
+    (args.out / "SUMMARY.md").write_text("\n".join(summary) + "\n")
+
+
+_META = {}
+
+
+def meta_dict(args, card):
+    if not _META:
+        import torch
+        import triton
+        git = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+        dirty = subprocess.run(["git", "diff", "--quiet"], cwd=ROOT, capture_output=True).returncode
+        _META.update({
+            "card": card, "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "command": " ".join([os.path.basename(sys.executable)] + sys.argv),
+            "git": (git.stdout.strip() or "unknown") + (" (dirty)" if dirty == 1 else ""),
+            "versions": f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}, "
+                        f"cuDNN {torch.backends.cudnn.version()}), triton {triton.__version__}"})
+    return _META
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", type=Path, help="output folder")
+    p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--max-seconds", type=float, default=270.0, help="wall-clock budget of this script")
+    p.add_argument("--workers", type=int, default=6, help="parallel compile processes of the warm-up")
+    p.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny shapes under the interpreter")
+    p.add_argument("--warm-jobs", default=None, help=argparse.SUPPRESS)  # internal: one warm-up worker
+    p.add_argument("--warm-device", default="cuda", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    t_start = time.time()
+    args.deadline = t_start + args.max_seconds
+    if args.warm_jobs is not None:
+        return warm_worker(args)
+    if args.out is None:
+        p.error("--out is required")
+    if args.cpu_smoke:
+        os.environ["TRITON_INTERPRET"] = "1"  # before kernels.flash_attn is imported
+    import torch
+    if not args.cpu_smoke and not torch.cuda.is_available():
+        print("kernel_sweep: error: no CUDA device (torch.cuda.is_available() is False); use --cpu-smoke",
+              file=sys.stderr)
+        return 2
+    import warnings
+    warnings.filterwarnings("ignore")  # SDPA warns for each forced backend that rejects a shape: "fails" says it
+    dts = [x for x in args.dtypes.split(",") if x]
+    if any(x not in DTYPES for x in dts):
+        p.error(f"--dtypes: expected a comma list of {DTYPES}, got {args.dtypes!r}")
+    device = "cpu" if args.cpu_smoke else "cuda"
+    card = "CPU interpreter smoke" if args.cpu_smoke else torch.cuda.get_device_name()
+    timer = wall_ms if args.cpu_smoke else graph_ms
+    torch.backends.cuda.matmul.allow_tf32 = False
+    work = [(dname, s) for s in shapes(args.cpu_smoke) for dname in dts]
+    phases, logs = {}, []
+    if args.workers > 0:
+        if args.cpu_smoke:
+            args.workers = 1
+        logs = warm_up(args, work)
+        phases["warm-up compile"] = time.time() - t_start
+    how = "wall clock, one call (smoke: meaningless)" if args.cpu_smoke else "CUDA graph of many calls, median of 5"
+    meta = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()] + [
+        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x (true D); {how}",
+        "- cells: TFLOP/s; wrong = failed the correctness check (never timed); fails = could not run; "
+        "n/a = not timed (budget)", ""]
+
+    rows, skipped, t_measure = [], [], time.time()
+    dt = {"fp16": torch.float16, "bf16": torch.bfloat16}
+    for i, (dname, (kind, b, lq, lk, d, n)) in enumerate(work):
+        done_s = time.time() - t_measure
+        per_shape = done_s / i if i else 0.0
+        if time.time() + 1.5 * per_shape > args.deadline:
+            skipped.append(f"{dname} {kind} B {b} Lq {lq} Lk {lk} D {d}")
+            continue
+        names = variants_for(kind, d, args.cpu_smoke)
+        fns = {name: make_fn(torch, name) for name in names}
+        q, k, v, do = inputs(torch, b, lq, lk, d, dt[dname], device, seed=i)
+        verdict = check(torch, fns, q, k, v, do, dname)
+        row = dict(dtype=dname, kind=kind, b=b, lq=lq, lk=lk, d=d, n=n, verdict=verdict, ms={}, no_graph=[])
+        for name, fn in fns.items():
+            if verdict[name] is None:
+                try:
+                    row["ms"][name] = time_variant(torch, fn, q, k, v, do, timer)
+                except Exception as e:  # noqa: BLE001 -- e.g. a backend that cannot be captured in a graph
+                    if args.cpu_smoke:
+                        raise
+                    row["no_graph"].append(f"{name} ({type(e).__name__}: {str(e).splitlines()[0][:80]})")
+                    try:
+                        row["ms"][name] = time_variant(torch, fn, q, k, v, do, bench_ms)
+                    except Exception as e2:  # noqa: BLE001
+                        verdict[name] = f"timing failed: {type(e2).__name__}: {str(e2).splitlines()[0][:80]}"
+        rows.append(row)
+        print(f"{dname} {kind} B {b} L {lq}x{lk} D {d}: " + "  ".join(
+            f"{k_}={f:.3g}/{g:.3g}ms" for k_, (f, g) in row["ms"].items()), flush=True)
+        del q, k, v, do
+        phases["measure"] = time.time() - t_measure
+        write(args, meta, rows, skipped, logs, card, dts, phases, done=False)
+    phases["measure"] = time.time() - t_measure
+    write(args, meta, rows, skipped, logs, card, dts, phases, done=True)
+    print((args.out / "SUMMARY.md").read_text())
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
