@@ -89,7 +89,7 @@ def test_gpu_train_script_fails_fast_without_cuda(tmp_path):
 @pytest.mark.slow
 def test_gpu_train_script_cpu_smoke(tmp_path):
     """toy/gpu_train.sh --cpu-smoke: both stages of config/toy_gpu.py (3 + 3 steps), the export and the benchmark
-    on 2 subjects, so that the one GPU call works. ~3-5 min on 2 cores."""
+    on 2 subjects, so that the one GPU call works. 2.5-6.5 min on 2 loaded cores."""
     out = tmp_path / "out"
     r = _gpu_train(str(out), "--cpu-smoke")
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
