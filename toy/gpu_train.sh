@@ -76,11 +76,12 @@ bounded() {
   local limit=$1 log=$2 pid rc=0 t0 termed=0
   shift 2
   t0=$(now)
-  "$@" > >(tee "$log") 2>&1 &
+  "$@" > "$log" 2>&1 &  # the log is complete when CMD exits; tail echoes it and ends with CMD
   pid=$!
+  tail -f -n +1 --pid="$pid" "$log" &
   while kill -0 "$pid" 2>/dev/null; do
     if (( termed == 0 && $(now) - t0 >= limit )); then
-      echo "gpu_train: $(basename "$log" .log) passed its ${limit} s: SIGTERM (checkpoint, then stop)" | tee -a "$log"
+      echo "gpu_train: $(basename "$log" .log) passed its ${limit} s: SIGTERM (checkpoint, then stop)" >&2
       kill -TERM "$pid" 2>/dev/null || true
       termed=1
     elif (( termed == 1 && $(now) - t0 >= limit + 60 )); then
@@ -89,6 +90,7 @@ bounded() {
     sleep 1
   done
   wait "$pid" || rc=$?
+  wait  # tail
   return $rc
 }
 latest_step() {  # the newest complete checkpoint's step (train.py writes meta.json last), or 0
@@ -106,7 +108,7 @@ STEPS1=$(latest_step)
 if (( rc != 0 || STEPS1 == 0 )); then echo "gpu_train: stage 1 failed (exit $rc)" >&2; exit $(( rc ? rc : 1 )); fi
 # measured step time: median of the logged ms/step after the first log line (warm-up, cuDNN autotuning)
 MS=$(grep -o '[0-9.]* ms/step' "$OUT/stage1.log" | awk '{print $1}' | sed '1{$!d}' | sort -g |
-     awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}')
+     awk '{v[NR] = $1} END {if (NR) print v[int((NR + 1) / 2)]}' || true)
 if [[ -z $MS ]]; then echo "gpu_train: no ms/step line in stage1.log" >&2; exit 1; fi
 STAGE1_S=$(( $(now) - t ))
 FIXED_S=$(awk -v s="$STAGE1_S" -v n="$STEPS1" -v ms="$MS" 'BEGIN {f = s - n * ms / 1000; print (f > 0 ? int(f + 0.5) : 0)}')
@@ -118,21 +120,25 @@ MORE=$(awk -v left="$LEFT" -v fixed="$FIXED_S" -v ms="$MS" 'BEGIN {n = int(0.95 
 (( MORE > MAX_STAGE2_STEPS )) && MORE=$MAX_STAGE2_STEPS
 echo "gpu_train: stage 1: $STEPS1 steps in ${STAGE1_S} s, ${MS} ms/step, ~${FIXED_S} s start-up/save; ${LEFT} s left:" \
      "stage 2 gets $MORE steps"
-if (( MORE < 1 )); then echo "gpu_train: no time left for stage 2" >&2; exit 1; fi
-t=$(now)
-rc=0
-LIMIT2=$(( LEFT - FIXED_S > 30 ? LEFT - FIXED_S : 30 ))  # past it, the export from its checkpoint takes ~FIXED_S
-bounded $LIMIT2 "$OUT/stage2.log" "$PY" train.py "${CONFIGS[@]}" config/toy_gpu_closeup.py \
-  "${EXTRA[@]}" --out_dir="$RUN" --export_path="$CKPT" --max_iters=$((STEPS1 + MORE)) || rc=$?
-STEPS2=$(latest_step)
-phase "stage 2: + config/toy_gpu_closeup.py, to step $STEPS2 of $((STEPS1 + MORE))" $rc $(( $(now) - t ))
-if (( rc != 0 )); then echo "gpu_train: stage 2 failed (exit $rc)" >&2; exit $rc; fi
-if ! grep -q "^exported EMA weights" "$OUT/stage2.log"; then  # stopped by SIGTERM: export its checkpoint
+STEPS2=$STEPS1
+if (( MORE < 1 )); then
+  phase "stage 2: skipped, no time left in the budget" - 0
+else
+  t=$(now)
+  rc=0
+  LIMIT2=$(( LEFT - FIXED_S > 30 ? LEFT - FIXED_S : 30 ))  # past it, exporting from its checkpoint takes ~FIXED_S
+  bounded $LIMIT2 "$OUT/stage2.log" "$PY" train.py "${CONFIGS[@]}" config/toy_gpu_closeup.py \
+    "${EXTRA[@]}" --out_dir="$RUN" --export_path="$CKPT" --max_iters=$((STEPS1 + MORE)) || rc=$?
+  STEPS2=$(latest_step)
+  phase "stage 2: + config/toy_gpu_closeup.py, to step $STEPS2 of $((STEPS1 + MORE))" $rc $(( $(now) - t ))
+  if (( rc != 0 )); then echo "gpu_train: stage 2 failed (exit $rc)" >&2; exit $rc; fi
+fi
+if ! grep -qs "^exported EMA weights" "$OUT/stage2.log"; then  # stage 2 stopped by SIGTERM or skipped
   t=$(now)
   rc=0
   "$PY" train.py "${CONFIGS[@]}" config/toy_gpu_closeup.py "${EXTRA[@]}" --out_dir="$RUN" --export_path="$CKPT" \
     --export_only=True 2>&1 | tee -a "$OUT/stage2.log" || rc=$?
-  phase "export of step $STEPS2 (stage 2 stopped early)" $rc $(( $(now) - t ))
+  phase "export of step $STEPS2 (stage 2 stopped early or skipped)" $rc $(( $(now) - t ))
   (( rc == 0 )) || exit $rc
 fi
 TRAIN_S=$(( $(now) - START ))
@@ -170,7 +176,8 @@ print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {tor
   echo
   echo "Reference gain logged during training (held-out sets of 2):"
   echo
-  grep -h "ref gain" "$OUT/stage1.log" "$OUT/stage2.log" | sed 's/ (loss.*//; s/^/    /'
+  gains=$(grep -hs "ref gain" "$OUT/stage1.log" "$OUT/stage2.log" | sed 's/ (loss.*//; s/^/    /' || true)
+  echo "${gains:-    (none: no evaluation step was reached)}"
 } > "$OUT/SUMMARY.md"
 rm -f "$OUT/phases.tmp"
 cat "$OUT/SUMMARY.md"
