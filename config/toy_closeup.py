@@ -5,7 +5,7 @@
 # self-attention worth using at once: even attention spread evenly over the reference returns the subject's
 # colour and pattern, so the route from reference to new image gets a gradient before it is content-selective.
 # Stage 1's sets (subject ~1/9 of the frame) give that route almost nothing to find
-# (bench/results/toy_experiments_2026-11-27.md). Close-up references are also what people give (subject-centric
+# (docs/toy.md). Close-up references are also what people give (subject-centric
 # photos), and the toy benchmark uses them by default.
 init_from = 'resume'
 export_path = 'assets/jedi_toy.safetensors'  # what sample.py loads without --ckpt

@@ -1,25 +1,20 @@
-"""bench/toy_benchmark.py and its attribute classifier: the shipped weights, metric separation, end to end."""
+"""toy/benchmark.py and its attribute classifier: the shipped weights, metric separation, end to end."""
 import os
-import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from PIL import Image
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "bench"))
-
-import data_procedural as dp  # noqa: E402
-import toy_benchmark as tb  # noqa: E402
-import toy_classifier as tc  # noqa: E402
+import data_procedural as dp
+from toy import benchmark as tb
+from toy import classifier as tc
 
 
 @pytest.fixture(scope="module")
 def classifier():
     # Checked before loading: a missing file would otherwise be retrained (minutes) instead of failing.
-    assert tc.WEIGHTS.is_file(), f"{tc.WEIGHTS} is not shipped; run python bench/toy_classifier.py"
+    assert tc.WEIGHTS.is_file(), f"{tc.WEIGHTS} is not shipped; run python toy/classifier.py"
     return tc.load(tc.WEIGHTS)
 
 
@@ -119,9 +114,9 @@ def test_benchmark_end_to_end_is_deterministic(tmp_path, capsys):
 
 
 def test_refgain_subject_masks_and_table():
-    """bench/toy_refgain.py: the subject mask is the subject (not the scene), and on the shipped model the table
+    """toy/refgain.py: the subject mask is the subject (not the scene), and on the shipped model the table
     is finite with the subject's pixels carrying far more than their share of the loss."""
-    import toy_refgain as rg
+    from toy import refgain as rg
     from model.loading import load_jedi
 
     subject = dp.Subject("square", "blue", "stripes", "white")
@@ -139,7 +134,7 @@ def test_refgain_subject_masks_and_table():
 
 def test_trajectory_tool_records_every_step(tmp_path):
     import sample
-    import toy_trajectory as tt
+    from toy import trajectory as tt
 
     model = sample.load_model(tiny_pixel_ckpt(tmp_path / "tiny.safetensors"))
     record = tt.trajectory(model, tt.PROMPTS[:2], steps=4, guidance=2.0, seed=3)

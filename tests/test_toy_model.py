@@ -1,7 +1,9 @@
-"""The shipped toy checkpoint: sample.py's default works on a fresh machine, with the right shapes, deterministically."""
+"""The shipped toy checkpoint (sample.py's default works on a fresh machine, deterministically) and the GPU toy's config
+and script (issue 23)."""
 import os
 
 import numpy as np
+import pytest
 from PIL import Image
 
 import sample
@@ -25,3 +27,76 @@ def test_default_command_samples_deterministically(tmp_path, capsys):
         a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in "ab")
         assert a.shape == (32, 32, 3) and np.array_equal(a, b)
     assert Image.open(tmp_path / "a" / "grid.png").size == (3 * 34 + 2, 36)
+
+
+def test_gpu_toy_config_fits_20mb_with_coupled_attention_at_every_level():
+    """config/toy_gpu.py (issue 23), layered on config/toy.py as train.py runs it: at most 10M parameters (UNet and
+    text encoder), a fp16 export of at most 20 MB, and attn1 coupling the set at 32x32, 16x16 and 8x8."""
+    import torch
+
+    import train
+    from model.text import build_text_encoder, sd14_text_config
+    from model.unet import UNet, UNetConfig
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cfg = {}
+    for name in ("toy.py", "toy_gpu.py", "toy_gpu_closeup.py"):
+        scope = {}
+        with open(os.path.join(root, "config", name)) as f:
+            exec(f.read(), scope)
+        own = {k: v for k, v in scope.items() if not k.startswith("_")}
+        assert set(own) <= set(train.config_keys), set(own) - set(train.config_keys)  # train.py would refuse them
+        cfg.update(own)
+    assert cfg["export_path"] and not cfg["export_path"].startswith("assets")  # never overwrites the shipped model
+    text = build_text_encoder(sd14_text_config(**cfg["text_config"]))
+    with torch.device("meta"):
+        unet = UNet(UNetConfig(**cfg["unet_config"], in_channels=7, out_channels=3,
+                               context_dim=text.config.hidden_size))
+    n = sum(p.numel() for p in unet.parameters()) + sum(p.numel() for p in text.parameters())
+    assert 6e6 <= n <= 10e6 and 2 * n <= 20e6, n  # fp16: 2 bytes a parameter
+
+    seen = []  # (tokens per image, set size) of every coupled self-attention call
+    for m in unet.modules():
+        if hasattr(m, "attn1"):
+            m.attn1.register_forward_pre_hook(lambda mod, a, kw: seen.append((a[0].shape[1], kw["set_size"])),
+                                              with_kwargs=True)
+    R, N = cfg["resolution"], 2
+    with torch.device("meta"):
+        unet(torch.empty(N, 7, R, R), torch.zeros(N, dtype=torch.long), torch.empty(N, 77, text.config.hidden_size),
+             set_size=N)
+    assert R == 32 and {hw for hw, _ in seen} == {32 * 32, 16 * 16, 8 * 8} and {s for _, s in seen} == {N}, seen
+
+
+def _gpu_train(*args, env=None):
+    import subprocess
+    import sys
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    return subprocess.run(["bash", os.path.join(root, "toy", "gpu_train.sh"), *args], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, **(env or {})}, timeout=1200)
+
+
+def test_gpu_train_script_fails_fast_without_cuda(tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("a CUDA device is visible")
+    r = _gpu_train(str(tmp_path / "out"))
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "out").exists(), r.stderr
+    assert _gpu_train().returncode == 2  # usage
+
+
+@pytest.mark.slow
+def test_gpu_train_script_cpu_smoke(tmp_path):
+    """toy/gpu_train.sh --cpu-smoke: both stages of config/toy_gpu.py (3 + 3 steps), the export and the benchmark
+    on 2 subjects, so that the one GPU call works. 2.5-6.5 min on 2 loaded cores."""
+    out = tmp_path / "out"
+    r = _gpu_train(str(out), "--cpu-smoke")
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert os.path.getsize(out / "jedi_toy_gpu.safetensors") <= 20e6
+    summary = (out / "SUMMARY.md").read_text()
+    assert "stage 1 3 steps" in summary and "stage 2 to step 6" in summary, summary
+    assert summary.count("ref gain") >= 4, summary  # logged in both stages
+    table = (out / "toy_benchmark.md").read_text()
+    assert "2 held-out subjects" in table and "| JeDi, 1 reference |" in table
+    assert (out / "toy_benchmark.png").is_file() and (out / "toy_benchmark_context_refs.md").is_file()

@@ -1,7 +1,7 @@
 """Attribute classifier for the toy benchmark: reads the procedural generator's ground truth back off an image.
 
-    python bench/toy_classifier.py              # print the cached classifier's held-out accuracy (trains if missing)
-    python bench/toy_classifier.py --retrain    # train again from scratch (~3.5 min on 1 core) and overwrite
+    python toy/classifier.py              # print the cached classifier's held-out accuracy (trains if missing)
+    python toy/classifier.py --retrain    # train again from scratch (~3.5 min on 1 core) and overwrite
 
 A small CNN on 32x32 RGB in [-1, 1] with one head per attribute: shape, color, pattern, pattern_color (the
 subject: what JeDi must copy from the references) and background, position (the context: what the prompt asks

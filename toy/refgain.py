@@ -1,7 +1,7 @@
 """Does a toy JeDi checkpoint use its reference? The reference gain per timestep, split into subject and scene pixels.
 
-    python bench/toy_refgain.py                                   # the shipped toy model
-    python bench/toy_refgain.py --ckpt out/toy/jedi.safetensors --sets 96
+    python toy/refgain.py                                   # the shipped toy model
+    python toy/refgain.py --ckpt out/toy/jedi.safetensors --sets 96
 
 Held-out procedural sets of 2 (image 0 the reference, image 1 generated, random contexts as in training). At each t,
 with one fixed noise draw, the denoising loss of image 1 is measured twice: with its own set's reference and with

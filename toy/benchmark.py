@@ -1,7 +1,7 @@
 """Toy benchmark: does a JeDi checkpoint copy a never-seen subject into the context its prompt asks for?
 
-    python bench/toy_benchmark.py                                   # the shipped toy model, all 34 held-out subjects
-    python bench/toy_benchmark.py --ckpt runs/toy/jedi.safetensors --subjects 8 --out /tmp/toy.md
+    python toy/benchmark.py                                   # the shipped toy model, all 34 held-out subjects
+    python toy/benchmark.py --ckpt runs/toy/jedi.safetensors --subjects 8 --out /tmp/toy.md
 
 Held-out procedural subjects only (data_procedural.subjects('heldout'): attribute combinations no training set
 contained). For each subject, three references are rendered in three contexts with distinct backgrounds (as
@@ -15,7 +15,7 @@ the references show, so copying a reference's background never counts as followi
     JeDi, 1 reference, λ = 1     no image guidance
     text only                    no references (the same λ acts as classifier-free text guidance)
 
-An attribute classifier trained on generator ground truth (bench/toy_classifier.py) reads every image:
+An attribute classifier trained on generator ground truth (toy/classifier.py) reads every image:
     subject fidelity  = mean over shape, color, pattern, pattern_color of [predicted == the reference subject's]
                         (also: all four right at once)
     text alignment    = mean of [predicted background == prompted] and [predicted position == prompted]
@@ -42,11 +42,10 @@ import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
-sys.path.insert(0, str(ROOT / "bench"))
 
 import data_procedural as dp  # noqa: E402
-import toy_classifier as tc  # noqa: E402
 from model.diffusion import personalize  # noqa: E402
+from toy import classifier as tc  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "toy_benchmark.md"
 MAX_REFS = 3
@@ -333,7 +332,7 @@ def main(argv=None) -> int:
     import sample
 
     args = parse_args(argv)
-    command = "python bench/toy_benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
+    command = "python toy/benchmark.py " + shlex.join(sys.argv[1:] if argv is None else argv)
     if args.threads:
         torch.set_num_threads(args.threads)
     try:

@@ -1,6 +1,6 @@
 """Render the reference images shipped in assets/refs/: held-out subjects (never seen in training) at 128 px.
 
-    python bench/make_toy_refs.py            # writes assets/refs/<subject>_<k>.png, deterministic
+    python toy/make_refs.py            # writes assets/refs/<subject>_<k>.png, deterministic
 
 Each subject gets three close-ups (subject large and centred, as in the subject-centric photos users give and as the
 toy benchmark's references) on different backgrounds, so `sample.py --refs` can be tried with 1 or 3 references;

@@ -1,13 +1,13 @@
 """Where does a sample decide its subject? The model's clean-image prediction x0 at each sampling step.
 
-    python bench/toy_trajectory.py                                  # the shipped toy model, text only
-    python bench/toy_trajectory.py --ckpt out/toy/jedi.safetensors --out /tmp/traj.png --guidance 3
+    python toy/trajectory.py                                  # the shipped toy model, text only
+    python toy/trajectory.py --ckpt out/toy/jedi.safetensors --out /tmp/traj.png --guidance 3
 
 One row per prompt (text only, sets of 1, DDIM from one seeded noise), one column per step from high noise to
 low: the x0 the model predicts there (clipped to [-1, 1]). A model that makes coherent subjects shows one
 blurred subject colour at the first steps that sharpens; a patchwork that appears within the first steps means
 the colour is decided from local noise, before the model has aggregated the evidence over the subject
-(bench/results/toy_experiments_2026-11-27.md §5).
+(docs/toy.md).
 """
 import argparse
 import sys
