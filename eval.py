@@ -27,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
+
+from data import IMAGE_EXTS, load_image
 
 METRICS = ("CLIP-T", "CLIP-I", "MCLIP-I", "DINO", "MDINO")  # Table 2's column order
 LIVE_CLASSES = {"cat", "dog"}  # prompts_and_classes.txt doesn't mark live subjects; these 9 are the cats and dogs
 MASK_SUFFIX = ".mask.png"  # x.jpg -> x.mask.png: white (>= 128) is foreground
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_BACKGROUND = (255, 255, 255)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -46,13 +47,6 @@ class MissingWeights(EvalError, FileNotFoundError):
 
 
 # ----------------------------------------------------------------------------- images and masks
-
-def open_rgb(path) -> Image.Image:
-    """An image file as upright (EXIF) RGB."""
-    img = Image.open(path)
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
-
 
 def mask_file_for(image_path) -> str:
     return os.path.splitext(str(image_path))[0] + MASK_SUFFIX
@@ -449,8 +443,8 @@ def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: Cli
         absent = [path for *_, path in jobs if not os.path.isfile(path)]
         if absent:
             raise EvalError(f"{len(absent)} generated images missing, e.g. {absent[0]} (run without --score_only)")
-        refs = [open_rgb(p) for p in s.images]
-        gens = [open_rgb(path) for *_, path in jobs]
+        refs = [load_image(p) for p in s.images]
+        gens = [load_image(path) for *_, path in jobs]
         ref_clip, ref_dino = clip.images(refs), dino.images(refs)
         gen_clip, gen_dino = clip.images(gens), dino.images(gens)
         scores = {
