@@ -401,18 +401,19 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
     remaining = sum(len(m) for *_, m in todo)
     if not remaining:
         return 0, None
+    import sample
+
     model = load_model_fn()
-    meta = getattr(model, "meta", {}) or {}
-    # The checkpoint's own sampling defaults, exactly as sample.py's CLI resolves them.
-    steps = gen_kwargs["steps"] or int(meta.get("steps", 50))
-    guidance = gen_kwargs["guidance"] if gen_kwargs["guidance"] is not None else float(meta.get("guidance", 5.0))
+    # The checkpoint's own sampling defaults, by sample.py's resolver: the same settings as its CLI.
+    settings = sample.sampling_settings(getattr(model, "meta", {}) or {}, gen_kwargs["device"],
+                                        steps=gen_kwargs["steps"], guidance=gen_kwargs["guidance"],
+                                        sampler=gen_kwargs["sampler"], dtype=gen_kwargs["dtype"])
     bar = tqdm(total=total, initial=total - remaining, unit="img", desc="generate", dynamic_ncols=True)
     done = 0
     for s, p, prompt, missing in todo:
         # Each image is one set [references..., new image]: 4 independent sets = 4 images of this prompt.
         sets = generate_fn(model, s.images[:num_refs], [prompt], ref_prompt=f"a photo of a {s.class_name}",
-                           num_sets=len(missing), steps=steps, guidance=guidance, sampler=gen_kwargs["sampler"],
-                           seed=_seed(seed, s.name, p, missing[0]))
+                           num_sets=len(missing), seed=_seed(seed, s.name, p, missing[0]), **settings)
         if len(sets) != len(missing):
             raise EvalError(f"generate returned {len(sets)} sets for num_sets={len(missing)}")
         for k, images in zip(missing, sets):
@@ -424,7 +425,7 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
         done += len(missing)
         bar.update(len(missing))
     bar.close()
-    return done, {"steps_used": steps, "guidance_used": guidance}
+    return done, {f"{k}_used": v for k, v in settings.items()}
 
 
 # ----------------------------------------------------------------------------- scoring and tables
@@ -531,7 +532,12 @@ def parse_args(argv=None):
     p.add_argument("--images_per_prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance (default: the checkpoint's, else 5)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
+    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else ddim "
+                   "(sample.py's defaults, resolved by its sampling_settings)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as sample.py's: auto = "
+                   "bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"], help="as sample.py's --compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip_model", default="ViT-B-32-quickgelu", help="open_clip architecture name or .json "
                    "(ViT-B-32-quickgelu for OpenAI's ViT-B/32; ViT-L-14-quickgelu for OpenAI's ViT-L/14)")
@@ -600,7 +606,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
         masks = None if args.no_masked else Masks(segmenter, os.path.join(args.out, "masks"))
 
         gen_settings = {"ckpt": args.ckpt, "num_refs": args.num_refs, "images_per_prompt": args.images_per_prompt,
-                        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed}
+                        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed,
+                        "dtype": args.dtype}
         t0 = time.time()
         if not args.score_only:
             _check_run_settings(args.out, gen_settings)
@@ -618,14 +625,15 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
                     import sample
 
                     try:
-                        return sample.load_model(args.ckpt, args.device)
+                        return sample.load_model(args.ckpt, args.device, dtype=args.dtype, compile=args.compile)
                     except sample.UserError as e:
                         raise EvalError(str(e)) from None
 
             n, used = generate_missing(
                 subjects, args.out, num_refs=args.num_refs, images_per_prompt=args.images_per_prompt, seed=args.seed,
                 generate_fn=generate_fn, load_model_fn=load_model_fn,
-                gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+                gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
+                            "dtype": args.dtype, "device": args.device})
             print(f"generated {n} images in {time.time() - t0:.0f} s", file=sys.stderr)
             if used:  # the checkpoint defaults actually applied, for the report
                 run_json = Path(args.out, "run.json")
@@ -641,7 +649,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
     made = json.loads(run_json.read_text()) if run_json.is_file() else gen_settings
     settings = {"checkpoint": made["ckpt"] or "sample.py default", "references per subject": made["num_refs"],
                 "steps": made.get("steps_used", made["steps"]), "guidance": made.get("guidance_used", made["guidance"]),
-                "sampler": made["sampler"], "seed": made["seed"],
+                "sampler": made.get("sampler_used", made["sampler"]), "dtype": made.get("dtype_used", made.get("dtype")),
+                "seed": made["seed"],
                 "reference caption": "a photo of a {class}", "images per prompt": args.images_per_prompt,
                 "subjects": len(subjects), "CLIP": clip.description, "DINO": dino.description,
                 "masks": masks.describe() if masks else "none (--no_masked)",

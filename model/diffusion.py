@@ -140,6 +140,15 @@ def reference_gain_sums(unet, diffusion: Diffusion, x0, context, generator=None,
 
 # ----------------------------------------------------------------------------- sampling
 
+def randn(shape, generator=None, device="cpu", dtype=torch.float32) -> torch.Tensor:
+    """N(0, I) noise of `shape` (S·N, ...). generator: one torch.Generator, or a list of S, one per set, each drawing
+    its own set's N rows: then a set's noise is the same whichever sets are sampled beside it."""
+    if not isinstance(generator, (list, tuple)):
+        return torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    rows = shape[0] // len(generator)
+    return torch.cat([torch.randn((rows, *shape[1:]), generator=g, device=device, dtype=dtype) for g in generator])
+
+
 def spaced_timesteps(steps: int, T: int = 1000) -> list[int]:
     """The `steps` timesteps every sampler visits, high to low, spaced as CompVis' DDIM does (uniform "leading"
     spacing + 1): range(0, T, T // steps) + 1, so 981 ... 1 for 50 steps."""
@@ -158,7 +167,7 @@ def ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator):
     sigma = eta * math.sqrt((1 - ab_prev) / (1 - ab) * (1 - ab / ab_prev))
     x = math.sqrt(ab_prev) * x0 + math.sqrt(max(1 - ab_prev - sigma ** 2, 0.0)) * eps
     if sigma > 0:
-        x = x + sigma * torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        x = x + sigma * randn(x.shape, generator, x.device, x.dtype)
     return x
 
 
@@ -213,7 +222,7 @@ def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: s
     `steps` spaced timesteps. model_fn and replace as for the sample_* functions above."""
     if sampler not in SAMPLERS:
         raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    x = randn(shape, generator, device, dtype)
     ts = spaced_timesteps(steps, diffusion.num_timesteps)
     if sampler == "ddim":
         return sample_ddim(model_fn, diffusion, x, ts, eta=eta, generator=generator, replace=replace,
@@ -228,7 +237,8 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
 
     refs: (n, C, h, w) clean reference latents, n >= 0 (n = 0: a same-subject set from text alone, Fig. 2b).
     context: (n + num_new, L, D) text states, the references' captions first; null_context: (1, L, D) for "".
-    Each set is [refs..., new...]; `num_sets` sets are drawn at once with independent noise.
+    Each set is [refs..., new...]; `num_sets` sets are drawn at once with independent noise (generator: one, or
+    a list of num_sets, one per set: see randn).
     guidance λ (eq. 3): ε̃ = ε⁰ + λ(ε(x_t, x̂, M) − ε⁰), ε⁰ = ε(x_t, 0, M) with text "": two passes in one call.
     text_guidance s_T (beyond the paper, 3 passes): ε⁰ + λ(ε(x̂, "") − ε⁰) + s_T(ε(x̂, text) − ε(x̂, "")); needs a
     model trained with text-only dropout (train.py p_drop_text > 0).
@@ -270,7 +280,7 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
         if not n:
             return x
         tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
-        noise = torch.randn(x.shape, generator=generator, device=dev, dtype=dtype)  # fresh noise every step
+        noise = randn(x.shape, generator, dev, dtype)  # fresh noise every step
         return torch.where(known.reshape(-1, 1, 1, 1), diffusion.q_sample(ref_full, tt, noise), x)  # (S·N,) -> (S·N,1,1,1)
 
     x = sample(model_fn, diffusion, (num_sets * N, *latent_shape), steps=steps, sampler=sampler, eta=eta,

@@ -215,10 +215,28 @@ class JeDi:
 
     def __post_init__(self):
         self.diffusion = Diffusion(**self.meta.get("diffusion", {}))
+        self.unet_fn = self.unet  # what sampling calls: the UNet, or its compiled form (sample.prepare_model)
 
     @property
     def device(self) -> torch.device:
         return next(self.unet.parameters()).device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype the UNet and text encoder compute in (the VAE may keep fp32 parts: AutoencoderKL.cast)."""
+        return next(self.unet.parameters()).dtype
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "JeDi":
+        """Cast (before moving: the device never holds both copies) and move every module, in place."""
+        if dtype is not None:
+            self.unet.to(dtype)
+            self.text_encoder.to(dtype)
+            if self.vae is not None:
+                self.vae.cast(dtype)  # fp16 keeps the VAE's overflow-prone parts in fp32
+        for m in (self.unet, self.text_encoder, self.vae):
+            if m is not None and device is not None:
+                m.to(device)
+        return self
 
     @property
     def resolution(self) -> int:
@@ -325,9 +343,9 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
     text_sd = convert_original_text_state_dict(text_sd)
     text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
     strict_load(text_encoder, text_sd, "text encoder")
-    mods = [m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
     # SD-1.x: 512 px, SD's schedule and eps-prediction (Diffusion()'s defaults), no sampling defaults of its own
-    return JeDi(*mods, Tokenizer(), dict(resolution=512, diffusion={}, space="latent"))
+    meta = dict(resolution=512, diffusion={}, space="latent")
+    return JeDi(unet.eval(), vae.eval(), text_encoder.eval(), Tokenizer(), meta).to(device, dtype)
 
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
@@ -385,5 +403,5 @@ def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
     if meta["vae"] is not None:
         vae = AutoencoderKL(VAEConfig(**meta["vae"]))
         strict_load(vae, strip_prefix(tensors, "vae."), "VAE")
-    mods = [None if m is None else m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
-    return JeDi(mods[0], mods[1], mods[2], Tokenizer(), meta)
+    vae = None if vae is None else vae.eval()
+    return JeDi(unet.eval(), vae, text_encoder.eval(), Tokenizer(), meta).to(device, dtype)

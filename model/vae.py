@@ -179,6 +179,7 @@ class Decoder(nn.Module):
     def forward(self, z: torch.Tensor) -> torch.Tensor:
         h = self.conv_in(z)
         h = self.mid.block_2(self.mid.attn_1(self.mid.block_1(h)))
+        h = h.to(self.conv_out.weight.dtype)  # the up path may be kept in fp32 (AutoencoderKL.cast)
         for up in reversed(self.up):
             for block in up.block:
                 h = block(h)
@@ -216,17 +217,28 @@ class AutoencoderKL(nn.Module):
         self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
         self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
+    def cast(self, dtype: torch.dtype) -> "AutoencoderKL":
+        """Cast the weights for inference in `dtype`. In fp16 the encoder and the decoder's up path (up blocks,
+        norm_out, conv_out) stay fp32: SD's VAE activations there pass fp16's 65504 and the decode turns to inf/NaN
+        (diffusers' upcast_vae keeps the same split). post_quant_conv, decoder.conv_in and decoder.mid run in fp16
+        (the mid attention goes through SDPA, which does not overflow). bf16 has fp32's range: all of it is cast."""
+        self.to(dtype)
+        if dtype == torch.float16:
+            for m in (self.encoder, self.quant_conv, self.decoder.up, self.decoder.norm_out, self.decoder.conv_out):
+                m.float()
+        return self
+
     @property
     def downsample_factor(self) -> int:
         return 2 ** (len(self.config.ch_mult) - 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: (B, in_channels, H, W) in [-1, 1] -> posterior over unscaled latents (B, embed_dim, H/f, W/f)."""
-        return DiagonalGaussian(self.quant_conv(self.encoder(x)))
+        return DiagonalGaussian(self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype))))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Unscaled latents (B, embed_dim, h, w) -> image (B, out_ch, h*f, w*f)."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype)))
 
     def forward(self, x: torch.Tensor, sample: bool = True, generator: torch.Generator | None = None):
         posterior = self.encode(x)

@@ -275,9 +275,9 @@ class FakeGenerator:
     def __init__(self, fail_after=None):
         self.fail_after, self.images, self.calls = fail_after, 0, []
 
-    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed):
+    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype):
         self.calls.append(dict(refs=list(ref_images), prompts=prompts, ref_prompt=ref_prompt, num_sets=num_sets,
-                               steps=steps, guidance=guidance, sampler=sampler, seed=seed))
+                               steps=steps, guidance=guidance, sampler=sampler, seed=seed, dtype=dtype))
         fg = Image.open(ref_images[0]).convert("RGB").getpixel((20, 15))
         out = []
         for s in range(num_sets):
