@@ -139,3 +139,29 @@ def test_strict_load_wrong_shape_names_key():
     del sd["encoder.mid.attn_1.proj_out.bias"]
     with pytest.raises(RuntimeError, match=r"encoder\.mid\.attn_1\.proj_out\.bias"):
         AutoencoderKL(cfg).load_state_dict(sd, strict=True)
+
+
+@torch.no_grad()
+def test_fp16_decode_of_large_latents_stays_finite():
+    """SD's VAE decoder overflows in fp16: its full-resolution activations pass fp16's 65504. Here the up path's
+    residual branches are scaled up until they do (> 65504 in fp32, so a plain .half() decode is inf/NaN);
+    AutoencoderKL.cast(fp16) keeps that path in fp32 and the decode of 64x64 latents (SD's 512 px) stays finite."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    for up in vae.decoder.up:
+        for block in up.block:
+            block.conv2.weight.mul_(3e4)
+    z = torch.randn(1, 4, 64, 64)
+    peak = []
+    hook = vae.decoder.up[0].block[-1].register_forward_hook(lambda m, i, o: peak.append(o.abs().max().item()))
+    want = vae.decode_latents(z)
+    hook.remove()
+    assert peak[0] > 65504 and torch.isfinite(want).all()  # fp16 activations there would be inf
+    half = vae.cast(torch.float16)
+    assert half.post_quant_conv.weight.dtype == half.decoder.mid.attn_1.q.weight.dtype == torch.float16
+    assert half.decoder.up[0].block[0].conv1.weight.dtype == half.encoder.conv_in.weight.dtype == torch.float32
+    got = half.decode_latents(z.half())
+    assert got.shape == (1, 3, 128, 128) and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() / want.abs().max() < 1e-2  # fp16 rounding in the low-resolution part
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.isfinite(half.encode_latents(x)).all()  # the encoder takes any input dtype
