@@ -179,3 +179,26 @@ def test_profile_unet_tiny_cpu(tmp_path):
         assert float(row["wall ms"]) > 0 and float(row["GPU-busy ms"]) > 0 and float(row["launches"]) > 100, name
     r = _run("bench/profile_unet.py")  # the full size needs CUDA
     assert r.returncode == 2 and "needs a CUDA GPU" in r.stderr, r.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
+def test_gpu_e2e_refuses_without_cuda_and_its_commands_parse(tmp_path):
+    """bench/gpu_e2e.sh: exit 2 and nothing written without CUDA; the rows it asks for are the scripts' rows, with
+    the user's path (ours, compiled, CUDA-graphed) beside the diffusers baseline."""
+    r = subprocess.run(["bash", "bench/gpu_e2e.sh", str(tmp_path / "out")], cwd=ROOT, env=_env(),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "out").exists(), r.stderr
+    script = (ROOT / "bench" / "gpu_e2e.sh").read_text()
+    found = re.findall(r'^\s*"(bench_sampling|bench_training)\|(\d+)\|(.*)"\s*$', script, re.M)
+    steps = {name: cmd for name, _, cmd in found}
+    assert set(steps) == {"bench_sampling", "bench_training"}
+    assert sum(int(limit) for _, limit, _ in found) < 300  # the steps' limits: under 5 minutes
+    rows = {}
+    for name, cmd in steps.items():
+        cmd = cmd.replace("$PY", sys.executable).replace("$OUT", str(tmp_path)).replace("\\$", "$")
+        r = subprocess.run(["bash", "-c", cmd + " --check-args"], cwd=ROOT, env=dict(_env(), STEP_LIMIT="100"),
+                           capture_output=True, text=True, timeout=60)
+        assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
+        rows[name] = r.stdout.split("rows:")[1].strip().split(", ")
+    assert rows["bench_sampling"] == ["diffusers", "ours", "ours+compile", "ours+compile+cuda_graphs"]
+    assert any("compile" in v for v in rows["bench_training"])

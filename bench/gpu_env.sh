@@ -1,0 +1,74 @@
+# Sourced by bench/gpu_suite.sh and bench/gpu_e2e.sh (bash): the python to use, the CUDA preflight, diffusers.
+# Installs nothing. Sets ROOT, PY, PYTHONPATH and DIFFUSERS (a line for SUMMARY.md); exits 2 without CUDA.
+#   PY: $PYTHON if set, else .venv/bin/python if present, else python3.
+#   diffusers (bench_sampling's baseline row): the machine's own, else a wheel carried in bench/wheels/, unpacked
+#   into a temp dir appended to PYTHONPATH (a pure-Python wheel is a zip of the package: unpacking it is installing
+#   it, without pip or a network).
+GPU_SCRIPT=${GPU_SCRIPT:-$(basename "$0")}
+cd "$(dirname "${BASH_SOURCE[0]}")/.."
+ROOT=$PWD
+if [[ -n "${PYTHON:-}" ]]; then PY=$PYTHON; elif [[ -x .venv/bin/python ]]; then PY=$ROOT/.venv/bin/python; else PY=$(command -v python3 || echo python); fi
+unset TRITON_INTERPRET JEDI_ATTN JEDI_ATTN_SPLIT_D  # compiled kernels, default dispatch
+export PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
+
+if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
+  echo "$GPU_SCRIPT: error: no CUDA device visible to torch ($PY: torch.cuda.is_available() is False)." >&2
+  echo "$GPU_SCRIPT: this needs an NVIDIA GPU; nothing was run. On CPU run: python -m pytest -q tests/test_bench_e2e.py" >&2
+  exit 2
+fi
+
+# prints the version, or the import error's last line (and fails)
+diffusers_version() {
+  "$PY" -c 'import diffusers; from diffusers import UNet2DConditionModel; print(diffusers.__version__)' 2>&1 | tail -1
+  return "${PIPESTATUS[0]}"
+}
+if v=$(diffusers_version); then
+  DIFFUSERS="$v (installed)"
+else
+  DIFFUSERS="not importable ($v): bench_sampling skips its baseline row; see bench/README.md"
+  whl=$(ls bench/wheels/diffusers-*.whl 2>/dev/null | sort -V | tail -1)
+  if [[ -n "$whl" ]]; then
+    SITE=$(mktemp -d /tmp/gpu_site.XXXXXX)
+    if "$PY" -m zipfile -e "$whl" "$SITE" && v=$(PYTHONPATH="$PYTHONPATH:$SITE" diffusers_version); then
+      export PYTHONPATH="$PYTHONPATH:$SITE"  # appended: never shadows the machine's packages
+      DIFFUSERS="$v (from $whl)"
+    else
+      DIFFUSERS="$whl does not import ($v): bench_sampling skips its baseline row"
+    fi
+  fi
+fi
+echo "$GPU_SCRIPT: diffusers: $DIFFUSERS"
+
+# SUMMARY.md's header lines: date, git commit, card, versions (the command line is the caller's)
+summary_header() {
+  echo "- date: $(date -u +%FT%TZ)"
+  echo "- git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
+  echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
+  echo "- $("$PY" -c 'import torch, triton, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), triton {triton.__version__}")')"
+  echo "- diffusers: $DIFFUSERS"
+}
+
+# run_step NAME LIMIT_S COMMAND: runs COMMAND (STEP_LIMIT exported) under `timeout -s INT`, logs to $OUT/NAME.log,
+# appends "| NAME | exit | seconds |" to $OUT/SUMMARY.md; cuts LIMIT to what is left before $DEADLINE and skips
+# the step with under 30 s left. Sets failed=1 on a non-zero exit.
+run_step() {
+  local name=$1 limit=$2 cmd=$3 left rc t0 dt
+  left=$(( DEADLINE - $(date +%s) ))
+  if (( left < 30 )); then
+    echo "== $name: SKIPPED, ${left}s of the budget left" | tee "$OUT/$name.log"
+    echo "| $name | skipped (budget) | 0 |" >> "$OUT/SUMMARY.md"
+    failed=1
+    return
+  fi
+  (( limit > left )) && limit=$left
+  export STEP_LIMIT=$limit
+  echo "== $name (limit ${limit}s): $cmd"
+  t0=$(date +%s)
+  timeout --signal=INT --kill-after=10 "$limit" bash -c "$cmd" 2>&1 | tee "$OUT/$name.log"
+  rc=${PIPESTATUS[0]}
+  dt=$(( $(date +%s) - t0 ))
+  [[ $rc -eq 124 ]] && echo "== $name: TIMED OUT after ${limit}s" | tee -a "$OUT/$name.log"
+  echo "| $name | $rc | $dt |" >> "$OUT/SUMMARY.md"
+  [[ $rc -ne 0 ]] && failed=1
+  return 0
+}
