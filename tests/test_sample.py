@@ -250,3 +250,24 @@ def test_compiled_unet_has_no_graph_breaks(ckpts):
     assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
     with pytest.raises(sample.UserError, match="--compile 'fast'"):
         sample.compile_unet(m.unet, "fast")
+
+
+def test_out_of_memory_halves_the_sets_per_call_and_keeps_the_images(ckpts, monkeypatch):
+    m = sample.load_model(ckpts["pixel"])
+    args = dict(num_sets=4, steps=2, guidance=2.0, seed=3)
+    want = _arrays(sample.generate(m, [], ["a", "b"], **args))
+    real, sizes = sample._sample_sets, []
+
+    def small_gpu(model, ref_latents, context, null, num_new, gens, **kw):
+        sizes.append(len(gens))
+        if len(gens) > 1:  # pretend only one set fits
+            real(model, ref_latents, context, null, num_new, gens, **kw)  # draws noise first, as a real OOM would
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(model, ref_latents, context, null, num_new, gens, **kw)
+
+    monkeypatch.setattr(sample, "_sample_sets", small_gpu)
+    with pytest.warns(UserWarning, match="out of GPU memory"):
+        got = _arrays(sample.generate(m, [], ["a", "b"], **args))
+    assert sizes == [4, 2, 1, 1, 1, 1] and np.array_equal(got, want)  # the generators were rewound
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # an explicit --max_batch_sets is not second-guessed
+        sample.generate(m, [], ["a", "b"], max_batch_sets=2, **args)
