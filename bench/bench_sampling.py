@@ -378,7 +378,12 @@ def main(argv=None):
         text_encoder = build_text_encoder(text_cfg).eval().requires_grad_(False)
         vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
     resolution = hw * vae.downsample_factor
-    tokenizer = Tokenizer()
+    try:
+        tokenizer = Tokenizer()
+    except ImportError as e:  # the GPU image lacks open_clip_torch / ftfy: bench/README.md says how to carry them
+        print(f"bench_sampling: error: sample.py's tokenizer does not import ({first_line(e)}); carry the wheels "
+              f"of open_clip_torch, ftfy and wcwidth in bench/wheels/ (bench/README.md)", file=sys.stderr)
+        return 2
     decoded_finite = []  # generate() returns 8-bit images: NaNs are seen where the VAE decoder outputs them
     vae.decoder.register_forward_hook(lambda m, i, out: decoded_finite.append(bool(torch.isfinite(out).all())))
 

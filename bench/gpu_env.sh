@@ -1,9 +1,6 @@
 # Sourced by bench/gpu_suite.sh and bench/gpu_e2e.sh (bash): the python to use, the CUDA preflight, diffusers.
-# Installs nothing. Sets ROOT, PY, PYTHONPATH and DIFFUSERS (a line for SUMMARY.md); exits 2 without CUDA.
+# Installs nothing. Sets ROOT, PY, PYTHONPATH and PACKAGES (a line for SUMMARY.md); exits 2 without CUDA.
 #   PY: $PYTHON if set, else .venv/bin/python if present, else python3.
-#   diffusers (bench_sampling's baseline row): the machine's own, else a wheel carried in bench/wheels/, unpacked
-#   into a temp dir appended to PYTHONPATH (a pure-Python wheel is a zip of the package: unpacking it is installing
-#   it, without pip or a network).
 GPU_SCRIPT=${GPU_SCRIPT:-$(basename "$0")}
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 ROOT=$PWD
@@ -17,27 +14,23 @@ if ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1
   exit 2
 fi
 
-# prints the version, or the import error's last line (and fails)
-diffusers_version() {
-  "$PY" -c 'import diffusers; from diffusers import UNet2DConditionModel; print(diffusers.__version__)' 2>&1 | tail -1
-  return "${PIPESTATUS[0]}"
-}
-if v=$(diffusers_version); then
-  DIFFUSERS="$v (installed)"
-else
-  DIFFUSERS="not importable ($v): bench_sampling skips its baseline row; see bench/README.md"
-  whl=$(ls bench/wheels/diffusers-*.whl 2>/dev/null | sort -V | tail -1)
-  if [[ -n "$whl" ]]; then
-    SITE=$(mktemp -d /tmp/gpu_site.XXXXXX)
-    if "$PY" -m zipfile -e "$whl" "$SITE" && v=$(PYTHONPATH="$PYTHONPATH:$SITE" diffusers_version); then
-      export PYTHONPATH="$PYTHONPATH:$SITE"  # appended: never shadows the machine's packages
-      DIFFUSERS="$v (from $whl)"
-    else
-      DIFFUSERS="$whl does not import ($v): bench_sampling skips its baseline row"
-    fi
-  fi
+# Python packages the GPU image lacks: diffusers (bench_sampling's baseline row), open_clip_torch and ftfy (the
+# tokenizer of sample.py, hence of bench_sampling's "ours" rows; ftfy needs wcwidth). Carried as wheels in
+# bench/wheels/ (bench/README.md says how), unpacked into one temp dir appended to PYTHONPATH: installed packages win.
+CARRIED=(diffusers open_clip ftfy)
+missing=()
+for m in "${CARRIED[@]}"; do "$PY" -c "import $m" 2>/dev/null || missing+=("$m"); done
+if (( ${#missing[@]} )) && compgen -G "bench/wheels/*.whl" > /dev/null; then
+  SITE=$(mktemp -d /tmp/gpu_site.XXXXXX)
+  for whl in bench/wheels/*.whl; do "$PY" -m zipfile -e "$whl" "$SITE"; done  # a pure-Python wheel is a zip
+  export PYTHONPATH="$PYTHONPATH:$SITE"
 fi
-echo "$GPU_SCRIPT: diffusers: $DIFFUSERS"
+PACKAGES=$(for m in "${CARRIED[@]}"; do
+  v=$("$PY" -c "import $m; print(getattr($m, '__version__', '?'))" 2>&1 | tail -1) || v="NOT importable ($v)"
+  where=installed; [[ " ${missing[*]} " == *" $m "* ]] && where=carried
+  [[ $v == NOT* ]] && echo -n "$m $v; " || echo -n "$m $v ($where); "
+done)
+echo "$GPU_SCRIPT: packages: $PACKAGES"
 
 # SUMMARY.md's header lines: date, git commit, card, versions (the command line is the caller's)
 summary_header() {
@@ -45,7 +38,7 @@ summary_header() {
   echo "- git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   echo "- $("$PY" -c 'import torch, triton, sys; print(f"python {sys.version.split()[0]}, torch {torch.__version__} (CUDA {torch.version.cuda}, cuDNN {torch.backends.cudnn.version()}), triton {triton.__version__}")')"
-  echo "- diffusers: $DIFFUSERS"
+  echo "- packages: $PACKAGES"
 }
 
 # run_step NAME LIMIT_S COMMAND: runs COMMAND (STEP_LIMIT exported) under `timeout -s INT`, logs to $OUT/NAME.log,
