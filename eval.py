@@ -29,12 +29,13 @@ from pathlib import Path
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageOps
+from PIL import Image
+
+from data import IMAGE_EXTS, load_image
 
 METRICS = ("CLIP-T", "CLIP-I", "MCLIP-I", "DINO", "MDINO")  # Table 2's column order
 LIVE_CLASSES = {"cat", "dog"}  # prompts_and_classes.txt doesn't mark live subjects; these 9 are the cats and dogs
 MASK_SUFFIX = ".mask.png"  # x.jpg -> x.mask.png: white (>= 128) is foreground
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
 DEFAULT_BACKGROUND = (255, 255, 255)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 
@@ -48,13 +49,6 @@ class MissingWeights(EvalError, FileNotFoundError):
 
 
 # ----------------------------------------------------------------------------- images and masks
-
-def open_rgb(path) -> Image.Image:
-    """An image file as upright (EXIF) RGB."""
-    img = Image.open(path)
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
-
 
 def mask_file_for(image_path) -> str:
     return os.path.splitext(str(image_path))[0] + MASK_SUFFIX
@@ -409,18 +403,19 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
     remaining = sum(len(m) for *_, m in todo)
     if not remaining:
         return 0, None
+    import sample
+
     model = load_model_fn()
-    meta = getattr(model, "meta", {}) or {}
-    # The checkpoint's own sampling defaults, exactly as sample.py's CLI resolves them.
-    steps = gen_kwargs["steps"] or int(meta.get("steps", 50))
-    guidance = gen_kwargs["guidance"] if gen_kwargs["guidance"] is not None else float(meta.get("guidance", 5.0))
+    # The checkpoint's own sampling defaults, by sample.py's resolver: the same settings as its CLI.
+    settings = sample.sampling_settings(getattr(model, "meta", {}) or {}, gen_kwargs["device"],
+                                        steps=gen_kwargs["steps"], guidance=gen_kwargs["guidance"],
+                                        sampler=gen_kwargs["sampler"], dtype=gen_kwargs["dtype"])
     bar = tqdm(total=total, initial=total - remaining, unit="img", desc="generate", dynamic_ncols=True)
     done = 0
     for s, p, prompt, missing in todo:
         # Each image is one set [references..., new image]: 4 independent sets = 4 images of this prompt.
         sets = generate_fn(model, s.images[:num_refs], [prompt], ref_prompt=f"a photo of a {s.class_name}",
-                           num_sets=len(missing), steps=steps, guidance=guidance, sampler=gen_kwargs["sampler"],
-                           seed=_seed(seed, s.name, p, missing[0]))
+                           num_sets=len(missing), seed=_seed(seed, s.name, p, missing[0]), **settings)
         if len(sets) != len(missing):
             raise EvalError(f"generate returned {len(sets)} sets for num_sets={len(missing)}")
         for k, images in zip(missing, sets):
@@ -432,7 +427,7 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
         done += len(missing)
         bar.update(len(missing))
     bar.close()
-    return done, {"steps_used": steps, "guidance_used": guidance}
+    return done, {f"{k}_used": v for k, v in settings.items()}
 
 
 # ----------------------------------------------------------------------------- scoring and tables
@@ -453,8 +448,8 @@ def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: Cli
         absent = [path for *_, path in jobs if not os.path.isfile(path)]
         if absent:
             raise EvalError(f"{len(absent)} generated images missing, e.g. {absent[0]} (run without --score_only)")
-        refs = [open_rgb(p) for p in s.images]
-        gens = [open_rgb(path) for *_, path in jobs]
+        refs = [load_image(p) for p in s.images]
+        gens = [load_image(path) for *_, path in jobs]
         ref_clip, ref_dino = clip.images(refs), dino.images(refs)
         gen_clip, gen_dino = clip.images(gens), dino.images(gens)
         scores = {
@@ -597,7 +592,12 @@ def parse_args(argv=None):
     p.add_argument("--images_per_prompt", type=int, default=4)
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance (default: the checkpoint's, else 5)")
-    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
+    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else ddim "
+                   "(sample.py's defaults, resolved by its sampling_settings)")
+    p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as sample.py's: auto = "
+                   "bf16 on CUDA, fp32 on CPU")
+    p.add_argument("--compile", nargs="?", const="default", default=None,
+                   choices=["default", "reduce-overhead", "max-autotune"], help="as sample.py's --compile")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--clip_model", default="ViT-B-32-quickgelu", help="open_clip architecture name or .json "
                    "(ViT-B-32-quickgelu for OpenAI's ViT-B/32; ViT-L-14-quickgelu for OpenAI's ViT-L/14)")
@@ -666,7 +666,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
         masks = None if args.no_masked else Masks(segmenter, os.path.join(args.out, "masks"))
 
         gen_settings = {"ckpt": args.ckpt, "num_refs": args.num_refs, "images_per_prompt": args.images_per_prompt,
-                        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed}
+                        "steps": args.steps, "guidance": args.guidance, "sampler": args.sampler, "seed": args.seed,
+                        "dtype": args.dtype}
         t0 = time.time()
         if not args.score_only:
             _check_run_settings(args.out, gen_settings)
@@ -684,14 +685,15 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
                     import sample
 
                     try:
-                        return sample.load_model(args.ckpt, args.device)
+                        return sample.load_model(args.ckpt, args.device, dtype=args.dtype, compile=args.compile)
                     except sample.UserError as e:
                         raise EvalError(str(e)) from None
 
             n, used = generate_missing(
                 subjects, args.out, num_refs=args.num_refs, images_per_prompt=args.images_per_prompt, seed=args.seed,
                 generate_fn=generate_fn, load_model_fn=load_model_fn,
-                gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler})
+                gen_kwargs={"steps": args.steps, "guidance": args.guidance, "sampler": args.sampler,
+                            "dtype": args.dtype, "device": args.device})
             print(f"generated {n} images in {time.time() - t0:.0f} s", file=sys.stderr)
             if used:  # the checkpoint defaults actually applied, for the report
                 run_json = Path(args.out, "run.json")
@@ -708,7 +710,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
     made = json.loads(run_json.read_text()) if run_json.is_file() else gen_settings
     settings = {"checkpoint": made["ckpt"] or "sample.py default", "references per subject": made["num_refs"],
                 "steps": made.get("steps_used", made["steps"]), "guidance": made.get("guidance_used", made["guidance"]),
-                "sampler": made["sampler"], "seed": made["seed"],
+                "sampler": made.get("sampler_used", made["sampler"]), "dtype": made.get("dtype_used", made.get("dtype")),
+                "seed": made["seed"],
                 "reference caption": "a photo of a {class}", "images per prompt": args.images_per_prompt,
                 "subjects": len(subjects), "CLIP": clip.description, "DINO": dino.description,
                 "masks": masks.describe() if masks else "none (--no_masked)",

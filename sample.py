@@ -15,11 +15,11 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from model.diffusion import Diffusion, personalize
-from model.loading import CheckpointError, load_jedi, load_sd
-from model.text import encode
+import data
+from model.diffusion import SAMPLERS, personalize
+from model.loading import CheckpointError, JeDi, load_jedi, load_sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "assets", "jedi_toy.safetensors")
@@ -31,49 +31,38 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- model
 
-class Model:
-    """A loaded JeDi checkpoint: UNet, text encoder, optional VAE, and how to use them."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, meta, device):
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.meta = unet, vae, text_encoder, tokenizer, meta
-        self.device = device
-        self.resolution = int(meta["resolution"])
-        self.diffusion = Diffusion(**meta.get("diffusion", {}))
-        c = unet.config
-        self.channels = c.out_channels
-        if c.in_channels != 2 * c.out_channels + 1:
-            raise UserError(f"the checkpoint's UNet takes {c.in_channels} input channels, not JeDi's "
-                            f"[x_t, reference, mask] = {2 * c.out_channels + 1}: not a JeDi model")
-        self.down = vae.downsample_factor if vae is not None else 1
-        if torch.device(device).type == "cuda":
-            # NHWC weights: cuDNN runs the convolutions without NCHW<->NHWC transposes around each one
-            # (H200, 512 px set of 4, eager: 58.7 -> 52.1 ms per UNet call; bench/results/2026-11-27-h200-run1).
-            unet.to(memory_format=torch.channels_last)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
-        ids, cut = self.tokenizer(prompts, return_truncated=True)
-        for p, c in zip(prompts, cut.tolist()):
-            if c:
-                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
-        return encode(self.text_encoder, ids.to(self.device))
-
-    @torch.no_grad()
-    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) in [-1, 1] -> the space the UNet works in (VAE latents, or pixels themselves)."""
-        pixels = pixels.to(self.device)
-        return self.vae.encode_latents(pixels) if self.vae is not None else pixels
-
-    @torch.no_grad()
-    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode_latents(z) if self.vae is not None else z
-        return x.clamp(-1, 1)
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune")
 
 
-def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> Model:
+def resolve_dtype(dtype: str | torch.dtype | None, device) -> torch.dtype:
+    """--dtype: 'auto' (or None) is bf16 on CUDA (tensor cores, fp32's range) and fp32 elsewhere (CPUs without
+    bf16 matmul units run it slower than fp32); else bf16, fp16 or fp32."""
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if torch.device(device).type == "cuda" else torch.float32
+    if dtype not in DTYPES:
+        raise UserError(f"--dtype {dtype!r}: expected auto, {', '.join(DTYPES)}")
+    return DTYPES[dtype]
+
+
+def sampling_settings(meta: dict, device, *, steps: int | None = None, guidance: float | None = None,
+                      sampler: str | None = None, dtype: str | torch.dtype | None = None) -> dict:
+    """The one resolver of a run's sampling settings, for sample.py, eval.py and bench/bench_sampling.py: a given
+    value wins, else the checkpoint's (train.py's export stores steps, guidance and sampler in its metadata), else
+    50 steps, guidance 5, DDIM; dtype as resolve_dtype. Returns generate()'s keyword arguments."""
+    return {"steps": steps or int(meta.get("steps", 50)),
+            "guidance": guidance if guidance is not None else float(meta.get("guidance", 5.0)),
+            "sampler": sampler or meta.get("sampler", "ddim"),
+            "dtype": {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, device)]}
+
+
+def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8, *, dtype="auto",
+               compile: str | None = None) -> JeDi:
     """A JeDi checkpoint (train.py's export) or, for experiments, an original SD-1.x checkpoint (its reference
-    channels start at zero, so it ignores references until trained). None: the shipped toy model."""
+    channels start at zero, so it ignores references until trained). None: the shipped toy model.
+    dtype: the weights' dtype (cast once, here); compile: see compile_unet (None: eager)."""
     path = ckpt or DEFAULT_CKPT
     if not os.path.exists(path):
         hint = "" if ckpt else " (the default toy checkpoint is missing from assets/; pass --ckpt)"
@@ -81,13 +70,50 @@ def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> Mod
     try:
         if os.path.isdir(path) or not path.endswith(".safetensors") or not _has_jedi_meta(path):
             warnings.warn("an original SD checkpoint is not JeDi-trained: its reference and mask input channels are zero")
-            sd = load_sd(path, num_heads=num_heads, device=device)
-            meta = dict(resolution=512, diffusion={}, space="latent")
-            return Model(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, meta, device)
-        m = load_jedi(path, device=device)
+            model = load_sd(path, num_heads=num_heads)
+        else:
+            model = load_jedi(path)
     except CheckpointError as e:
         raise UserError(str(e).replace("\n", " ")) from None
-    return Model(m.unet, m.vae, m.text_encoder, m.tokenizer, m.meta, device)
+    return prepare_model(model, device, dtype=dtype, compile=compile)
+
+
+def prepare_model(model: JeDi, device, *, dtype="auto", compile: str | None = None) -> JeDi:
+    """What load_model does to a loaded model before sampling (the benchmark calls it on random weights): check it
+    is a JeDi UNet, cast the weights once, move them, NHWC on CUDA, optionally compile the UNet."""
+    c = model.unet.config
+    if c.in_channels != 2 * c.out_channels + 1:
+        raise UserError(f"the checkpoint's UNet takes {c.in_channels} input channels, not JeDi's "
+                        f"[x_t, reference, mask] = {2 * c.out_channels + 1}: not a JeDi model")
+    model.to(device, resolve_dtype(dtype, device))
+    if torch.device(device).type == "cuda":
+        # NHWC weights: cuDNN runs the convolutions without NCHW<->NHWC transposes around each one
+        # (H200, 512 px set of 4, eager: 58.7 -> 52.1 ms per UNet call; bench/results/2026-11-27-h200-run1).
+        model.unet.to(memory_format=torch.channels_last)
+    if compile:
+        model.unet_fn = compile_unet(model.unet, compile)
+    return model
+
+
+def compile_unet(unet, mode: str = "default"):
+    """torch.compile of the UNet for the fixed shapes of a run: fullgraph=True (a graph break is an error, not a
+    silent slow path) and dynamic=False (one graph per shape: the first generate() call compiles, later calls with
+    the same set size, --num and prompt count reuse it; a new shape compiles again). mode "reduce-overhead" also
+    captures each step's UNet call in a CUDA graph (inductor's cudagraph trees): one replay instead of ~1,000
+    kernel launches per step; "max-autotune" adds GEMM/conv autotuning (a longer warm-up)."""
+    if mode not in COMPILE_MODES:
+        raise UserError(f"--compile {mode!r}: expected one of {', '.join(COMPILE_MODES)}")
+    fn = torch.compile(unet, fullgraph=True, dynamic=False, mode=None if mode == "default" else mode)
+    if mode != "reduce-overhead":
+        return fn
+
+    def graphed(*args, **kwargs):
+        # A new step: the previous replay's output buffers may be overwritten (personalize's model_fn has already
+        # consumed them by the time it calls the UNet again).
+        torch.compiler.cudagraph_mark_step_begin()
+        return fn(*args, **kwargs)
+
+    return graphed
 
 
 def _has_jedi_meta(path: str) -> bool:
@@ -109,24 +135,14 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
 
 
 def open_image(path: str) -> Image.Image:
-    """Read an image file, upright (EXIF), as RGB: transparency onto white, 16-bit rescaled (not clipped)."""
+    """Read an image file with the project's one reader (data.load_image: upright, alpha onto white, 16-bit and
+    CMYK handled) as RGB; a missing or unreadable file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"reference image not found: {path}")
     try:
-        img = Image.open(path)
-        img = ImageOps.exif_transpose(img)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
+        return data.load_image(path)
+    except (UnidentifiedImageError, OSError, data.BadSample) as e:
         raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/32-bit grayscale: rescale, don't clip
-        a = np.asarray(img, dtype=np.float64)
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
-        img = Image.fromarray(a.round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent -> white, not black
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -158,19 +174,27 @@ def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
+def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
              num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
-             progress: bool = False) -> list[list[Image.Image]]:
+             progress: bool = False, dtype: str | torch.dtype | None = None,
+             max_batch_sets: int | None = None) -> list[list[Image.Image]]:
     """New images of the references' subject, one per prompt, for `num_sets` independent sets.
 
     ref_images: paths, PIL images or (3, R, R) tensors in [-1, 1]; may be empty (text-only joint generation).
     ref_prompt: caption of the references, one for all or a list with one per reference (default: the first prompt).
     Sets larger than max_set_size are split into chunks of prompts, each with all references.
+    dtype: compute in it (resolve_dtype; the model is cast once if it differs); None: as the model was loaded.
+    max_batch_sets: sets per UNet call; None: all of them, halved on CUDA out-of-memory. Set s draws its noise
+    from its own generator (seed for set 0), so its images do not depend on num_sets or on how sets are batched.
     Returns num_sets lists of len(prompts) PIL images. Same seed, same images.
     """
     if not prompts:
         raise UserError("give at least one --prompt")
+    if max_batch_sets is not None and max_batch_sets < 1:
+        raise UserError("--max_batch_sets must be at least 1")
+    if dtype is not None and resolve_dtype(dtype, model.device) != model.dtype:
+        model.to(dtype=resolve_dtype(dtype, model.device))
     refs = [_as_tensor(r, model.resolution) for r in ref_images]
     n = len(refs)
     room = max_set_size - n
@@ -184,31 +208,61 @@ def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: 
     if len(ref_prompts) != n:
         raise UserError(f"{len(ref_prompts)} reference prompts for {n} references")
     ref_latents = model.to_latents(torch.stack(refs)) if n else None
-    r = model.resolution // model.down
-    latent_shape = (model.channels, r, r)
     null = model.encode_text([""])
-    gen = torch.Generator(device=model.device).manual_seed(seed)
+    gens = [torch.Generator(device=model.device).manual_seed(set_seed(seed, s)) for s in range(num_sets)]
     out = [[] for _ in range(num_sets)]
+    group = min(num_sets, max_batch_sets or num_sets)
     for start in range(0, len(prompts), room):
         chunk = prompts[start : start + room]
         context = model.encode_text(ref_prompts + chunk)  # (n + K, 77, D)
-        bar = None
-        if progress:
-            from tqdm import tqdm
-
-            bar = lambda ts: tqdm(ts, desc=f"sampling {num_sets}x[{n} refs + {len(chunk)}]", leave=False)  # noqa: E731
-        with torch.no_grad():
-            z = personalize(model.unet, model.diffusion, refs=ref_latents, context=context, null_context=null,
-                            num_new=len(chunk), num_sets=num_sets, steps=steps, guidance=guidance,
-                            text_guidance=text_guidance, sampler=sampler, eta=eta, generator=gen, progress=bar,
-                            latent_shape=latent_shape)
-            N = n + len(chunk)
-            new = z.reshape(num_sets, N, *latent_shape)[:, n:]  # (S·N, ...) -> (S, N, ...), drop the references
-            R = model.resolution
-            pixels = model.to_pixels(new.reshape(-1, *latent_shape)).reshape(num_sets, len(chunk), 3, R, R)
-        for s in range(num_sets):
-            out[s].extend(to_pil(p) for p in pixels[s])
+        first = 0
+        while first < num_sets:
+            sets = range(first, min(first + group, num_sets))
+            states = [gens[s].get_state() for s in sets]
+            try:
+                pixels = _sample_sets(model, ref_latents, context, null, len(chunk), [gens[s] for s in sets],
+                                      steps=steps, guidance=guidance, text_guidance=text_guidance, sampler=sampler,
+                                      eta=eta, progress=progress)
+            except torch.cuda.OutOfMemoryError:
+                if max_batch_sets is not None or group == 1:
+                    raise
+                for s, state in zip(sets, states):  # rewind: the retry draws the very same noise
+                    gens[s].set_state(state)
+                group //= 2
+                torch.cuda.empty_cache()
+                warnings.warn(f"out of GPU memory: {group} sets per UNet call from now on", stacklevel=2)
+                continue
+            for s, images in zip(sets, pixels):
+                out[s].extend(to_pil(p) for p in images)
+            first += len(sets)
     return out
+
+
+SET_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: seeds of different (seed, set) pairs stay apart
+
+
+def set_seed(seed: int, s: int) -> int:
+    """The noise seed of set s of a generate() call: `seed` itself for set 0 (so one set is what it always was)."""
+    return seed if s == 0 else (seed + s * SET_SEED_STRIDE) % 2**64
+
+
+@torch.no_grad()
+def _sample_sets(model: JeDi, ref_latents, context, null, num_new: int, gens: list, *, progress: bool,
+                 **sampling) -> torch.Tensor:
+    """len(gens) sets of [references..., num_new new images] in one UNet call per step ->
+    (len(gens), num_new, 3, R, R) pixels of the new images."""
+    n, S, R = 0 if ref_latents is None else len(ref_latents), len(gens), model.resolution
+    r = R // model.down
+    latent_shape = (model.channels, r, r)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = lambda ts: tqdm(ts, desc=f"sampling {S}x[{n} refs + {num_new}]", leave=False)  # noqa: E731
+    z = personalize(model.unet_fn, model.diffusion, refs=ref_latents, context=context, null_context=null,
+                    num_new=num_new, num_sets=S, generator=gens, progress=bar, latent_shape=latent_shape, **sampling)
+    new = z.reshape(S, n + num_new, *latent_shape)[:, n:]  # (S·N, ...) -> (S, N, ...), drop the references
+    return model.to_pixels(new.reshape(-1, *latent_shape)).reshape(S, num_new, 3, R, R)
 
 
 def _as_tensor(r, resolution):
@@ -234,7 +288,7 @@ def parse_args(argv=None):
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
                    "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
                    "p_drop_text > 0")
-    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="DDIM or DPM-Solver++ 2M (same "
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM or DPM-Solver++ 2M (same "
                    "quality in ~20 steps); default: the checkpoint's, else ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
@@ -245,6 +299,13 @@ def parse_args(argv=None):
                    "cuda when available)")
     p.add_argument("--max_set_size", type=int, default=8, help="images per set at most (refs + new); more prompts "
                    "are split into chunks that each contain all references")
+    p.add_argument("--dtype", default="auto", choices=["auto", *DTYPES], help="weights and compute: auto = bf16 on "
+                   "CUDA, fp32 on CPU (fp16 keeps the VAE's overflow-prone layers in fp32)")
+    p.add_argument("--compile", nargs="?", const="default", default=None, choices=COMPILE_MODES,
+                   help="torch.compile the UNet (the first images wait for the compile, ~1 min for SD-1.x on a GPU); "
+                   "'reduce-overhead' also replays each step from a CUDA graph")
+    p.add_argument("--max_batch_sets", type=int, default=None, help="sets per UNet call (default: all --num sets, "
+                   "halved on CUDA out-of-memory); same images either way")
     return p.parse_args(argv)
 
 
@@ -253,15 +314,15 @@ def main(argv=None) -> int:
     try:
         if args.num < 1:
             raise UserError("--num must be at least 1")
-        model = load_model(args.ckpt, args.device)
+        model = load_model(args.ckpt, args.device, dtype=args.dtype, compile=args.compile)
         refs = [load_image(p, model.resolution) for p in args.refs]  # all inputs checked before any work
-        steps = args.steps or int(model.meta.get("steps", 50))
-        guidance = args.guidance if args.guidance is not None else float(model.meta.get("guidance", 5.0))
+        settings = sampling_settings(model.meta, args.device, steps=args.steps, guidance=args.guidance,
+                                     sampler=args.sampler, dtype=args.dtype)
         ref_prompt = args.ref_prompt[0] if args.ref_prompt and len(args.ref_prompt) == 1 else args.ref_prompt
-        sets = generate(model, refs, args.prompt, ref_prompt=ref_prompt, num_sets=args.num, steps=steps,
-                        guidance=guidance, text_guidance=args.text_guidance,
-                        sampler=args.sampler or model.meta.get("sampler", "ddim"), eta=args.eta,
-                        seed=args.seed, max_set_size=args.max_set_size, progress=True)
+        sets = generate(model, refs, args.prompt, ref_prompt=ref_prompt, num_sets=args.num,
+                        text_guidance=args.text_guidance, eta=args.eta, seed=args.seed,
+                        max_set_size=args.max_set_size, progress=True, max_batch_sets=args.max_batch_sets,
+                        **settings)
     except UserError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

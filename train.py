@@ -559,7 +559,7 @@ def export(model, ema, step, parts, rt):
         strict_load(out_text, text_sd, 'text encoder')
         out_vae = None
         if parts.vae is not None:
-            out_vae = AutoencoderKL(**parts.vae.config)
+            out_vae = AutoencoderKL(parts.vae.config)
             out_vae.load_state_dict({k: v.float().cpu() for k, v in parts.vae.state_dict().items()})
         d = parts.diffusion
         save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,

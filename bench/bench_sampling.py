@@ -1,35 +1,45 @@
-"""End-to-end JeDi sampling speed on one GPU: ours (Triton / SDPA attention, speed options) against a diffusers-built
+"""End-to-end JeDi sampling speed on one GPU: what `sample.py` does (rows "ours") against a diffusers-built
 baseline, same weights, same sampling loop, same run and card.
 
-    python bench/bench_sampling.py --out bench/results/<date>-<card>/bench_sampling.md \
-        --channels_last --cuda_graphs --compile                     # every row; see bench/README.md
+    python bench/bench_sampling.py --out bench/results/<date>-<card>/bench_sampling.md --compile --cuda_graphs
     python bench/bench_sampling.py --tiny --out /tmp/s.md           # CPU rot check (numbers mean nothing)
 
-What is timed: one personalized set, 512x512 (64x64 latents), 4 images (1 reference + 3 generated), 50 DDIM steps
-with image guidance: `model.diffusion.personalize`, whose every step is ONE UNet call on 8 images (the conditional
-and the null pass of the set, batched) plus the replacement trick and the DDIM update. Random weights (timing
-does not depend on them), bf16. VAE and text encoder are excluded: the loop starts from latents and text states.
+What is timed: one call of `sample.generate` (the function the CLI calls) for one personalized set, 512x512
+(64x64 latents), 4 images (1 reference + 3 generated), 50 DDIM steps with image guidance: the text encoder, the
+VAE encode of the reference, 50 steps of ONE UNet call on 8 images (the set's conditional and null passes,
+batched) with the replacement trick, and the VAE decode of the 3 new images. Random weights (timing does not
+depend on them) in SD-1.4's sizes; dtype and every other sampling setting from sample.py's `sampling_settings`
+(bf16 on CUDA, fp32 on CPU).
 
-Rows (a variant is "+"-joined tokens: a backend, then options):
+Rows (a variant is "+"-joined tokens: a backend, then options). Every row times the same `sample.generate`:
+    ours                      the CLI exactly: the model bundle through `sample.prepare_model` (what
+                              `sample.load_model` does after reading weights: cast once, NHWC on CUDA), then
+                              `sample.generate`. Nothing added.
+    ours+compile              `sample.py --compile` (torch.compile of the UNet, fullgraph, fixed shapes); its
+                              "setup s" includes the compile (the warm-up a user waits for once per shape)
+    ours+compile+cuda_graphs  `sample.py --compile reduce-overhead`: each step's UNet call replays a CUDA graph
+                              (inductor's cudagraph trees). Not yet measured on a GPU when this was written.
     diffusers                 the baseline a diffusers user would build today: UNet2DConditionModel (SD-1.4 config,
                               in_channels 9) with an attn1 processor that regroups tokens across the set
-                              (B·N, HW, C) -> (B, N·HW, C) and calls SDPA; loaded with OUR weights, so every row
-                              computes the same function (column "Δ vs ours").
-    triton | sdpa             our UNet, eager, attention backend (kernels.attention, JEDI_ATTN)
-    +channels_last            weights and input in NHWC (the permutes around attention become views)
+                              (B·N, HW, C) -> (B, N·HW, C) and calls SDPA; loaded with OUR weights, eager, in the
+                              same dtype; it replaces the UNet inside the same generate() call (same text encoder,
+                              VAE and sampling loop), so the ratio is the UNet's.
+    triton | sdpa             research rows: our UNet, unprepared (NCHW), attention backend (kernels.attention),
+                              swapped into generate() like the baseline; options:
+    +channels_last            weights and input in NHWC
     +cuda_graphs              the UNet call captured once with torch.cuda.CUDAGraph, replayed every step
     +compile                  torch.compile(unet), default mode
-    +gn_fp32                  before/after row, not a model option: GroupNorm32 with CompVis' fp32 round trip
-                              of the activations (ours normalises in the input dtype since 2026-11-27)
-Flags --channels_last/--cuda_graphs/--gn_fp32 add one row each on top of the first backend; with --compile also
-the combination channels_last+cuda_graphs+compile and compile alone; --variants gives the list explicitly.
+    +gn_fp32                  before/after row: GroupNorm32 with CompVis' fp32 round trip of the activations
+Default rows: diffusers, ours (+ ours+compile with --compile, + ours+compile+cuda_graphs with both), then the
+research rows of --backends with --channels_last/--cuda_graphs/--gn_fp32/--compile; --variants lists them explicitly.
 
-Numbers: "s/set" = median over --repeats runs of the loop (after --warmup runs) × steps/timed_steps: with
---timed-steps T < 50 the loop runs T steps (every DDIM step costs the same: one UNet call on the same shapes) and
-is scaled to 50. "it/s" = steps per second of that loop (the diffusers pipelines' it/s). "UNet ms" = one UNet
-call alone (CUDA events over --unet-calls calls, median of 3), so s/set − 50 × UNet ms is the loop's own overhead.
-"TFLOP/s" = the UNet's model FLOPs per call (bench/flops.py) / UNet ms. "Δ vs ours" = max|out − ours| / max|ours|
-for one UNet call, ours = the sdpa row's eager model in the same dtype. cudnn.benchmark is on for every row.
+Numbers: "s/set" = median over --repeats calls (after --warmup calls) of generate() with --steps steps; with
+--timed-steps T < steps the calls run T steps and T = 1 steps, and s/set = t(T) + (steps − T)·(t(T) − t(1))/(T − 1)
+(every step is the same UNet call; the text encoder and VAE are paid once). "it/s" = steps / s/set. "UNet ms" = the
+row's UNet callable alone (CUDA events over --unet-calls calls, median of 3). "TFLOP/s" = the UNet's model FLOPs per
+call (bench/flops.py) / UNet ms. "Δ vs ours" = mean |image − ours' image| in 8-bit levels, over the final images of
+the same seed (ours = the eager "ours" row). "bf16 noise" = the same Δ between eager bf16 and fp32: a row with
+non-finite images or Δ > 3 × bf16 noise + 1 level is FAILED, and its speed is not reported.
 Exit status: 0, or 1 if a row failed, 2 without CUDA at full size, 130 if interrupted (rows so far are written).
 """
 import argparse
@@ -49,11 +59,12 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, first_line, fmt, header,  # noqa: E402
-                        redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
+from e2e_common import (FULL_HW, TINY_HW, Budget, Report, RowFailed, compile_note, first_line, fmt,  # noqa: E402
+                        header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
-BACKENDS = ("diffusers", "triton", "sdpa")
+BACKENDS = ("diffusers", "ours", "triton", "sdpa")
 OPTIONS = ("channels_last", "cuda_graphs", "compile", "gn_fp32")
+OURS = {"ours": None, "ours+compile": "default", "ours+compile+cuda_graphs": "reduce-overhead"}  # row -> --compile
 NUM_REFS, NUM_NEW = 1, 3  # a set of 4: 1 reference + 3 generated
 CONTEXT_LEN = 77
 
@@ -69,8 +80,9 @@ def parse_args(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed loops first (autotune, compile, cudnn picks)")
     p.add_argument("--unet-calls", type=int, default=None, help="UNet calls per UNet-only timing (default 10; tiny 2)")
     p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--backends", default=None,
-                   help="plain rows of our UNet (default triton,sdpa on CUDA, sdpa on CPU); the first gets the options")
+                   help="research rows of our UNet (default triton,sdpa on CUDA, sdpa on CPU); the first gets the options")
     p.add_argument("--no-baseline", action="store_true", help="leave out the diffusers row")
     for opt in OPTIONS:
         p.add_argument(f"--{opt}", action="store_true", help=f"add row(s) with {opt} (see above)")
@@ -83,6 +95,8 @@ def parse_args(argv=None):
     a = p.parse_args(argv)
     a.steps = a.steps or (2 if a.tiny else 50)
     a.timed_steps = min(a.timed_steps or a.steps, a.steps)
+    if a.timed_steps < min(2, a.steps):
+        p.error("--timed-steps must be at least 2 (the per-step cost is the difference of a T- and a 1-step call)")
     a.repeats = a.repeats or (1 if a.tiny else 5)
     a.unet_calls = a.unet_calls or (2 if a.tiny else 10)
     a.variants = parse_variants(a.variants.split(",")) if a.variants else default_variants(a)
@@ -98,6 +112,8 @@ def parse_variants(names):
             raise SystemExit(f"bad variant {name!r}: a backend of {BACKENDS} then options of {OPTIONS}, '+'-joined")
         if backend == "diffusers" and opts:
             raise SystemExit(f"bad variant {name!r}: the diffusers baseline takes no options (it is eager)")
+        if backend == "ours" and name.strip() not in OURS:
+            raise SystemExit(f"bad variant {name!r}: ours rows are what sample.py can do: {', '.join(OURS)}")
         out.append(name.strip())
     return out
 
@@ -105,7 +121,10 @@ def parse_variants(names):
 def default_variants(a):
     backends = (a.backends or ("triton,sdpa" if torch.cuda.is_available() else "sdpa")).split(",")
     main = backends[0]
-    rows = ([] if a.no_baseline else ["diffusers"]) + backends
+    rows = ([] if a.no_baseline else ["diffusers"]) + ["ours"]
+    if a.compile:
+        rows += ["ours+compile"] + (["ours+compile+cuda_graphs"] if a.cuda_graphs else [])
+    rows += backends
     rows += [f"{main}+{o}" for o in ("channels_last", "cuda_graphs", "gn_fp32") if getattr(a, o)]
     cheap = [o for o in ("channels_last", "cuda_graphs") if getattr(a, o)]
     if len(cheap) == 2:
@@ -297,6 +316,14 @@ def rel_diff(a, ref):
     return ((a.float() - ref.float()).abs().max() / ref.float().abs().max()).item()
 
 
+def images_delta(a, b) -> float:
+    """Mean |a − b| in 8-bit levels over two generate() results (lists of sets of PIL images)."""
+    import numpy as np
+
+    arr = lambda sets: np.stack([np.asarray(im, np.float64) for images in sets for im in images])  # noqa: E731
+    return float(np.abs(arr(a) - arr(b)).mean())
+
+
 def main(argv=None):
     args = parse_args(argv)
     if args.check_args:
@@ -304,66 +331,97 @@ def main(argv=None):
         return 0
     refuse_full_size_without_cuda("bench_sampling", args.tiny)
 
+    import sample
     from flops import unet_flops
-    from model.diffusion import Diffusion, jedi_input, personalize
+    from model.diffusion import jedi_input
+    from model.loading import JeDi
+    from model.text import Tokenizer, build_text_encoder, sd14_text_config
     from model.unet import UNet
+    from model.vae import AutoencoderKL, VAEConfig
 
     on_cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if on_cuda else "cpu")
-    dtype = torch.bfloat16 if on_cuda else torch.float32  # bf16 on CPU is slow and not what anyone runs
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions, for every row
     cfg = unet_config(args.tiny)
     hw = TINY_HW if args.tiny else FULL_HW
     N = NUM_REFS + NUM_NEW
+    # every sampling setting as sample.py resolves it for a checkpoint without defaults of its own
+    settings = sample.sampling_settings({}, dev, steps=args.timed_steps, guidance=args.guidance, sampler=args.sampler)
+    dtype = sample.DTYPES[settings["dtype"]]
     flops_call = unet_flops(cfg, hw, N, num_sets=2).forward  # the cond + null passes: 2 sets of N in one call
 
-    title = (f"JeDi sampling speed: {'TINY UNet (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
-             f"{hw * 8}x{hw * 8} ({hw}x{hw} latents), sets of {N} ({NUM_REFS} reference + {NUM_NEW} generated), "
-             f"{args.steps} DDIM steps, image guidance {args.guidance}, {str(dtype).removeprefix('torch.')}")
-    timed = (f"{args.timed_steps} of the {args.steps} steps timed per loop, scaled ×{args.steps / args.timed_steps:g}"
+    title = (f"JeDi sampling speed, sample.generate end to end: "
+             f"{'TINY model (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
+             f"latents {hw}x{hw}, sets of {N} ({NUM_REFS} reference + {NUM_NEW} generated), {args.steps} "
+             f"{settings['sampler']} steps, image guidance {args.guidance}, {settings['dtype']}")
+    timed = (f"{args.timed_steps}- and 1-step calls timed, extrapolated to {args.steps} steps"
              if args.timed_steps != args.steps else f"all {args.steps} steps timed")
     notes = ["", f"- one UNet call = {2 * N} images (cond + null pass of the set): {flops_call / 1e12:.3g} TFLOP "
-                 f"(bench/flops.py); s/set: median of {args.repeats} loops after {args.warmup} warm-up, {timed}; "
-                 f"UNet ms: {args.unet_calls} calls × 3 rounds; cudnn.benchmark on; random weights, identical in "
-                 f"every row (the baseline's are converted from ours)",
-             "- × baseline = diffusers s/set ÷ row s/set; Δ vs ours = max|out − ours sdpa eager| / max|ours| "
-             "on one UNet call; peak GiB = max allocated during the row, the shared weights included"]
+                 f"(bench/flops.py); s/set: median of {args.repeats} generate() calls after {args.warmup} warm-up, "
+                 f"{timed}, text encoder and VAE included; UNet ms: {args.unet_calls} calls × 3 rounds; "
+                 f"cudnn.benchmark on; random weights, identical in every row (the baseline's are converted from ours)",
+             "- × baseline = diffusers s/set ÷ row s/set; Δ vs ours = mean |image − ours eager image| in 8-bit levels, "
+             "same seed; peak GiB = max allocated during the row, the shared weights included"]
     if not on_cuda:
         notes.append("- no CUDA: Triton rows, CUDA graphs and memory figures are CUDA-only (rows say so)")
     columns = ["variant", "s/set", "it/s", "UNet ms", "UNet TFLOP/s", "× baseline", "Δ vs ours", "peak GiB",
                "setup s", "note"]
     report = Report(args.out, header(title) + notes, columns)
 
-    # One set of random weights and inputs for every row.
+    # One set of random weights and inputs for every row: SD-1.4 sizes (tiny: the tests' sizes).
     torch.manual_seed(args.seed)
+    text_cfg = (sd14_text_config(hidden_size=cfg.context_dim, num_hidden_layers=1, num_attention_heads=2,
+                                 intermediate_size=32) if args.tiny else sd14_text_config())
+    vae_cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1) if args.tiny else VAEConfig()
     with torch.device(dev):
-        base = redraw_zero_layers(UNet(cfg))
-    base = base.to(dtype).eval().requires_grad_(False)
-    g = torch.Generator(device=dev).manual_seed(args.seed)
-    refs = torch.randn(NUM_REFS, cfg.out_channels, hw, hw, device=dev, generator=g, dtype=dtype)
-    context = torch.randn(N, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g, dtype=dtype)
-    null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g, dtype=dtype)
-    diffusion = Diffusion()
-    # the first step's UNet input, as personalize builds it (for the UNet-only timing and the Δ column)
-    x_t = torch.randn(N, cfg.out_channels, hw, hw, device=dev, generator=g, dtype=dtype)
+        base = redraw_zero_layers(UNet(cfg)).eval().requires_grad_(False)
+        text_encoder = build_text_encoder(text_cfg).eval().requires_grad_(False)
+        vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
+    resolution = hw * vae.downsample_factor
+    try:
+        tokenizer = Tokenizer()
+    except ImportError as e:  # the GPU image lacks open_clip_torch / ftfy: bench/README.md says how to carry them
+        print(f"bench_sampling: error: sample.py's tokenizer does not import ({first_line(e)}); carry the wheels "
+              f"of open_clip_torch, ftfy and wcwidth in bench/wheels/ (bench/README.md)", file=sys.stderr)
+        return 2
+    decoded_finite = []  # generate() returns 8-bit images: NaNs are seen where the VAE decoder outputs them
+    vae.decoder.register_forward_hook(lambda m, i, out: decoded_finite.append(bool(torch.isfinite(out).all())))
+
+    def bundle(unet):
+        """The model bundle sample.load_model would return for a checkpoint with these weights (before prepare)."""
+        return JeDi(unet, vae, text_encoder, tokenizer, dict(resolution=resolution, diffusion={}, space="latent"))
+
+    shared = bundle(base).to(dev, dtype)  # text encoder, VAE and the research rows' UNet: cast once
+    g = torch.Generator(device="cpu").manual_seed(args.seed)
+    ref_image = torch.rand(3, resolution, resolution, generator=g) * 2 - 1
+    prompts = [f"a photo of a dog, view {i}" for i in range(NUM_NEW)]
+    context = torch.randn(N, CONTEXT_LEN, cfg.context_dim, generator=g).to(dev, dtype)
+    null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, generator=g).to(dev, dtype)
+    # one UNet call's input, as personalize builds it (for the UNet-only timing)
+    x_t = torch.randn(N, cfg.out_channels, hw, hw, generator=g).to(dev, dtype)
+    ref_lat = torch.randn(NUM_REFS, cfg.out_channels, hw, hw, generator=g).to(dev, dtype)
     mask = torch.tensor([1.0] * NUM_REFS + [0.0] * NUM_NEW, device=dev)
-    ref_full = torch.cat([refs, torch.zeros(NUM_NEW, *refs.shape[1:], device=dev, dtype=dtype)])
+    ref_full = torch.cat([ref_lat, torch.zeros(NUM_NEW, *ref_lat.shape[1:], device=dev, dtype=dtype)])
     unet_in = (torch.cat([jedi_input(x_t, ref_full, mask), jedi_input(x_t, torch.zeros_like(ref_full), mask)]),
                torch.full((2 * N,), 981, device=dev, dtype=torch.long), torch.cat([context, null.expand_as(context)]),
                N)
-    with torch.no_grad(), attention_backend("sdpa"):
-        ours_out = base(*unet_in[:3], set_size=N).clone()
 
-    def sample_once(fn, steps, seed):
-        gen = torch.Generator(device=dev).manual_seed(seed)
-        return personalize(fn, diffusion, refs=refs, context=context, null_context=null, num_new=NUM_NEW,
-                           steps=steps, guidance=args.guidance, generator=gen)
+    def generate(model, steps):
+        """The user's call: sample.generate with sample.py's resolved settings, nothing added."""
+        return sample.generate(model, [ref_image], prompts, ref_prompt="a photo of a dog", seed=args.seed,
+                               **{**settings, "steps": steps})
 
     def build(variant):
-        """-> the UNet callable of this row: a copy of the weights with the row's options applied."""
+        """-> the row's model bundle. ours: what sample.load_model makes of the weights; the others swap the
+        row's UNet callable into the shared bundle."""
         backend, *opts = variant.split("+")
+        if backend == "ours":
+            return sample.prepare_model(bundle(copy.deepcopy(base)), dev, dtype=settings["dtype"],
+                                        compile=OURS[variant])
+        model = bundle(base)
         if backend == "diffusers":
-            return diffusers_from_ours(base, hw)
+            model.unet_fn = diffusers_from_ours(base, hw)
+            return model
         m = copy.deepcopy(base)
         fn = m
         if "channels_last" in opts:
@@ -372,7 +430,18 @@ def main(argv=None):
             fn = torch.compile(fn)
         if "cuda_graphs" in opts:
             fn = GraphedUNet(fn, *unet_in[:3], set_size=N)
-        return fn
+        model.unet_fn = fn
+        return model
+
+    with torch.no_grad():  # the Δ reference (ours, eager) and the bf16 noise scale (the same in fp32)
+        ours_images = generate(build("ours"), args.timed_steps)
+        fp32 = sample.prepare_model(JeDi(copy.deepcopy(base).float(), copy.deepcopy(vae).float(),
+                                         copy.deepcopy(text_encoder).float(), tokenizer, shared.meta), dev, dtype="fp32")
+        noise = images_delta(generate(fp32, args.timed_steps), ours_images)
+        del fp32
+    bound = 3 * noise + 1.0
+    report.lines.append(f"- bf16 noise: Δ(eager {settings['dtype']}, eager fp32) = {noise:.2f} levels; a row beyond "
+                        f"{bound:.2f} levels, or with non-finite images, is FAILED and its speed not shown")
 
     def run_row(variant):
         backend, *opts = variant.split("+")
@@ -386,7 +455,7 @@ def main(argv=None):
         row = {}
         with contextlib.ExitStack() as stack:
             stack.enter_context(torch.no_grad())
-            if backend != "diffusers":
+            if backend in ("triton", "sdpa"):
                 stack.enter_context(attention_backend(backend))
             if "gn_fp32" in opts:
                 stack.enter_context(fp32_groupnorm())
@@ -396,34 +465,49 @@ def main(argv=None):
                 from torch._dynamo.utils import counters
                 counters.clear()  # graph breaks of this row only
             t0 = time.perf_counter()
-            fn = build(variant)
-            for i in range(args.warmup):
-                sample_once(fn, args.timed_steps, args.seed + i)
+            model = build(variant)
+            for _ in range(args.warmup):
+                generate(model, args.timed_steps)
+                if args.timed_steps < args.steps:
+                    generate(model, 1)  # the extrapolation's 1-step calls
             sync(dev)
             row["setup s"] = fmt(time.perf_counter() - t0)
-            times = []
-            for i in range(args.repeats):
+
+            def timed_call(steps):
                 sync(dev)
                 t0 = time.perf_counter()
-                out = sample_once(fn, args.timed_steps, args.seed + 1000 + i)
+                out = generate(model, steps)
                 sync(dev)
-                times.append(time.perf_counter() - t0)
-            s_set = statistics.median(times) * args.steps / args.timed_steps
-            ms = unet_ms(fn, unet_in, args.unet_calls, dev)
-            delta = rel_diff(fn(*unet_in[:3], set_size=N), ours_out)
+                return time.perf_counter() - t0, out
+
+            decoded_finite.clear()
+            runs = [timed_call(args.timed_steps) for _ in range(args.repeats)]
+            t_T, images = statistics.median(t for t, _ in runs), runs[-1][1]
+            s_set = t_T
+            if args.timed_steps < args.steps:
+                t_1 = statistics.median(timed_call(1)[0] for _ in range(args.repeats))
+                s_set = t_T + (args.steps - args.timed_steps) * (t_T - t_1) / max(args.timed_steps - 1, 1)
+            ms = unet_ms(model.unet_fn, unet_in, args.unet_calls, dev)
+            delta = images_delta(images, ours_images)
             row.update({"s/set": fmt(s_set), "it/s": fmt(args.steps / s_set), "UNet ms": fmt(ms),
-                        "UNet TFLOP/s": fmt(flops_call / (ms / 1000) / 1e12), "Δ vs ours": f"{delta:.1e}",
+                        "UNet TFLOP/s": fmt(flops_call / (ms / 1000) / 1e12), "Δ vs ours": f"{delta:.2f}",
                         "_s_set": s_set})
             if on_cuda:
                 row["peak GiB"] = fmt(torch.cuda.max_memory_allocated(dev) / 2**30)
-            if not torch.isfinite(out).all():
-                row["note"] = "non-finite samples"
+            failed = "non-finite images" if not all(decoded_finite) else (
+                f"Δ {delta:.2f} > {bound:.2f} levels" if delta > bound else None)
+            if failed:  # a wrong answer has no speed
+                for k in ("s/set", "it/s", "UNet ms", "UNet TFLOP/s", "_s_set"):
+                    row.pop(k)
+                row["note"] = f"FAILED: {failed}"
             if "compile" in opts:
                 row["note"] = (row.get("note", "") + " " + compile_note()).strip()
-            del fn
+            del model
+        if failed:
+            raise RowFailed(row)
         return row
 
-    budget = Budget(args.max_seconds, guess=15, compile_guess=100)  # guesses for an H100, full size
+    budget = Budget(args.max_seconds, guess=20, compile_guess=100)  # guesses for an H100, full size
     baseline = {}
 
     def speedup(variant, row):  # every row against the diffusers baseline (the first row)

@@ -156,11 +156,11 @@ class DataPath:
         import data
         import train
         from model.text import Tokenizer, build_text_encoder, encode, sd14_text_config
-        from model.vae import AutoencoderKL, sd14_vae_config
+        from model.vae import AutoencoderKL, VAEConfig
 
         torch.manual_seed(args.seed)
-        vae_cfg = sd14_vae_config(ch=32, num_res_blocks=1) if args.tiny else sd14_vae_config()
-        self.vae = train.freeze(AutoencoderKL(**vae_cfg), rt.dev, rt.compute_dtype)
+        vae_cfg = VAEConfig(ch=32, num_res_blocks=1) if args.tiny else VAEConfig()
+        self.vae = train.freeze(AutoencoderKL(vae_cfg), rt.dev, rt.compute_dtype)
         text_cfg = sd14_text_config(hidden_size=cfg.context_dim, num_hidden_layers=1, num_attention_heads=2,
                                     intermediate_size=2 * cfg.context_dim) if args.tiny else sd14_text_config()
         self.text_encoder = train.freeze(build_text_encoder(text_cfg), rt.dev, rt.compute_dtype)

@@ -142,6 +142,14 @@ def first_line(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {msg[0][:160] if msg else ''}".replace("|", "/")
 
 
+class RowFailed(Exception):
+    """A row that ran but whose result is wrong: `row` (its note says why) goes into the table, the status is 1."""
+
+    def __init__(self, row: dict):
+        super().__init__(row.get("note", "failed"))
+        self.row = row
+
+
 def run_rows(variants, run_row, report, budget, on_cuda: bool, after_row=None) -> int:
     """One table row per variant. A failing row is reported and the others still run; the suite's timeout (SIGINT)
     keeps what was measured. after_row(variant, row) may add columns. Returns 0, 1 (a row failed) or 130."""
@@ -160,6 +168,8 @@ def run_rows(variants, run_row, report, budget, on_cuda: bool, after_row=None) -
             t_row = time.perf_counter()
             try:
                 row = run_row(variant)
+            except RowFailed as e:
+                row, status = e.row, 1
             except Exception as e:  # noqa: BLE001 - one failing option must not hide the other rows
                 traceback.print_exc()
                 row, status = {"note": f"failed: {first_line(e)}"}, 1

@@ -275,9 +275,9 @@ class FakeGenerator:
     def __init__(self, fail_after=None):
         self.fail_after, self.images, self.calls = fail_after, 0, []
 
-    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed):
+    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype):
         self.calls.append(dict(refs=list(ref_images), prompts=prompts, ref_prompt=ref_prompt, num_sets=num_sets,
-                               steps=steps, guidance=guidance, sampler=sampler, seed=seed))
+                               steps=steps, guidance=guidance, sampler=sampler, seed=seed, dtype=dtype))
         fg = Image.open(ref_images[0]).convert("RGB").getpixel((20, 15))
         out = []
         for s in range(num_sets):
@@ -390,9 +390,11 @@ def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_pa
     assert rc == 2 and "00_0.mask.png" in capsys.readouterr().err
 
 
-def test_runner_through_sample_py(mini_dataset, weights, tmp_path):
+def test_runner_through_sample_py(mini_dataset, weights, tmp_path, monkeypatch):
     """No injection: images come from sample.load_model + sample.generate on a tiny pixel-space JeDi checkpoint,
-    exactly the call a real evaluation makes; the checkpoint's steps/guidance defaults are used."""
+    exactly the call a real evaluation makes; the checkpoint's sampling defaults are used, resolved exactly as
+    sample.py's CLI resolves them (same sampler, steps, guidance and dtype in the generate() calls of both)."""
+    import sample
     from model.loading import save_jedi
     from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet, UNetConfig
@@ -403,16 +405,24 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path):
     text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
                                                intermediate_size=64))
     ckpt = str(tmp_path / "tiny_jedi.safetensors")
-    save_jedi(ckpt, unet, text, None, resolution=16, diffusion={"prediction": "eps"}, steps=2, guidance=2.0)
+    save_jedi(ckpt, unet, text, None, resolution=16, diffusion={"prediction": "eps"}, steps=2, guidance=2.0,
+              sampler="dpmpp_2m")
+    calls, real = [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
     argv = ["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"), "--ckpt", ckpt, "--num_refs", "1",
             "--num_prompts", "1", "--images_per_prompt", "2", "--clip_model", weights["clip_cfg"],
             "--clip_weights", weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--device", "cpu"]
     assert jeval.main(argv) == 0
+    assert sample.main(["--ckpt", ckpt, "--prompt", "x", "--device", "cpu", "--out", str(tmp_path / "s")]) == 0
+    used = [{k: kw[k] for k in ("sampler", "steps", "guidance", "dtype")} for kw in calls]
+    assert len(used) == 3 and used[0] == used[1] == used[2]  # 2 subjects by eval.py, then sample.py
+    assert used[0] == {"sampler": "dpmpp_2m", "steps": 2, "guidance": 2.0, "dtype": "fp32"}  # the checkpoint's
     images = sorted((tmp_path / "out/images").glob("*/*.png"))
     assert len(images) == 4 and all(Image.open(p).size == (16, 16) for p in images)
     res = json.loads((tmp_path / "out/results.json").read_text())
     assert res["overall"]["CLIP-I"]["n"] == 4 and res["settings"]["checkpoint"] == ckpt
     assert res["settings"]["steps"] == 2 and res["settings"]["guidance"] == 2.0  # the checkpoint's defaults
+    assert res["settings"]["sampler"] == "dpmpp_2m" and res["settings"]["dtype"] == "fp32"
 
 
 def test_cli_reports_every_missing_weight_path(mini_dataset, tmp_path, capsys):

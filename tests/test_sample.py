@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import data
 import sample
 from model.loading import save_jedi
 from model.text import build_text_encoder, sd14_text_config
 from model.unet import UNet, UNetConfig
-from model.vae import AutoencoderKL, sd14_vae_config
+from model.vae import AutoencoderKL, VAEConfig
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
 
@@ -23,7 +24,7 @@ def tiny_ckpt(path, latent: bool):
                            attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2, context_dim=32))
     for p in unet.parameters():
         torch.nn.init.normal_(p, 0, 0.05)
-    vae = AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)) if latent else None
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)) if latent else None
     save_jedi(str(path), unet, build_text_encoder(sd14_text_config(**TEXT)), vae, resolution=16,
               diffusion={"prediction": "eps"}, steps=3, guidance=2.0)
     return str(path)
@@ -47,21 +48,44 @@ def refs(tmp_path):
     return [str(p) for p in paths]
 
 
-def test_image_loading_handles_modes_exif_and_depth(tmp_path):
+def test_one_image_reader_handles_exif_alpha_depth_and_cmyk(tmp_path):
+    """data.load_image is the project's one reader: sample.py and eval.py read through it."""
+    import eval as jeval
+
+    assert sample.data.load_image is data.load_image and jeval.load_image is data.load_image
+    assert sample.data.IMAGE_EXTS is jeval.IMAGE_EXTS is data.IMAGE_EXTS
     img = np.zeros((40, 40, 3), np.uint8)
     img[:20] = (255, 0, 0)  # top red
     img[20:] = (0, 0, 255)  # bottom blue
     exif = Image.Exif()
     exif[0x0112] = 3  # orientation: rotated 180°
     Image.fromarray(img).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    up = np.asarray(data.load_image(str(tmp_path / "rot.jpg")), np.int16)
+    assert up[5, 20, 2] > 200 and up[5, 20, 0] < 50  # upright: blue on top
+    assert np.array_equal(np.asarray(data.load_image((tmp_path / "rot.jpg").read_bytes())), up)  # bytes too
     x = sample.load_image(str(tmp_path / "rot.jpg"), 16)
-    assert x.shape == (3, 16, 16) and x[2, 2, 8] > 0.5 and x[0, 2, 8] < -0.5  # upright: blue on top
+    assert x.shape == (3, 16, 16) and x[2, 2, 8] > 0.5 and x[0, 2, 8] < -0.5
     Image.fromarray(np.full((10, 10, 4), 0, np.uint8), "RGBA").save(tmp_path / "clear.png")
     assert sample.load_image(str(tmp_path / "clear.png"), 8).min() > 0.99  # transparent -> white
+    half = np.zeros((10, 10, 2), np.uint8)
+    half[..., 1] = 128  # gray+alpha, black at half opacity -> mid gray on white
+    Image.fromarray(half, "LA").save(tmp_path / "la.png")
+    assert np.abs(np.asarray(data.load_image(str(tmp_path / "la.png")), int) - 127).max() <= 1
     ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     y = sample.load_image(str(tmp_path / "deep.png"), 32)
     assert y.min() < -0.95 and y.max() > 0.95 and len(torch.unique(y)) > 100  # rescaled, not clipped to white
+    dark = np.full((8, 8), 257 * 40, np.uint16)  # a dark 16-bit image stays dark: scaled by bit depth, not range
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert np.array_equal(np.asarray(data.load_image(str(tmp_path / "dark.png"))), np.full((8, 8, 3), 40, np.uint8))
+    cmyk = np.zeros((16, 16, 4), np.uint8)
+    cmyk[..., 1:3] = 255  # C=0 M=Y=255 K=0: red
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    rgb = np.asarray(data.load_image(str(tmp_path / "cmyk.jpg")), int)  # Adobe-inverted CMYK JPEG
+    assert rgb.shape == (16, 16, 3) and (rgb[..., 0] > 230).all() and (rgb[..., 1:] < 25).all()
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    assert ".tif" in data.IMAGE_EXTS and np.array_equal(np.asarray(data.load_image(str(tmp_path / "cmyk.tif"))),
+                                                        np.broadcast_to(np.uint8([255, 0, 0]), (16, 16, 3)))
     Image.fromarray(np.zeros((30, 90, 3), np.uint8)).save(tmp_path / "wide.png")
     assert sample.load_image(str(tmp_path / "wide.png"), 12).shape == (3, 12, 12)
 
@@ -134,3 +158,116 @@ def test_long_prompt_warns_and_truncates(ckpts, tmp_path):
     with pytest.warns(UserWarning, match="truncated"):
         assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", "a dog " * 60, "--steps", "1",
                             "--out", str(tmp_path / "o")]) == 0
+
+
+def _arrays(sets):
+    return np.stack([np.asarray(im, np.float64) for images in sets for im in images]) / 255
+
+
+@pytest.mark.parametrize("space", ["latent", "pixel"])
+def test_bf16_generate_on_cpu_stays_close_to_fp32(ckpts, space):
+    """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2% per op): over a few sampling steps the images move by a
+    fraction of one 8-bit level on average (measured: 0.03-0.3 levels, at most 2). The bound, 2 levels mean and
+    8 at most, is still ~20x below what a broken cast gives: two independent sets differ by 0.16-0.49 (40-125 levels)."""
+    ref = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    args = dict(num_sets=2, steps=3, guidance=2.0, seed=1)
+    fp32 = _arrays(sample.generate(sample.load_model(ckpts[space], dtype="fp32"), [ref], ["a dog", "a cat"], **args))
+    bf16_model = sample.load_model(ckpts[space], dtype="bf16")
+    assert bf16_model.dtype == torch.bfloat16
+    bf16 = _arrays(sample.generate(bf16_model, [ref], ["a dog", "a cat"], **args))
+    diff = np.abs(bf16 - fp32)
+    assert 0 < diff.mean() < 2 / 255 and diff.max() <= 8 / 255
+    assert np.abs(fp32[:2] - fp32[2:]).mean() > 20 * diff.mean()  # the scale of a real difference
+
+
+def test_dtype_flag_reaches_every_module(ckpts, refs, tmp_path, monkeypatch):
+    seen = {}
+
+    def record(name):
+        return lambda module, args, kwargs: seen.setdefault(name, set()).update(
+            a.dtype for a in [*args, *kwargs.values()] if isinstance(a, torch.Tensor) and a.is_floating_point())
+
+    real_generate = sample.generate
+
+    def spy(model, *a, **kw):
+        seen["kwargs"] = kw
+        for name, m in (("unet", model.unet), ("text", model.text_encoder.encoder),
+                        ("vae.decoder.mid", model.vae.decoder.mid.block_1), ("vae.decoder.up", model.vae.decoder.up[0].block[0]),
+                        ("vae.encoder", model.vae.encoder)):
+            m.register_forward_pre_hook(record(name), with_kwargs=True)
+        seen["params"] = {n: {p.dtype for p in m.parameters()} for n, m in (
+            ("unet", model.unet), ("text", model.text_encoder), ("vae.mid", model.vae.decoder.mid),
+            ("vae.post_quant_conv", model.vae.post_quant_conv), ("vae.up", model.vae.decoder.up),
+            ("vae.encoder", model.vae.encoder))}
+        return real_generate(model, *a, **kw)
+
+    monkeypatch.setattr(sample, "generate", spy)
+    base = ["--ckpt", ckpts["latent"], "--refs", refs[0], "--prompt", "x", "--steps", "1"]
+    assert sample.main(base + ["--dtype", "bf16", "--out", str(tmp_path / "b")]) == 0
+    assert seen["kwargs"]["dtype"] == "bf16"
+    assert all(d == {torch.bfloat16} for d in seen["params"].values()), seen["params"]
+    assert all(seen[k] == {torch.bfloat16} for k in ("unet", "text", "vae.decoder.mid", "vae.decoder.up",
+                                                     "vae.encoder")), seen
+    seen.clear()
+    assert sample.main(base + ["--dtype", "fp16", "--out", str(tmp_path / "h")]) == 0
+    p = seen["params"]
+    assert p["unet"] == p["text"] == p["vae.mid"] == p["vae.post_quant_conv"] == {torch.float16}
+    assert p["vae.up"] == p["vae.encoder"] == {torch.float32}  # AutoencoderKL.cast: fp16 would overflow there
+    assert seen["unet"] == seen["vae.decoder.mid"] == {torch.float16} and seen["vae.decoder.up"] == {torch.float32}
+    seen.clear()
+    assert sample.main(base + ["--out", str(tmp_path / "a")]) == 0  # auto on CPU: fp32
+    assert seen["kwargs"]["dtype"] == "fp32" and all(d == {torch.float32} for d in seen["params"].values())
+    m = sample.load_model(ckpts["pixel"])  # generate(dtype=...) casts a loaded model once
+    real_generate(m, [], ["x"], steps=1, dtype="bf16")
+    assert m.dtype == torch.bfloat16 and {p.dtype for p in m.text_encoder.parameters()} == {torch.bfloat16}
+    with pytest.raises(sample.UserError, match="--dtype 'fp8'"):
+        sample.resolve_dtype("fp8", "cpu")
+
+
+def test_batched_sets_equal_one_by_one(ckpts):
+    """--num K sets in one UNet call give the images of K calls of one set: each set has its own noise stream."""
+    m = sample.load_model(ckpts["latent"])
+    ref = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    args = dict(steps=3, guidance=2.0, seed=5, sampler="ddim", eta=1.0)  # η = 1: fresh noise at every step too
+    batched = _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=3, **args))
+    one_by_one = _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=3, max_batch_sets=1, **args))
+    pairs = _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=3, max_batch_sets=2, **args))
+    assert np.array_equal(batched, one_by_one) and np.array_equal(batched, pairs)
+    assert np.array_equal(batched[:2], _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=1, **args)))
+    assert np.abs(batched[:2] - batched[2:4]).mean() > 0.05  # and the sets do differ
+    calls = []
+    real = m.unet_fn
+    m.unet_fn = lambda x, *a, **kw: calls.append(x.shape[0]) or real(x, *a, **kw)
+    sample.generate(m, [ref], ["a", "b"], num_sets=3, steps=2)
+    assert calls == [2 * 3 * 3] * 2  # cond + null pass of 3 sets of 3 images: one UNet call per step
+
+
+def test_compiled_unet_has_no_graph_breaks(ckpts):
+    """--compile uses fullgraph=True; dynamo's explain shows the UNet call of a sampling step is one graph."""
+    m = sample.load_model(ckpts["latent"])
+    x, t, ctx = torch.randn(4, 9, 8, 8), torch.full((4,), 981), torch.randn(4, 77, 32)
+    explained = torch._dynamo.explain(m.unet)(x, t, ctx, set_size=2)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1, explained.break_reasons
+    with pytest.raises(sample.UserError, match="--compile 'fast'"):
+        sample.compile_unet(m.unet, "fast")
+
+
+def test_out_of_memory_halves_the_sets_per_call_and_keeps_the_images(ckpts, monkeypatch):
+    m = sample.load_model(ckpts["pixel"])
+    args = dict(num_sets=4, steps=2, guidance=2.0, seed=3)
+    want = _arrays(sample.generate(m, [], ["a", "b"], **args))
+    real, sizes = sample._sample_sets, []
+
+    def small_gpu(model, ref_latents, context, null, num_new, gens, **kw):
+        sizes.append(len(gens))
+        if len(gens) > 1:  # pretend only one set fits
+            real(model, ref_latents, context, null, num_new, gens, **kw)  # draws noise first, as a real OOM would
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory")
+        return real(model, ref_latents, context, null, num_new, gens, **kw)
+
+    monkeypatch.setattr(sample, "_sample_sets", small_gpu)
+    with pytest.warns(UserWarning, match="out of GPU memory"):
+        got = _arrays(sample.generate(m, [], ["a", "b"], **args))
+    assert sizes == [4, 2, 1, 1, 1, 1] and np.array_equal(got, want)  # the generators were rewound
+    with pytest.raises(torch.cuda.OutOfMemoryError):  # an explicit --max_batch_sets is not second-guessed
+        sample.generate(m, [], ["a", "b"], max_batch_sets=2, **args)

@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.vae import AutoencoderKL, sd14_vae_config, vae_config_from_state_dict, vae_from_state_dict
+from model.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict, vae_from_state_dict
 
 TOL = 1e-5
 
@@ -34,7 +34,7 @@ def sd14_pair():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     torch.manual_seed(0)
-    ours = AutoencoderKL(**sd14_vae_config()).eval()
+    ours = AutoencoderKL(VAEConfig()).eval()
     randomize_(ours)
     ckpt = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
     assert len(ckpt) == 248  # the original sd-v1-4.ckpt has 248 first_stage_model tensors
@@ -105,10 +105,9 @@ def test_parity_detects_layer_mixups(sd14_pair):
 
 @torch.no_grad()
 def test_config_inference_roundtrip_narrow():
-    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2, 3), num_res_blocks=1, z_channels=3, embed_dim=5,
-                          in_channels=4, out_ch=2)
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2, 3), num_res_blocks=1, z_channels=3, embed_dim=5, in_channels=4, out_ch=2)
     torch.manual_seed(0)
-    src = AutoencoderKL(**cfg).eval()
+    src = AutoencoderKL(cfg).eval()
     randomize_(src, seed=3)
     ckpt = {"first_stage_model." + k: v for k, v in src.state_dict().items()}
     ckpt["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # other submodels' keys are ignored
@@ -125,18 +124,44 @@ def test_config_inference_roundtrip_narrow():
     z = torch.randn(2, 5, 4, 4)
     out = dst.decode_latents(z)
     assert out.shape == (2, 2, 16, 16)
-    assert torch.equal(out, src.decode(z / cfg["scale_factor"]))
+    assert torch.equal(out, src.decode(z / cfg.scale_factor))
 
 
 def test_strict_load_wrong_shape_names_key():
-    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)
-    sd = AutoencoderKL(**cfg).state_dict()
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    sd = AutoencoderKL(cfg).state_dict()
     key = "decoder.up.1.block.0.conv1.weight"
     sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1, 3, 3)
     with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
-        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
+        AutoencoderKL(cfg).load_state_dict(sd, strict=True)
     # A missing tensor is named as well, never a silent partial load.
-    sd = AutoencoderKL(**cfg).state_dict()
+    sd = AutoencoderKL(cfg).state_dict()
     del sd["encoder.mid.attn_1.proj_out.bias"]
     with pytest.raises(RuntimeError, match=r"encoder\.mid\.attn_1\.proj_out\.bias"):
-        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
+        AutoencoderKL(cfg).load_state_dict(sd, strict=True)
+
+
+@torch.no_grad()
+def test_fp16_decode_of_large_latents_stays_finite():
+    """SD's VAE decoder overflows in fp16: its full-resolution activations pass fp16's 65504. Here the up path's
+    residual branches are scaled up until they do (> 65504 in fp32, so a plain .half() decode is inf/NaN);
+    AutoencoderKL.cast(fp16) keeps that path in fp32 and the decode of 64x64 latents (SD's 512 px) stays finite."""
+    torch.manual_seed(0)
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).eval()
+    for up in vae.decoder.up:
+        for block in up.block:
+            block.conv2.weight.mul_(3e4)
+    z = torch.randn(1, 4, 64, 64)
+    peak = []
+    hook = vae.decoder.up[0].block[-1].register_forward_hook(lambda m, i, o: peak.append(o.abs().max().item()))
+    want = vae.decode_latents(z)
+    hook.remove()
+    assert peak[0] > 65504 and torch.isfinite(want).all()  # fp16 activations there would be inf
+    half = vae.cast(torch.float16)
+    assert half.post_quant_conv.weight.dtype == half.decoder.mid.attn_1.q.weight.dtype == torch.float16
+    assert half.decoder.up[0].block[0].conv1.weight.dtype == half.encoder.conv_in.weight.dtype == torch.float32
+    got = half.decode_latents(z.half())
+    assert got.shape == (1, 3, 128, 128) and torch.isfinite(got).all()
+    assert (got.float() - want).abs().max() / want.abs().max() < 1e-2  # fp16 rounding in the low-resolution part
+    x = torch.rand(1, 3, 32, 32) * 2 - 1
+    assert torch.isfinite(half.encode_latents(x)).all()  # the encoder takes any input dtype
