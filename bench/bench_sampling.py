@@ -37,7 +37,7 @@ Numbers: "s/set" = median over --repeats calls (after --warmup calls) of generat
 --timed-steps T < steps the calls run T steps and T = 1 steps, and s/set = t(T) + (steps − T)·(t(T) − t(1))/(T − 1)
 (every step is the same UNet call; the text encoder and VAE are paid once). "it/s" = steps / s/set. "UNet ms" = the
 row's UNet callable alone (CUDA events over --unet-calls calls, median of 3). "TFLOP/s" = the UNet's model FLOPs per
-call (bench/flops.py) / UNet ms. "Δ vs ours" = mean |image − ours' image| in 8-bit levels, over the final images of
+call (flops.py) / UNet ms. "Δ vs ours" = mean |image − ours' image| in 8-bit levels, over the final images of
 the same seed (ours = the eager "ours" row). "bf16 noise" = the same Δ between eager bf16 and fp32: a row with
 non-finite images or Δ > 3 × bf16 noise + 1 level is FAILED, and its speed is not reported.
 Exit status: 0, or 1 if a row failed, 2 without CUDA at full size, 130 if interrupted (rows so far are written).
@@ -357,7 +357,7 @@ def main(argv=None):
     timed = (f"{args.timed_steps}- and 1-step calls timed, extrapolated to {args.steps} steps"
              if args.timed_steps != args.steps else f"all {args.steps} steps timed")
     notes = ["", f"- one UNet call = {2 * N} images (cond + null pass of the set): {flops_call / 1e12:.3g} TFLOP "
-                 f"(bench/flops.py); s/set: median of {args.repeats} generate() calls after {args.warmup} warm-up, "
+                 f"(flops.py); s/set: median of {args.repeats} generate() calls after {args.warmup} warm-up, "
                  f"{timed}, text encoder and VAE included; UNet ms: {args.unet_calls} calls × 3 rounds; "
                  f"cudnn.benchmark on; random weights, identical in every row (the baseline's are converted from ours)",
              "- × baseline = diffusers s/set ÷ row s/set; Δ vs ours = mean |image − ours eager image| in 8-bit levels, "

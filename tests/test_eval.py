@@ -441,7 +441,7 @@ def test_baseline_rows_expose_a_model_that_copies_its_reference(mini_dataset, we
     """A 'model' that returns its reference unchanged scores exactly the reference-copy row, above the real-images
     row (its copy matches itself), and that row is the mean over the other real images."""
     def copier(model, ref_images, prompts, *, num_sets, **kw):
-        return [[jeval.open_rgb(ref_images[0]) for _ in prompts] for _ in range(num_sets)]
+        return [[jeval.load_image(ref_images[0]) for _ in prompts] for _ in range(num_sets)]
 
     out = tmp_path / "out"
     argv = ["--dataset", str(mini_dataset), "--out", str(out), "--num_refs", "1", "--no_masked",
@@ -460,7 +460,7 @@ def test_baseline_rows_expose_a_model_that_copies_its_reference(mini_dataset, we
     clip = jeval.ClipEmbedder(weights["clip_cfg"], weights["clip_bin"])
     for name in ("toy_a", "dog_b"):
         paths = sorted(str(p) for p in (mini_dataset / name).glob("*.jpg"))
-        e = clip.images([jeval.open_rgb(p) for p in paths])
+        e = clip.images([jeval.load_image(p) for p in paths])
         s = jeval.similarity(e, e)
         want = [(s[i].sum() - s[i, i]).item() / 2 for i in range(3)]
         got = [r["CLIP-I"] for r in res["baseline_images"]["real images"] if r["subject"] == name]

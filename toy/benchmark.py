@@ -183,8 +183,8 @@ def summarize(per_subject: list[dict]) -> dict:
 def evaluate(model, classifier, *, subjects: int | None = None, targets: int = 3, num_sets: int = 1, steps: int = 20,
              sampler: str = "dpmpp_2m", guidance: float = 5.0, text_guidance: float | None = None, seed: int = 0,
              max_set_size: int = 4, ref_framing: str = "close", log=print) -> dict:
-    """Run the benchmark on a loaded sample.Model (also usable mid-training, on the first `subjects` held-out
-    subjects). Returns the summary rows ({condition: {metric: (mean, se)}}) with their labels, the per-image
+    """Run the benchmark on a loaded model bundle (sample.load_model's; also usable mid-training, on the first
+    `subjects` held-out subjects). Returns the summary rows ({condition: {metric: (mean, se)}}) with their labels, the per-image
     metrics per subject, and the first subjects' images for the example grid."""
     order = heldout_order()
     if not 1 <= (subjects or len(order)) <= len(order) or num_sets < 1:
