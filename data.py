@@ -97,11 +97,11 @@ from collections import Counter, defaultdict
 
 import numpy as np
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 
 import data_procedural
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")  # the one list: data, sample, eval
 VIDEO_EXTS = (".mp4", ".webm", ".mkv", ".avi", ".mov")
 PROCEDURAL_OPTIONS = ("same_pose", "video", "closeup")  # ProceduralSource's keyword options, also in spec strings
 MANY = 1 << 30  # size of a set whose image count is only known when it is read (frames, views, video)
@@ -125,7 +125,12 @@ def _reason(e):
 # ----------------------------------------------------------------------------- images
 
 def load_image(src, size=None):
-    """A path or bytes -> RGB PIL image. `size` lets JPEGs decode at a reduced scale (>= size per side)."""
+    """A path or bytes -> upright RGB PIL image: the one image reader (training sets, sample.py, eval.py).
+
+    EXIF orientation is applied; transparency is composited onto white (how a viewer shows it); 16-bit grayscale
+    is scaled by its bit depth (/257), not clipped at 255, and float images by their range; CMYK, palette, LAB
+    etc. are converted to RGB. `size` lets JPEGs decode at a reduced scale (>= size per side).
+    Raises FileNotFoundError, BadSample("empty") or PIL's errors (OSError, ...) for unreadable files."""
     if isinstance(src, (bytes, bytearray)):
         if len(src) == 0:
             raise BadSample("empty", "zero-byte image")
@@ -140,10 +145,22 @@ def load_image(src, size=None):
         img.load()  # decode now, inside the caller's try: truncated files raise here
         if img.width == 0 or img.height == 0:
             raise BadSample("empty", "zero-size image")
-        if img.mode in ("RGBA", "LA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")  # renders: composite on white
-            return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
-        return img.convert("RGB")
+        img = ImageOps.exif_transpose(img)  # a copy, upright (a phone photo's pixels are stored sideways)
+    return _to_rgb(img)
+
+
+def _to_rgb(img):
+    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit PNG/TIFF grayscale opens as I;16 or I
+        a = np.asarray(img, dtype=np.float64)
+        if img.mode == "F":  # float: no fixed range, use the image's own
+            a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
+        else:
+            a = a.clip(0, 65535) / 257
+        img = Image.fromarray(a.round().astype(np.uint8), "L")
+    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+        rgba = img.convert("RGBA")
+        return Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert("RGB")
+    return img.convert("RGB")  # CMYK (Adobe's inverted JPEGs included: PIL undoes it), P, L, YCbCr, LAB, 1
 
 
 def fit(img, resolution, rng, crop="center"):

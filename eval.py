@@ -25,8 +25,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
 
+from data import IMAGE_EXTS, load_image
 from vision import (  # noqa: F401  (moved to vision.py, shared with s3.py; still reachable as eval.X)
     VisionError as EvalError, MissingWeights, MASK_SUFFIX, DEFAULT_BACKGROUND, IMAGENET_MEAN, IMAGENET_STD,
     mask_file_for, read_mask, write_mask, apply_mask, _save_atomic, GroundedSAM,
@@ -34,16 +34,6 @@ from vision import (  # noqa: F401  (moved to vision.py, shared with s3.py; stil
 
 METRICS = ("CLIP-T", "CLIP-I", "MCLIP-I", "DINO", "MDINO")  # Table 2's column order
 LIVE_CLASSES = {"cat", "dog"}  # prompts_and_classes.txt doesn't mark live subjects; these 9 are the cats and dogs
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".webp")
-
-
-# ----------------------------------------------------------------------------- images
-
-def open_rgb(path) -> Image.Image:
-    """An image file as upright (EXIF) RGB."""
-    img = Image.open(path)
-    img = ImageOps.exif_transpose(img)
-    return img.convert("RGB")
 
 
 # ----------------------------------------------------------------------------- metrics
@@ -200,8 +190,8 @@ def score(subjects: list[Subject], out_dir, *, images_per_prompt: int, clip: Cli
         absent = [path for *_, path in jobs if not os.path.isfile(path)]
         if absent:
             raise EvalError(f"{len(absent)} generated images missing, e.g. {absent[0]} (run without --score_only)")
-        refs = [open_rgb(p) for p in s.images]
-        gens = [open_rgb(path) for *_, path in jobs]
+        refs = [load_image(p) for p in s.images]
+        gens = [load_image(path) for *_, path in jobs]
         ref_clip, ref_dino = clip.images(refs), dino.images(refs)
         gen_clip, gen_dino = clip.images(gens), dino.images(gens)
         scores = {

@@ -320,41 +320,19 @@ class Runtime:
         return chunks[self.rank::self.world]
 
 
-class _SD:
-    """An SD-1.x checkpoint (any input channels) with text encoding and VAE transforms."""
-
-    def __init__(self, path, rt: Runtime):
-        from model.diffusion import Diffusion
-        from model.loading import CheckpointError, load_sd
-
-        try:
-            sd = load_sd(path, num_heads=num_heads, in_channels=None, device=rt.device)
-        except (CheckpointError, FileNotFoundError) as e:
-            raise S3Error(f"{path}: {e}") from None
-        self.unet, self.vae, self.text_encoder, self.tokenizer = sd.unet, sd.vae, sd.text_encoder, sd.tokenizer
-        self.in_channels = self.unet.config.in_channels
-        self.diffusion, self.device = Diffusion(), rt.device
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        from model.text import encode
-
-        return encode(self.text_encoder, self.tokenizer(prompts).to(self.device))
-
-    @torch.no_grad()
-    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        return self.vae.encode_latents(pixels.to(self.device))
-
-    @torch.no_grad()
-    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        return self.vae.decode_latents(z).clamp(-1, 1)
-
-
 def _load_sd(rt, key, path, channels, what):
+    """An SD-1.x checkpoint with its own input channels (4, 9 for inpainting, 8 for InstructPix2Pix), loaded once
+    per process: the project's model bundle (model.loading.JeDi: encode_text, to_latents, to_pixels)."""
+    from model.loading import CheckpointError, load_sd
+
     if key not in rt.models:
-        m = _SD(path, rt)
-        if m.in_channels != channels:
-            raise S3Error(f"{what} {path}: its UNet takes {m.in_channels} input channels, expected {channels}")
+        try:
+            m = load_sd(path, num_heads=num_heads, in_channels=None, device=rt.device)
+        except (CheckpointError, FileNotFoundError) as e:
+            raise S3Error(f"{what} {path}: {e}") from None
+        if m.unet.config.in_channels != channels:
+            raise S3Error(f"{what} {path}: its UNet takes {m.unet.config.in_channels} input channels, expected "
+                          f"{channels}")
         rt.models[key] = m
     return rt.models[key]
 
@@ -571,7 +549,7 @@ def stage_collages(rt):
         _nothing("collages", "the prompts stage left no prompts (run `python s3.py prompts` first)")
     m = _load_sd(rt, "sd", sd, 4, "--sd")
     null = m.encode_text([""])
-    r = collage_resolution // m.vae.downsample_factor
+    r = collage_resolution // m.down
 
     def process(batch):
         prompts = [f"{it['prompt']}, {collage_suffix}" if collage_suffix else it["prompt"] for it in batch]
@@ -581,7 +559,7 @@ def stage_collages(rt):
             gen = torch.Generator(device=rt.device).manual_seed(_seed("collages", batch[0]["id"]))
             z = sample(fn, m.diffusion, (len(batch), 4, r, r), steps=collage_steps, sampler=sampler,
                        generator=gen, device=rt.device)
-            px = m.to_pixels(z.to(next(m.vae.parameters()).dtype))
+            px = m.to_pixels(z)
         for it, p, x in zip(batch, prompts, px):
             if not done(it):
                 _save_png(to_image(x), out(it) + ".png")
@@ -782,7 +760,7 @@ def stage_backgrounds(rt):
         _nothing("backgrounds", "the filter kept no sets (run the filter stage first)")
     m = _load_sd(rt, "inpaint", inpaint, 9, "--inpaint")
     null = m.encode_text([""])
-    f = m.vae.downsample_factor
+    f = m.down
     out = lambda i: os.path.join(manifest, "backgrounds", i["id"])  # noqa: E731
     done = lambda i: os.path.isfile(out(i) + ".json")  # noqa: E731
 
@@ -803,7 +781,7 @@ def stage_backgrounds(rt):
             gen = torch.Generator(device=rt.device).manual_seed(_seed("backgrounds", batch[0]["id"]))
             z = sample(fn, m.diffusion, (len(canv), 4, canvas // f, canvas // f), steps=inpaint_steps,
                        sampler=sampler, generator=gen, device=rt.device)
-            gen_px = m.to_pixels(z.to(next(m.vae.parameters()).dtype))
+            gen_px = m.to_pixels(z)
         i = 0
         for it in batch:
             n = len(it["kept"])
@@ -866,7 +844,7 @@ def stage_stylize(rt):
                 gen = torch.Generator(device=rt.device).manual_seed(_seed("stylize", styled[0][0]["id"]))
                 z = sample(fn, m.diffusion, tuple(source.shape), steps=ip2p_steps, sampler=sampler, generator=gen,
                            device=rt.device)
-                new = m.to_pixels(z.to(next(m.vae.parameters()).dtype))
+                new = m.to_pixels(z)
         i = 0
         for it, s in todo:
             if s is None:

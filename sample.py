@@ -15,11 +15,11 @@ import warnings
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
-from model.diffusion import Diffusion, personalize
-from model.loading import CheckpointError, load_jedi, load_sd
-from model.text import encode
+import data
+from model.diffusion import SAMPLERS, personalize
+from model.loading import CheckpointError, JeDi, load_jedi, load_sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "assets", "jedi_toy.safetensors")
@@ -31,47 +31,7 @@ class UserError(Exception):
 
 # ----------------------------------------------------------------------------- model
 
-class Model:
-    """A loaded JeDi checkpoint: UNet, text encoder, optional VAE, and how to use them."""
-
-    def __init__(self, unet, vae, text_encoder, tokenizer, meta, device):
-        self.unet, self.vae, self.text_encoder, self.tokenizer, self.meta = unet, vae, text_encoder, tokenizer, meta
-        self.device = device
-        self.resolution = int(meta["resolution"])
-        self.diffusion = Diffusion(**meta.get("diffusion", {}))
-        c = unet.config
-        self.channels = c.out_channels
-        if c.in_channels != 2 * c.out_channels + 1:
-            raise UserError(f"the checkpoint's UNet takes {c.in_channels} input channels, not JeDi's "
-                            f"[x_t, reference, mask] = {2 * c.out_channels + 1}: not a JeDi model")
-        self.down = vae.downsample_factor if vae is not None else 1
-        if torch.device(device).type == "cuda":
-            # NHWC weights: cuDNN runs the convolutions without NCHW<->NHWC transposes around each one
-            # (H200, 512 px set of 4, eager: 58.7 -> 52.1 ms per UNet call; bench/results/2026-11-27-h200-run1).
-            unet.to(memory_format=torch.channels_last)
-
-    @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
-        ids, cut = self.tokenizer(prompts, return_truncated=True)
-        for p, c in zip(prompts, cut.tolist()):
-            if c:
-                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
-        return encode(self.text_encoder, ids.to(self.device))
-
-    @torch.no_grad()
-    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
-        """(n, 3, H, W) in [-1, 1] -> the space the UNet works in (VAE latents, or pixels themselves)."""
-        pixels = pixels.to(self.device)
-        return self.vae.encode_latents(pixels) if self.vae is not None else pixels
-
-    @torch.no_grad()
-    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
-        x = self.vae.decode_latents(z) if self.vae is not None else z
-        return x.clamp(-1, 1)
-
-
-def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> Model:
+def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> JeDi:
     """A JeDi checkpoint (train.py's export) or, for experiments, an original SD-1.x checkpoint (its reference
     channels start at zero, so it ignores references until trained). None: the shipped toy model."""
     path = ckpt or DEFAULT_CKPT
@@ -81,13 +41,20 @@ def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8) -> Mod
     try:
         if os.path.isdir(path) or not path.endswith(".safetensors") or not _has_jedi_meta(path):
             warnings.warn("an original SD checkpoint is not JeDi-trained: its reference and mask input channels are zero")
-            sd = load_sd(path, num_heads=num_heads, device=device)
-            meta = dict(resolution=512, diffusion={}, space="latent")
-            return Model(sd.unet, sd.vae, sd.text_encoder, sd.tokenizer, meta, device)
-        m = load_jedi(path, device=device)
+            model = load_sd(path, num_heads=num_heads, device=device)
+        else:
+            model = load_jedi(path, device=device)
     except CheckpointError as e:
         raise UserError(str(e).replace("\n", " ")) from None
-    return Model(m.unet, m.vae, m.text_encoder, m.tokenizer, m.meta, device)
+    c = model.unet.config
+    if c.in_channels != 2 * c.out_channels + 1:
+        raise UserError(f"the checkpoint's UNet takes {c.in_channels} input channels, not JeDi's "
+                        f"[x_t, reference, mask] = {2 * c.out_channels + 1}: not a JeDi model")
+    if torch.device(device).type == "cuda":
+        # NHWC weights: cuDNN runs the convolutions without NCHW<->NHWC transposes around each one
+        # (H200, 512 px set of 4, eager: 58.7 -> 52.1 ms per UNet call; bench/results/2026-11-27-h200-run1).
+        model.unet.to(memory_format=torch.channels_last)
+    return model
 
 
 def _has_jedi_meta(path: str) -> bool:
@@ -109,24 +76,14 @@ def load_image(path: str, resolution: int) -> torch.Tensor:
 
 
 def open_image(path: str) -> Image.Image:
-    """Read an image file, upright (EXIF), as RGB: transparency onto white, 16-bit rescaled (not clipped)."""
+    """Read an image file with the project's one reader (data.load_image: upright, alpha onto white, 16-bit and
+    CMYK handled) as RGB; a missing or unreadable file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"reference image not found: {path}")
     try:
-        img = Image.open(path)
-        img = ImageOps.exif_transpose(img)
-        img.load()
-    except (UnidentifiedImageError, OSError) as e:
+        return data.load_image(path)
+    except (UnidentifiedImageError, OSError, data.BadSample) as e:
         raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
-    if img.mode in ("I;16", "I;16B", "I;16L", "I", "F"):  # 16-bit/32-bit grayscale: rescale, don't clip
-        a = np.asarray(img, dtype=np.float64)
-        a = (a - a.min()) / max(a.max() - a.min(), 1e-12) * 255
-        img = Image.fromarray(a.round().astype(np.uint8), "L")
-    if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-        img = img.convert("RGBA")
-        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))  # transparent -> white, not black
-        img = Image.alpha_composite(bg, img)
-    return img.convert("RGB")
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
@@ -158,7 +115,7 @@ def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
 
 # ----------------------------------------------------------------------------- generation
 
-def generate(model: Model, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
+def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
              num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
              progress: bool = False) -> list[list[Image.Image]]:
@@ -234,7 +191,7 @@ def parse_args(argv=None):
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
                    "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
                    "p_drop_text > 0")
-    p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="DDIM or DPM-Solver++ 2M (same "
+    p.add_argument("--sampler", default=None, choices=SAMPLERS, help="DDIM or DPM-Solver++ 2M (same "
                    "quality in ~20 steps); default: the checkpoint's, else ddim")
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")

@@ -453,7 +453,7 @@ def main(argv):
             strict_load(out_text, text_sd, 'text encoder')
             out_vae = None
             if vae is not None:
-                out_vae = AutoencoderKL(**vae.config)
+                out_vae = AutoencoderKL(vae.config)
                 out_vae.load_state_dict({k: v.float().cpu() for k, v in vae.state_dict().items()})
             save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
                       diffusion=dict(schedule=diffusion.schedule, num_timesteps=diffusion.num_timesteps,

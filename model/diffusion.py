@@ -140,8 +140,9 @@ def reference_gain_sums(unet, diffusion: Diffusion, x0, context, generator=None,
 
 # ----------------------------------------------------------------------------- sampling
 
-def ddim_timesteps(steps: int, T: int = 1000) -> list[int]:
-    """CompVis' uniform DDIM spacing, high to low: range(0, T, T // steps) + 1 (so 981 ... 1 for 50 steps)."""
+def spaced_timesteps(steps: int, T: int = 1000) -> list[int]:
+    """The `steps` timesteps every sampler visits, high to low, spaced as CompVis' DDIM does (uniform "leading"
+    spacing + 1): range(0, T, T // steps) + 1, so 981 ... 1 for 50 steps."""
     if not 1 <= steps <= T:
         raise ValueError(f"steps must be in [1, {T}]")
     ts = [i * (T // steps) for i in range(steps)]  # exactly `steps` of them, even when steps does not divide T
@@ -161,43 +162,63 @@ def ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator):
     return x
 
 
-def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
-           generator=None, device="cpu", dtype=torch.float32, replace=None, progress=None):
-    """Generic sampler loop.
+# Samplers, k-diffusion style: sample_<name>(model_fn, diffusion, x, timesteps, ...) runs the whole loop from the
+# noise x over `timesteps` (high to low). model_fn(x_t, t: int) -> (ε, x0) for the whole batch, guidance inside;
+# replace(x_t, t) -> x_t with the known images swapped for noised references (RePaint-style), or None.
 
-    model_fn(x_t, t:int) -> (ε, x0) for the whole batch (guidance is inside model_fn).
-    replace(x_t, t) -> x_t with the known images swapped for noised references (RePaint-style), or None.
-    sampler: 'ddim' (η) or 'dpmpp_2m' (DPM-Solver++ 2M, deterministic, good at 10-25 steps).
-    """
-    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
-    ts = ddim_timesteps(steps, diffusion.num_timesteps)
-    it = progress(ts) if progress else ts
-    ab = diffusion.alphas_cumprod
-    prev_x0, prev_lam = None, None
-    for i, t in enumerate(it):
+def sample_ddim(model_fn, diffusion: Diffusion, x, timesteps, *, eta: float = 0.0, generator=None, replace=None,
+                progress=None):
+    """DDIM (Song et al.): deterministic at η = 0, ancestral at η = 1 (fresh noise from `generator` each step)."""
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
         if replace is not None:
             x = replace(x, t)
         eps, x0 = model_fn(x, t)
-        t_prev = ts[i + 1] if i + 1 < len(ts) else -1
-        if sampler == "ddim":
-            x = ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator)
-        elif sampler == "dpmpp_2m":
-            a_s, s_s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
-            lam_s = math.log(a_s / s_s)
-            if t_prev < 0:  # final step to the clean image: σ=0, so the update is the data prediction itself
-                x = x0
-            else:
-                a_t, s_t = math.sqrt(ab[t_prev]), math.sqrt(1 - ab[t_prev])
-                h = math.log(a_t / s_t) - lam_s
-                d = x0
-                if prev_x0 is not None:  # second order: extrapolate the data prediction in λ
-                    r = (lam_s - prev_lam) / h
-                    d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
-                x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
-            prev_x0, prev_lam = x0, lam_s
-        else:
-            raise ValueError(f"unknown sampler {sampler!r} (ddim, dpmpp_2m)")
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        x = ddim_step(diffusion, x, t, t_prev, eps, x0, eta, generator)
     return x
+
+
+def sample_dpmpp_2m(model_fn, diffusion: Diffusion, x, timesteps, *, replace=None, progress=None):
+    """DPM-Solver++ 2M (Lu et al. 2022), multistep on the data prediction in log-SNR λ; deterministic, good at
+    10-25 steps."""
+    ab = diffusion.alphas_cumprod
+    prev_x0, prev_lam = None, None
+    for i, t in enumerate(progress(timesteps) if progress else timesteps):
+        if replace is not None:
+            x = replace(x, t)
+        _, x0 = model_fn(x, t)
+        t_prev = timesteps[i + 1] if i + 1 < len(timesteps) else -1
+        a_s, s_s = math.sqrt(ab[t]), math.sqrt(1 - ab[t])
+        lam_s = math.log(a_s / s_s)
+        if t_prev < 0:  # final step to the clean image: σ=0, so the update is the data prediction itself
+            x = x0
+        else:
+            a_t, s_t = math.sqrt(ab[t_prev]), math.sqrt(1 - ab[t_prev])
+            h = math.log(a_t / s_t) - lam_s
+            d = x0
+            if prev_x0 is not None:  # second order: extrapolate the data prediction in λ
+                r = (lam_s - prev_lam) / h
+                d = (1 + 1 / (2 * r)) * x0 - (1 / (2 * r)) * prev_x0
+            x = (s_t / s_s) * x - a_t * math.expm1(-h) * d
+        prev_x0, prev_lam = x0, lam_s
+    return x
+
+
+SAMPLERS = ("ddim", "dpmpp_2m")
+
+
+def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: str = "ddim", eta: float = 0.0,
+           generator=None, device="cpu", dtype=torch.float32, replace=None, progress=None):
+    """Draw x_T ~ N(0, I) of `shape` from `generator` and run `sampler` ('ddim' with η, or 'dpmpp_2m') over
+    `steps` spaced timesteps. model_fn and replace as for the sample_* functions above."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"unknown sampler {sampler!r} ({', '.join(SAMPLERS)})")
+    x = torch.randn(shape, generator=generator, device=device, dtype=dtype)
+    ts = spaced_timesteps(steps, diffusion.num_timesteps)
+    if sampler == "ddim":
+        return sample_ddim(model_fn, diffusion, x, ts, eta=eta, generator=generator, replace=replace,
+                           progress=progress)
+    return sample_dpmpp_2m(model_fn, diffusion, x, ts, replace=replace, progress=progress)
 
 
 def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_new: int, num_sets: int = 1,

@@ -4,18 +4,20 @@ Our modules carry the original CompVis names, so an original checkpoint is a pre
 load. Architecture sizes are inferred from tensor shapes (only the head count cannot be); a diffusers
 folder is mapped into our names by walking the same block layout the UNet constructor walks.
 
-    sd = load_sd("sd-v1-4.ckpt")                   # -> StableDiffusion(unet, vae, text_encoder, tokenizer)
+    sd = load_sd("sd-v1-4.ckpt")                   # -> JeDi(unet, vae, text_encoder, tokenizer, meta)
     sd.unet(x, t, context, set_size=4)             # JeDi UNet, 9 input channels inflated from SD's 4
 """
 import json
 import os
 import pickle
 import re
-from typing import NamedTuple
+import warnings
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .diffusion import Diffusion
 from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -199,11 +201,61 @@ def convert_diffusers_vae(sd: dict) -> dict:
 
 # ----------------------------------------------------------------------------- everything at once
 
-class StableDiffusion(NamedTuple):
+@dataclass(eq=False)
+class JeDi:
+    """A loaded model, the one bundle every entry point uses (sample.py, eval.py, train.py, the benchmarks):
+    UNet, VAE (None: the model works in pixel space), text encoder, tokenizer, and the checkpoint's `meta`
+    (resolution, space, diffusion settings, sampling defaults, configs)."""
+
     unet: nn.Module
-    vae: nn.Module
+    vae: nn.Module | None
     text_encoder: nn.Module
     tokenizer: object
+    meta: dict
+
+    def __post_init__(self):
+        self.diffusion = Diffusion(**self.meta.get("diffusion", {}))
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.unet.parameters()).device
+
+    @property
+    def resolution(self) -> int:
+        return int(self.meta["resolution"])
+
+    @property
+    def channels(self) -> int:
+        """Channels of the space the UNet denoises (4 VAE latent channels, or 3 for pixels)."""
+        return self.unet.config.out_channels
+
+    @property
+    def down(self) -> int:
+        """Pixels per latent along a side (8 for SD's VAE, 1 in pixel space)."""
+        return self.vae.downsample_factor if self.vae is not None else 1
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
+        from .text import encode
+
+        ids, cut = self.tokenizer(prompts, return_truncated=True)
+        for p, c in zip(prompts, cut.tolist()):
+            if c:
+                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
+        return encode(self.text_encoder, ids.to(self.device))
+
+    @torch.no_grad()
+    def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
+        """(n, 3, H, W) in [-1, 1] -> the space the UNet works in (VAE latents, or pixels themselves)."""
+        pixels = pixels.to(self.device)
+        return self.vae.encode_latents(pixels) if self.vae is not None else pixels
+
+    @torch.no_grad()
+    def to_pixels(self, z: torch.Tensor) -> torch.Tensor:
+        """UNet-space (n, C, h, w) -> (n, 3, H, W) images in [-1, 1]."""
+        x = self.vae.decode_latents(z) if self.vae is not None else z
+        return x.clamp(-1, 1)
 
 
 def read_original_parts(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
@@ -256,7 +308,7 @@ def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_
 
 
 def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
-            device="cpu", dtype=torch.float32) -> StableDiffusion:
+            device="cpu", dtype=torch.float32) -> JeDi:
     """UNet, VAE, text encoder and tokenizer from an original SD-1.x `.ckpt`/`.safetensors` or a diffusers folder.
 
     num_heads: attention heads of the UNet (the one size shapes cannot tell; 8 for SD-1.x).
@@ -268,26 +320,19 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
 
     unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema)
     unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels)
-    vae = AutoencoderKL(**vae_config_from_state_dict(vae_sd))
+    vae = AutoencoderKL(vae_config_from_state_dict(vae_sd))
     strict_load(vae, vae_sd, "VAE")
     text_sd = convert_original_text_state_dict(text_sd)
     text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
     strict_load(text_encoder, text_sd, "text encoder")
     mods = [m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
-    return StableDiffusion(*mods, Tokenizer())
+    # SD-1.x: 512 px, SD's schedule and eps-prediction (Diffusion()'s defaults), no sampling defaults of its own
+    return JeDi(*mods, Tokenizer(), dict(resolution=512, diffusion={}, space="latent"))
 
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
 
 JEDI_FORMAT = 1
-
-
-class JeDi(NamedTuple):
-    unet: nn.Module
-    vae: nn.Module | None  # None: the model works in pixel space
-    text_encoder: nn.Module
-    tokenizer: object
-    meta: dict  # resolution, space, diffusion settings, configs
 
 
 def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None = None, *,
@@ -302,7 +347,7 @@ def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Modul
     if vae is not None:
         tensors.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
     meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text_encoder.config.to_dict(),
-                vae=vae.config if vae is not None else None, space="latent" if vae is not None else "pixel",
+                vae=vae.config.to_dict() if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
     tmp = path + ".tmp"
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
@@ -317,7 +362,7 @@ def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
     from transformers import CLIPTextConfig
 
     from .text import Tokenizer, build_text_encoder
-    from .vae import AutoencoderKL
+    from .vae import AutoencoderKL, VAEConfig
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
@@ -338,7 +383,7 @@ def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
     strict_load(text_encoder, strip_prefix(tensors, "text."), "text encoder")
     vae = None
     if meta["vae"] is not None:
-        vae = AutoencoderKL(**meta["vae"])
+        vae = AutoencoderKL(VAEConfig(**meta["vae"]))
         strict_load(vae, strip_prefix(tensors, "vae."), "VAE")
     mods = [None if m is None else m.to(device=device, dtype=dtype).eval() for m in (unet, vae, text_encoder)]
     return JeDi(mods[0], mods[1], mods[2], Tokenizer(), meta)

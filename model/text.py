@@ -168,18 +168,9 @@ def text_config_from_state_dict(sd: dict, num_heads: int | None = None) -> CLIPT
 
 def load_text_state_dict(model: CLIPTextModel, sd: dict) -> None:
     """Convert and load strictly; one error lists every missing, unexpected and wrongly shaped key."""
-    sd = convert_original_text_state_dict(sd)
-    own = model.state_dict()
-    missing = sorted(set(own) - set(sd))
-    unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(v.shape)}"
-              for k, v in own.items() if k in sd and sd[k].shape != v.shape]
-    if missing or unexpected or shapes:
-        raise ValueError("text encoder checkpoint does not match the model:"
-                         + "".join(f"\n  {name}: {items}" for name, items in
-                                   (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes))
-                                   if items))
-    model.load_state_dict(sd, strict=True)
+    from .loading import strict_load
+
+    strict_load(model, convert_original_text_state_dict(sd), "text encoder")
 
 
 def load_text_encoder(sd: dict, num_heads: int | None = None) -> CLIPTextModel:

@@ -1,18 +1,20 @@
 """AutoencoderKL: Stable Diffusion's first stage, written with the original CompVis module names.
 
 An original checkpoint's ``first_stage_model.*`` tensors load into ``AutoencoderKL`` with a prefix
-strip and ``load_state_dict(strict=True)`` (``vae_from_state_dict`` does both). Layout as in
+strip and a strict load (``vae_from_state_dict`` does both). Layout as in
 ``ldm/modules/diffusionmodules/model.py``: ``encoder.down.{level}.block.{i}``,
 ``encoder.down.{level}.downsample.conv``, ``encoder.mid.{block_1,attn_1,block_2}``, ``encoder.norm_out``,
 ``encoder.conv_out``, ``quant_conv``, ``post_quant_conv``, ``decoder.mid.*``, ``decoder.up.{level}.block.{i}``,
 ``decoder.up.{level}.upsample.conv``, ``decoder.norm_out``, ``decoder.conv_out``; ResnetBlocks hold
 ``norm1, conv1, norm2, conv2`` and ``nin_shortcut`` when the width changes.
 
-Config fields (all sizes, nothing tied to an image resolution): ``ch, ch_mult, num_res_blocks,
+``VAEConfig`` fields (all sizes, nothing tied to an image resolution): ``ch, ch_mult, num_res_blocks,
 z_channels, embed_dim, in_channels, out_ch, double_z, dropout`` and ``scale_factor`` (0.18215 for
 SD-1.x), the factor between VAE latents and the latents the UNet is trained on. CompVis keeps
 ``attn_resolutions`` too; SD's VAE has attention only in the mid blocks, so this one does as well.
 """
+from dataclasses import asdict, dataclass
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -22,16 +24,28 @@ from kernels import attention
 SD_SCALE_FACTOR = 0.18215
 
 
-def sd14_vae_config(**overrides) -> dict:
-    """The SD-1.x VAE (``first_stage_config.params.ddconfig`` of v1-inference.yaml), fields overridable."""
-    cfg = dict(ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4,
-               in_channels=3, out_ch=3, double_z=True, dropout=0.0, scale_factor=SD_SCALE_FACTOR)
-    unknown = set(overrides) - set(cfg)
-    if unknown:
-        raise TypeError(f"unknown VAE config fields: {sorted(unknown)}")
-    cfg.update(overrides)
-    cfg["ch_mult"] = tuple(cfg["ch_mult"])
-    return cfg
+@dataclass
+class VAEConfig:
+    """Defaults are the SD-1.x VAE (``first_stage_config.params.ddconfig`` of v1-inference.yaml)."""
+
+    ch: int = 128
+    ch_mult: tuple = (1, 2, 4, 4)
+    num_res_blocks: int = 2
+    z_channels: int = 4
+    embed_dim: int = 4
+    in_channels: int = 3
+    out_ch: int = 3
+    double_z: bool = True  # the encoder emits mean and logvar
+    dropout: float = 0.0
+    scale_factor: float = SD_SCALE_FACTOR  # VAE latents * scale_factor = the latents the UNet is trained on
+
+    def __post_init__(self):
+        self.ch_mult = tuple(self.ch_mult)
+        if not self.double_z:
+            raise ValueError("AutoencoderKL needs double_z=True: its posterior is a Gaussian with mean and logvar")
+
+    def to_dict(self):
+        return asdict(self)
 
 
 def Normalize(channels: int) -> nn.GroupNorm:
@@ -191,25 +205,20 @@ class DiagonalGaussian:
 
 
 class AutoencoderKL(nn.Module):
-    def __init__(self, *, ch=128, ch_mult=(1, 2, 4, 4), num_res_blocks=2, z_channels=4, embed_dim=4,
-                 in_channels=3, out_ch=3, double_z=True, dropout=0.0, scale_factor=SD_SCALE_FACTOR):
+    def __init__(self, config: VAEConfig):
         super().__init__()
-        if not double_z:
-            raise ValueError("AutoencoderKL needs double_z=True: its posterior is a Gaussian with mean and logvar")
-        self.config = dict(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
-                           embed_dim=embed_dim, in_channels=in_channels, out_ch=out_ch, double_z=double_z,
-                           dropout=dropout, scale_factor=scale_factor)
-        self.scale_factor = scale_factor  # a plain attribute: it is not in the checkpoint's VAE tensors
-        self.encoder = Encoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                               in_channels=in_channels, double_z=double_z, dropout=dropout)
-        self.decoder = Decoder(ch=ch, ch_mult=ch_mult, num_res_blocks=num_res_blocks, z_channels=z_channels,
-                               out_ch=out_ch, dropout=dropout)
-        self.quant_conv = nn.Conv2d(2 * z_channels, 2 * embed_dim, 1)
-        self.post_quant_conv = nn.Conv2d(embed_dim, z_channels, 1)
+        self.config = c = config
+        self.scale_factor = c.scale_factor  # a plain attribute: it is not in the checkpoint's VAE tensors
+        self.encoder = Encoder(ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, z_channels=c.z_channels,
+                               in_channels=c.in_channels, double_z=c.double_z, dropout=c.dropout)
+        self.decoder = Decoder(ch=c.ch, ch_mult=c.ch_mult, num_res_blocks=c.num_res_blocks, z_channels=c.z_channels,
+                               out_ch=c.out_ch, dropout=c.dropout)
+        self.quant_conv = nn.Conv2d(2 * c.z_channels, 2 * c.embed_dim, 1)
+        self.post_quant_conv = nn.Conv2d(c.embed_dim, c.z_channels, 1)
 
     @property
     def downsample_factor(self) -> int:
-        return 2 ** (len(self.config["ch_mult"]) - 1)
+        return 2 ** (len(self.config.ch_mult) - 1)
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussian:
         """x: (B, in_channels, H, W) in [-1, 1] -> posterior over unscaled latents (B, embed_dim, H/f, W/f)."""
@@ -244,7 +253,7 @@ def _find_prefix(sd: dict, anchor: str = "encoder.conv_in.weight") -> str:
     return hits[0]
 
 
-def vae_config_from_state_dict(sd: dict, **overrides) -> dict:
+def vae_config_from_state_dict(sd: dict, **overrides) -> VAEConfig:
     """Infer the VAE config from tensor shapes (keys bare or prefixed). scale_factor cannot be inferred:
     it defaults to SD's 0.18215 unless overridden; so does dropout (no tensors)."""
     p = _find_prefix(sd)
@@ -276,14 +285,16 @@ def vae_config_from_state_dict(sd: dict, **overrides) -> dict:
                          "(mean and logvar, double_z=True)")
     embed_dim = shape("post_quant_conv.weight")[1]  # Conv2d(embed_dim, z_channels, 1)
     out_ch = shape("decoder.conv_out.weight")[0]
-    return sd14_vae_config(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
+    return VAEConfig(ch=ch, ch_mult=tuple(ch_mult), num_res_blocks=num_res_blocks, z_channels=z_channels,
                            embed_dim=embed_dim, in_channels=in_channels, out_ch=out_ch, **overrides)
 
 
 def vae_from_state_dict(sd: dict, **overrides) -> AutoencoderKL:
     """Build a VAE sized from the tensors and load them strictly (bare or prefixed keys; other prefixes ignored)."""
+    from .loading import strict_load
+
     p = _find_prefix(sd)
     vae_sd = {k[len(p):]: v for k, v in sd.items() if k.startswith(p)}
-    vae = AutoencoderKL(**vae_config_from_state_dict(vae_sd, **overrides))
-    vae.load_state_dict(vae_sd, strict=True)
+    vae = AutoencoderKL(vae_config_from_state_dict(vae_sd, **overrides))
+    strict_load(vae, vae_sd, "VAE")
     return vae

@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from model.diffusion import Diffusion, ddim_step, ddim_timesteps, guide, jedi_input, jedi_loss, personalize, sample
+from model.diffusion import Diffusion, ddim_step, spaced_timesteps, guide, jedi_input, jedi_loss, personalize, sample
 from model.unet import UNet, UNetConfig
 
 
@@ -26,10 +26,10 @@ def test_sd_schedule_matches_diffusers():
     torch.testing.assert_close(Diffusion().alphas_cumprod.float(), ref, rtol=1e-6, atol=1e-7)
 
 
-def test_ddim_timesteps_follow_compvis_spacing():
-    ts = ddim_timesteps(50)
+def test_spaced_timesteps_follow_compvis_spacing():
+    ts = spaced_timesteps(50)
     assert ts[0] == 981 and ts[-1] == 1 and len(ts) == 50 and all(a - b == 20 for a, b in zip(ts, ts[1:]))
-    assert ddim_timesteps(1000) == list(range(999, -1, -1))
+    assert spaced_timesteps(1000) == list(range(999, -1, -1))
 
 
 def test_ddim_eta1_is_the_ddpm_ancestral_step():
@@ -68,8 +68,8 @@ def test_samplers_match_diffusers_schedulers(sampler, steps):
     else:
         sched = diffusers.DPMSolverMultistepScheduler(**kw, algorithm_type="dpmsolver++", solver_order=2,
                                                       final_sigmas_type="zero", lower_order_final=True)
-        sched.set_timesteps(timesteps=ddim_timesteps(steps))
-    assert [int(t) for t in sched.timesteps] == ddim_timesteps(steps)
+        sched.set_timesteps(timesteps=spaced_timesteps(steps))
+    assert [int(t) for t in sched.timesteps] == spaced_timesteps(steps)
     fn = gaussian_denoiser(d)
     shape = (4000, 1, 1, 1)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(0), dtype=torch.float64)

@@ -9,11 +9,11 @@ from safetensors.torch import save_file
 from model.loading import CheckpointError, load_jedi, load_sd, read_original_parts, save_jedi
 from model.text import build_text_encoder, encode, sd14_text_config
 from model.unet import UNet, UNetConfig
-from model.vae import AutoencoderKL, sd14_vae_config
+from model.vae import AutoencoderKL, VAEConfig
 from test_unet import TINY, diffusers_unet, randomize
 
 UNET_CFG = UNetConfig(in_channels=4, **{**TINY, "context_dim": 64})
-VAE_CFG = sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+VAE_CFG = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
 TEXT_CFG = sd14_text_config(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128)
 
 
@@ -21,7 +21,7 @@ TEXT_CFG = sd14_text_config(hidden_size=64, num_hidden_layers=2, num_attention_h
 def tiny_sd():
     """A narrow SD-1.x-topology model in the original layout (prefixes, text position_ids, schedule buffers)."""
     torch.manual_seed(0)
-    unet, vae, text = randomize(UNet(UNET_CFG)), randomize(AutoencoderKL(**VAE_CFG)), build_text_encoder(TEXT_CFG)
+    unet, vae, text = randomize(UNet(UNET_CFG)), randomize(AutoencoderKL(VAE_CFG)), build_text_encoder(TEXT_CFG)
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()})
@@ -133,7 +133,7 @@ def test_truncated_and_foreign_files_fail_clearly(tiny_sd, tmp_path):
 def test_jedi_checkpoint_roundtrip(tmp_path):
     unet = randomize(UNet(UNetConfig(**{**TINY, "context_dim": 64})))
     text = build_text_encoder(TEXT_CFG)
-    vae = AutoencoderKL(**VAE_CFG)
+    vae = AutoencoderKL(VAE_CFG)
     path = str(tmp_path / "jedi.safetensors")
     save_jedi(path, unet, text, vae, resolution=64, diffusion={"prediction": "eps"})
     m = load_jedi(path)

@@ -7,11 +7,12 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
+import data
 import sample
 from model.loading import save_jedi
 from model.text import build_text_encoder, sd14_text_config
 from model.unet import UNet, UNetConfig
-from model.vae import AutoencoderKL, sd14_vae_config
+from model.vae import AutoencoderKL, VAEConfig
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=1, intermediate_size=64)
 
@@ -23,7 +24,7 @@ def tiny_ckpt(path, latent: bool):
                            attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2, context_dim=32))
     for p in unet.parameters():
         torch.nn.init.normal_(p, 0, 0.05)
-    vae = AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)) if latent else None
+    vae = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)) if latent else None
     save_jedi(str(path), unet, build_text_encoder(sd14_text_config(**TEXT)), vae, resolution=16,
               diffusion={"prediction": "eps"}, steps=3, guidance=2.0)
     return str(path)
@@ -47,21 +48,44 @@ def refs(tmp_path):
     return [str(p) for p in paths]
 
 
-def test_image_loading_handles_modes_exif_and_depth(tmp_path):
+def test_one_image_reader_handles_exif_alpha_depth_and_cmyk(tmp_path):
+    """data.load_image is the project's one reader: sample.py and eval.py read through it."""
+    import eval as jeval
+
+    assert sample.data.load_image is data.load_image and jeval.load_image is data.load_image
+    assert sample.data.IMAGE_EXTS is jeval.IMAGE_EXTS is data.IMAGE_EXTS
     img = np.zeros((40, 40, 3), np.uint8)
     img[:20] = (255, 0, 0)  # top red
     img[20:] = (0, 0, 255)  # bottom blue
     exif = Image.Exif()
     exif[0x0112] = 3  # orientation: rotated 180°
     Image.fromarray(img).save(tmp_path / "rot.jpg", exif=exif, quality=95)
+    up = np.asarray(data.load_image(str(tmp_path / "rot.jpg")), np.int16)
+    assert up[5, 20, 2] > 200 and up[5, 20, 0] < 50  # upright: blue on top
+    assert np.array_equal(np.asarray(data.load_image((tmp_path / "rot.jpg").read_bytes())), up)  # bytes too
     x = sample.load_image(str(tmp_path / "rot.jpg"), 16)
-    assert x.shape == (3, 16, 16) and x[2, 2, 8] > 0.5 and x[0, 2, 8] < -0.5  # upright: blue on top
+    assert x.shape == (3, 16, 16) and x[2, 2, 8] > 0.5 and x[0, 2, 8] < -0.5
     Image.fromarray(np.full((10, 10, 4), 0, np.uint8), "RGBA").save(tmp_path / "clear.png")
     assert sample.load_image(str(tmp_path / "clear.png"), 8).min() > 0.99  # transparent -> white
+    half = np.zeros((10, 10, 2), np.uint8)
+    half[..., 1] = 128  # gray+alpha, black at half opacity -> mid gray on white
+    Image.fromarray(half, "LA").save(tmp_path / "la.png")
+    assert np.abs(np.asarray(data.load_image(str(tmp_path / "la.png")), int) - 127).max() <= 1
     ramp = (np.linspace(0, 65535, 32 * 32).reshape(32, 32)).astype(np.uint16)
     Image.fromarray(ramp).save(tmp_path / "deep.png")
     y = sample.load_image(str(tmp_path / "deep.png"), 32)
     assert y.min() < -0.95 and y.max() > 0.95 and len(torch.unique(y)) > 100  # rescaled, not clipped to white
+    dark = np.full((8, 8), 257 * 40, np.uint16)  # a dark 16-bit image stays dark: scaled by bit depth, not range
+    Image.fromarray(dark).save(tmp_path / "dark.png")
+    assert np.array_equal(np.asarray(data.load_image(str(tmp_path / "dark.png"))), np.full((8, 8, 3), 40, np.uint8))
+    cmyk = np.zeros((16, 16, 4), np.uint8)
+    cmyk[..., 1:3] = 255  # C=0 M=Y=255 K=0: red
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.jpg", quality=95)
+    rgb = np.asarray(data.load_image(str(tmp_path / "cmyk.jpg")), int)  # Adobe-inverted CMYK JPEG
+    assert rgb.shape == (16, 16, 3) and (rgb[..., 0] > 230).all() and (rgb[..., 1:] < 25).all()
+    Image.fromarray(cmyk, "CMYK").save(tmp_path / "cmyk.tif")
+    assert ".tif" in data.IMAGE_EXTS and np.array_equal(np.asarray(data.load_image(str(tmp_path / "cmyk.tif"))),
+                                                        np.broadcast_to(np.uint8([255, 0, 0]), (16, 16, 3)))
     Image.fromarray(np.zeros((30, 90, 3), np.uint8)).save(tmp_path / "wide.png")
     assert sample.load_image(str(tmp_path / "wide.png"), 12).shape == (3, 12, 12)
 

@@ -198,11 +198,11 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
     from model.loading import load_jedi
     from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet, UNetConfig
-    from model.vae import AutoencoderKL, sd14_vae_config
+    from model.vae import AutoencoderKL, VAEConfig
 
     unet = randomize(UNet(UNetConfig(in_channels=4, model_channels=32, channel_mult=(1, 2), num_res_blocks=1,
                                      attention_resolutions=(1, 2), num_heads=2, context_dim=32)), 1).eval()
-    vae = randomize(AutoencoderKL(**sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)), 2)
+    vae = randomize(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)), 2)
     text = build_text_encoder(sd14_text_config(hidden_size=32, num_hidden_layers=1, num_attention_heads=1,
                                                intermediate_size=64))
     sd = {'model.diffusion_model.' + k: v for k, v in unet.state_dict().items()}

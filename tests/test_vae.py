@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from model.vae import AutoencoderKL, sd14_vae_config, vae_config_from_state_dict, vae_from_state_dict
+from model.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict, vae_from_state_dict
 
 TOL = 1e-5
 
@@ -34,7 +34,7 @@ def sd14_pair():
     from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
 
     torch.manual_seed(0)
-    ours = AutoencoderKL(**sd14_vae_config()).eval()
+    ours = AutoencoderKL(VAEConfig()).eval()
     randomize_(ours)
     ckpt = {"first_stage_model." + k: v for k, v in ours.state_dict().items()}
     assert len(ckpt) == 248  # the original sd-v1-4.ckpt has 248 first_stage_model tensors
@@ -105,10 +105,9 @@ def test_parity_detects_layer_mixups(sd14_pair):
 
 @torch.no_grad()
 def test_config_inference_roundtrip_narrow():
-    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2, 3), num_res_blocks=1, z_channels=3, embed_dim=5,
-                          in_channels=4, out_ch=2)
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2, 3), num_res_blocks=1, z_channels=3, embed_dim=5, in_channels=4, out_ch=2)
     torch.manual_seed(0)
-    src = AutoencoderKL(**cfg).eval()
+    src = AutoencoderKL(cfg).eval()
     randomize_(src, seed=3)
     ckpt = {"first_stage_model." + k: v for k, v in src.state_dict().items()}
     ckpt["model.diffusion_model.out.2.bias"] = torch.zeros(4)  # other submodels' keys are ignored
@@ -125,18 +124,18 @@ def test_config_inference_roundtrip_narrow():
     z = torch.randn(2, 5, 4, 4)
     out = dst.decode_latents(z)
     assert out.shape == (2, 2, 16, 16)
-    assert torch.equal(out, src.decode(z / cfg["scale_factor"]))
+    assert torch.equal(out, src.decode(z / cfg.scale_factor))
 
 
 def test_strict_load_wrong_shape_names_key():
-    cfg = sd14_vae_config(ch=32, ch_mult=(1, 2), num_res_blocks=1)
-    sd = AutoencoderKL(**cfg).state_dict()
+    cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)
+    sd = AutoencoderKL(cfg).state_dict()
     key = "decoder.up.1.block.0.conv1.weight"
     sd[key] = torch.zeros(sd[key].shape[0], sd[key].shape[1] + 1, 3, 3)
     with pytest.raises(RuntimeError, match=key.replace(".", r"\.")):
-        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
+        AutoencoderKL(cfg).load_state_dict(sd, strict=True)
     # A missing tensor is named as well, never a silent partial load.
-    sd = AutoencoderKL(**cfg).state_dict()
+    sd = AutoencoderKL(cfg).state_dict()
     del sd["encoder.mid.attn_1.proj_out.bias"]
     with pytest.raises(RuntimeError, match=r"encoder\.mid\.attn_1\.proj_out\.bias"):
-        AutoencoderKL(**cfg).load_state_dict(sd, strict=True)
+        AutoencoderKL(cfg).load_state_dict(sd, strict=True)

@@ -9,7 +9,7 @@ from safetensors.torch import save_file
 
 from model.text import build_text_encoder, sd14_text_config
 from model.unet import UNet, UNetConfig
-from model.vae import AutoencoderKL, sd14_vae_config
+from model.vae import AutoencoderKL, VAEConfig
 
 TEXT = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, intermediate_size=64)
 # load_sd infers sizes from shapes but not the GroupNorm count (32, as SD): widths stay multiples of 32
@@ -28,7 +28,7 @@ def sd_checkpoint(path, in_channels=4, seed=0):
         for p in unet.parameters():
             if not p.any():
                 p.normal_(0, 0.05)
-    vae, text = AutoencoderKL(**sd14_vae_config(**VAE)), build_text_encoder(sd14_text_config(**TEXT))
+    vae, text = AutoencoderKL(VAEConfig(**VAE)), build_text_encoder(sd14_text_config(**TEXT))
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()})
