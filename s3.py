@@ -77,6 +77,7 @@ text_threshold: float = 0.25
 min_area: float = 0.01  # an instance covers at least this share of the collage ...
 max_area: float = 0.5  # ... and at most this (a box around the whole collage is not an instance)
 border: int = 2  # pixels: a mask this close to the collage's edge is cut by it (-1 = keep those)
+max_instances: int = 8  # the most confident detections per collage that SAM segments
 max_overlap: float = 0.2  # a mask sharing more than this share of the smaller one with a better one is dropped
 # filter
 clip_model: str = 'ViT-B-32-quickgelu'  # open_clip architecture name or .json
@@ -481,14 +482,16 @@ def stage_prompts(rt):
     names = object_names()
     expand = template_prompts
     if llm:
-        expand = rt.models.setdefault("llm", LLMPrompts(llm, rt))
+        if "llm" not in rt.models:
+            rt.models["llm"] = LLMPrompts(llm, rt)
+        expand = rt.models["llm"]
     out = lambda name: os.path.join(manifest, "prompts", slug(name) + ".json")  # noqa: E731
 
     def process(batch):
         for name in batch:
             if not os.path.isfile(out(name)):
                 _write_json(out(name), {"object": name, "prompts": expand(name, prompts_per_object)})
-    run_items(rt, "prompts", names, lambda n: os.path.isfile(out(n)), process, unit="object")
+    return run_items(rt, "prompts", names, lambda n: os.path.isfile(out(n)), process, unit="object")
 
 
 def prompt_items() -> list[dict]:
@@ -540,7 +543,7 @@ def stage_collages(rt):
                 except Exception as e:  # corrupt, truncated, empty: skipped and counted
                     rec["dropped"] = f"corrupt: {e.__class__.__name__}"
                 _write_json(out(it) + ".json", rec)
-        run_items(rt, "collages", items, done, process, unit="collage")
+        return run_items(rt, "collages", items, done, process, unit="collage")
         return
     from model.diffusion import sample, text_guided
 
@@ -565,7 +568,7 @@ def stage_collages(rt):
                 _save_png(to_image(x), out(it) + ".png")
                 _write_json(out(it) + ".json", {"id": it["id"], "object": it["object"], "prompt": it["prompt"],
                                                 "collage_prompt": p, "source": "sd"})
-    run_items(rt, "collages", items, done, process, unit="collage")
+    return run_items(rt, "collages", items, done, process, unit="collage")
 
 
 # ----------------------------------------------------------------------------- 3. instances
@@ -624,7 +627,7 @@ def stage_instances(rt):
             rec = {"id": it["id"], "object": it["object"], "prompt": it["prompt"], "instances": [], "dropped": {}}
             try:
                 img = load_image(os.path.join(manifest, "collages", it["id"] + ".png"))
-                found = user_masks(it["id"]) if masks_from else seg.instances(img, it["object"])
+                found = user_masks(it["id"]) if masks_from else seg.instances(img, it["object"], max_instances)
                 for f in found:
                     if f["mask"].shape != (img.height, img.width):
                         raise ValueError(f"mask {f['mask'].shape} for a {img.height}x{img.width} collage")
@@ -644,7 +647,7 @@ def stage_instances(rt):
                 rec["instances"].append({"image": f"{it['id']}/{k}.png", "box": list(box),
                                          "score": round(float(inst["score"]), 4), "area": int(inst["mask"].sum())})
             _write_json(out(it) + ".json", rec)
-    run_items(rt, "instances", items, done, process, unit="collage")
+    return run_items(rt, "instances", items, done, process, unit="collage")
 
 
 # ----------------------------------------------------------------------------- 4. filter
@@ -712,7 +715,7 @@ def stage_filter(rt, embedder=None):
             else:
                 rec["dropped"] = best_set(np.zeros((n, n)))[1]
             _write_json(out(it), rec)
-    run_items(rt, "filter", items, done, process, unit="collage")
+    return run_items(rt, "filter", items, done, process, unit="collage")
 
 
 # ----------------------------------------------------------------------------- 5. backgrounds
@@ -799,7 +802,7 @@ def stage_backgrounds(rt):
                     rec["paste_boxes"].append(boxes[i + j])
                 _write_json(out(it) + ".json", rec)
             i += n
-    run_items(rt, "backgrounds", items, done, process, unit="set")
+    return run_items(rt, "backgrounds", items, done, process, unit="set")
 
 
 # ----------------------------------------------------------------------------- 6. stylize
@@ -859,7 +862,7 @@ def stage_stylize(rt):
                     paths.append(f"stylize/{it['id']}/{j}.png")
                 _write_json(out(it) + ".json", record(it, s, paths))
             i += n
-    run_items(rt, "stylize", items, done, process, unit="set")
+    return run_items(rt, "stylize", items, done, process, unit="set")
 
 
 # ----------------------------------------------------------------------------- 7. write
@@ -897,11 +900,12 @@ def stage_write(rt):
             # shard files sit in M/sets/: their paths are relative to that folder, as data.py reads them
             lines = [json.dumps({**s, "images": ["../" + p for p in s["images"]]}) for s in shards[i]]
             _write_text(name(i) + ".jsonl", "\n".join(lines) + "\n")
-    run_items(rt, "write", list(range(len(shards))), done, process, unit="shard")
+    made = run_items(rt, "write", list(range(len(shards))), done, process, unit="shard")
     rt.barrier()
     if rt.rank == 0:
         _write_text(os.path.join(manifest, "sets.jsonl"), "".join(json.dumps(s) + "\n" for s in sets))
         _write_json(os.path.join(manifest, "stats.json"), stats())
+    return made
 
 
 def _write_text(path, text):
@@ -979,7 +983,10 @@ def run(stages, rt=None, embedder=None):
     rt = rt or Runtime()
     check_weights([s for s in stages if not (s == "filter" and embedder is not None)])
     for s in stages:
-        RUN[s](rt, embedder) if s == "filter" else RUN[s](rt)
+        if s == "filter":
+            RUN[s](rt, embedder)
+        else:
+            RUN[s](rt)
         rt.barrier()  # every rank's records are on disk: the counts below are the whole run's
         n, summary = passed_on(s)
         if n == 0:

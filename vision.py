@@ -115,11 +115,14 @@ class GroundedSAM:
                                                       s_in["reshaped_input_sizes"].cpu())
         return masks[0][:, 0].numpy().astype(bool)  # (n, 1, H, W) -> (n, H, W)
 
-    def instances(self, image: Image.Image, class_name: str) -> list[dict]:
-        """Every instance of `class_name`: [{"box": [x0, y0, x1, y1], "score": float, "mask": bool (H, W)}, ...]."""
+    def instances(self, image: Image.Image, class_name: str, limit: int | None = None) -> list[dict]:
+        """The instances of `class_name` (the `limit` most confident):
+        [{"box": [x0, y0, x1, y1], "score": float, "mask": bool (H, W)}, ...], most confident first."""
         boxes, scores = self.detect(image, class_name)
         if not len(scores):
             return []
+        order = np.argsort(-scores, kind="stable")[:limit]
+        boxes, scores = boxes[order], scores[order]
         masks = self.segment(image, boxes)
         return [{"box": [float(v) for v in b], "score": float(s), "mask": m} for b, s, m in zip(boxes, scores, masks)]
 

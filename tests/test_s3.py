@@ -297,3 +297,18 @@ def test_template_prompts_deterministic_and_objects_file(tmp_path):
     (tmp_path / "objects.txt").write_text("# my classes\nred kettle\n\nred  kettle\nT-Rex toy\n")
     s3.configure([f"--objects={tmp_path / 'objects.txt'}"])
     assert s3.object_names() == ["red kettle", "T-Rex toy"]
+
+
+def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys):
+    sys.path.insert(0, os.path.join(ROOT, "bench"))
+    import bench_s3
+
+    assert bench_s3.main(["--tiny", "--prompts=2", "--batch_size=2", "--out", str(tmp_path / "b.md")]) == 0
+    table = (tmp_path / "b.md").read_text()
+    for stage in s3.STAGES:
+        assert f"| {stage} |" in table
+    assert "sets/s (all stages)" in table and "(2 sets of 4" in table
+    if not torch.cuda.is_available():
+        with pytest.raises(SystemExit) as e:
+            bench_s3.main([])
+        assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
