@@ -1005,6 +1005,8 @@ def main(argv=None) -> int:
     try:
         configure(argv[1:])
         stages = list(STAGES) if argv[0] == "all" else [argv[0]]
+        if argv[0] == "all" and collages_from:  # the collages come from the folder, with their prompts
+            stages.remove("prompts")
         run(stages)
     except (S3Error, VisionError) as e:
         print(f"error: {e}", file=sys.stderr)
