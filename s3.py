@@ -473,8 +473,9 @@ class LLMPrompts:
             gen = self.model.generate(**ids, do_sample=True, top_p=0.9, max_new_tokens=llm_max_new_tokens,
                                       pad_token_id=self.tok.pad_token_id or self.tok.eos_token_id)
             text = self.tok.decode(gen[0, ids["input_ids"].shape[1]:], skip_special_tokens=True)
-            text = " ".join(text.split("\n")[0].split())
-            out.append(f"a photo of a {name}{text}".strip().rstrip(".")[:300])
+            text = " ".join("".join(c for c in text.split("\n")[0] if c.isprintable()).split())  # one clean line
+            sep = " " if text[:1].isalnum() else ""  # the model continues "... a photo of a mug"
+            out.append(f"a photo of a {name}{sep}{text}".rstrip(" .")[:300])
         return out
 
 

@@ -312,3 +312,21 @@ def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys):
         with pytest.raises(SystemExit) as e:
             bench_s3.main([])
         assert e.value.code == 2 and "needs a CUDA GPU" in capsys.readouterr().err
+
+
+def test_llm_prompts_from_a_local_causal_lm(tmp_path):
+    llm = tiny_weights.causal_lm(tmp_path / "lm")
+    runs = []
+    for name in ("a", "b"):
+        importlib.reload(s3)
+        s3.configure([f"--llm={llm}", "--num_objects=2", "--prompts_per_object=2", "--llm_max_new_tokens=8",
+                      f"--manifest={tmp_path / name}"])
+        s3.run(["prompts"])
+        runs.append(s3.prompt_items())
+    assert runs[0] == runs[1] and len(runs[0]) == 4  # seeded per (object, prompt): same seed, same prompts
+    assert all(r["prompt"].startswith(f"a photo of a {r['object']}") and r["prompt"].isprintable() for r in runs[0])
+    assert len({r["prompt"] for r in runs[0]}) == 4
+    importlib.reload(s3)
+    s3.configure([f"--llm={tmp_path / 'nowhere'}", f"--manifest={tmp_path / 'c'}"])
+    with pytest.raises(s3.MissingWeights, match="nowhere/config.json"):
+        s3.run(["prompts"])

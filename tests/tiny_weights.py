@@ -96,3 +96,21 @@ def all_weights(folder) -> dict:
             "inpaint": sd_checkpoint(os.path.join(folder, "inpaint.safetensors"), 9, seed=2),
             "ip2p": sd_checkpoint(os.path.join(folder, "ip2p.safetensors"), 8, seed=3),
             "grounding_dino": gd, "sam": sam, "clip_model": clip_cfg, "clip_weights": clip_w}
+
+
+def causal_lm(folder):
+    """A tiny random GPT-2 with a byte-level BPE tokenizer trained on one sentence (transformers folder)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer, tok.decoder = pre_tokenizers.ByteLevel(add_prefix_space=False), decoders.ByteLevel()
+    tok.train_from_iterator(["Write a short description of a photo of a mug. Description: a red mug on a table"],
+                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<unk>", "<eos>"],
+                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>", unk_token="<unk>")
+    fast.save_pretrained(folder)
+    torch.manual_seed(0)
+    GPT2LMHeadModel(GPT2Config(vocab_size=len(fast), n_positions=128, n_embd=32, n_layer=1, n_head=2,
+                               bos_token_id=1, eos_token_id=1)).save_pretrained(folder)
+    return str(folder)
