@@ -51,7 +51,7 @@ from vision import MissingWeights, VisionError, _require_file, _require_hf_folde
 manifest: str = 'out-s3'  # the working folder: every stage reads and writes under it
 seed: int = 0
 device: str = 'auto'  # 'auto' (cuda:LOCAL_RANK if available) | 'cpu' | 'cuda'
-dtype: str = 'auto'  # 'auto' = bfloat16 autocast on CUDA, float32 on CPU
+dtype: str = 'auto'  # 'auto' | 'bfloat16': bf16 autocast on CUDA (CPU always runs float32) | 'float32'
 batch_size: int = 8  # work items per batch (prompts, collages or sets); one batched UNet call per step
 num_heads: int = 8  # UNet heads of the SD-1.x checkpoints (the one size their shapes cannot tell)
 sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
@@ -406,7 +406,7 @@ def run_items(rt: Runtime, stage: str, items: list, done, process, unit="item"):
     bar.close()
     dt = time.perf_counter() - t0
     if n_todo:
-        print(f"{stage}: rank {rt.rank} made {n_todo} {unit}s in {dt:.1f} s ({n_todo / dt:.2f} {unit}s/s), "
+        print(f"{stage}: rank {rt.rank} made {n_todo} {unit}s in {dt:.1f} s ({n_todo / max(dt, 1e-9):.2f} {unit}s/s), "
               f"{n_mine - n_todo} already done", file=sys.stderr)
     return n_todo, dt
 
@@ -1008,14 +1008,14 @@ def main(argv=None) -> int:
         stages = list(STAGES) if argv[0] == "all" else [argv[0]]
         if argv[0] == "all" and collages_from:  # the collages come from the folder, with their prompts
             stages.remove("prompts")
-        run(stages)
+        rank = run(stages).rank
     except (S3Error, VisionError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()
-    if argv[0] in ("all", "write"):
+    if argv[0] in ("all", "write") and rank == 0:
         print(f"wrote {os.path.join(manifest, 'sets.jsonl')} and stats.json")
     return 0
 

@@ -65,7 +65,8 @@ class GroundedSAM:
     transformers folders.
 
     Any object with `name` and `__call__(image: PIL.Image, class_name: str) -> bool array (H, W)` can stand in
-    for this class (see `Masks`); an all-False mask means "nothing found"."""
+    for this class (see `Masks`); an all-False mask means "nothing found". `instances` gives every detection with
+    its own box and mask instead (s3.py's instance stage)."""
 
     name = "grounded-sam"
 

@@ -297,7 +297,7 @@ def _passes(unet, x, t: int, passes):
     inp = torch.cat([x if extra is None else torch.cat([x, extra], dim=1) for extra, _ in passes])  # (k·B, C', h, w)
     ctx = torch.cat([c for _, c in passes])  # (k·B, L, D)
     tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
-    return unet(inp, tt, ctx).chunk(len(passes))
+    return unet(inp, tt, ctx).float().chunk(len(passes))  # guide in fp32: s·(cond − uncond) magnifies bf16 error
 
 
 def text_guided(unet, diffusion: Diffusion, context, null_context, guidance: float):
