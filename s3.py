@@ -339,24 +339,26 @@ def _load_sd(rt, key, path, channels, what):
 
 
 def needed_weights(stages) -> list:
-    """(what, check) for every local weight path the given stages will read."""
-    checks = []
-
-    def path(p, what):
+    """A check (raising MissingWeights) for every local weight path and input folder the stages will read."""
+    def path(p, what):  # an SD-1.x checkpoint: a file or a diffusers folder
         if not p or not os.path.exists(p):
             raise MissingWeights(f"{what} not found: expected {p!r} (a .ckpt / .safetensors file or a diffusers "
                                  f"folder)" if p else f"{what}: no path given")
+
+    def folder(p, what):
+        if not os.path.isdir(p):
+            raise MissingWeights(f"{what}: no folder {p!r}")
+
+    checks = []
     for s in stages:
         if s == "prompts" and llm:
             checks.append(lambda: _require_hf_folder(llm, "prompt LLM (--llm)"))
         if s == "collages":
-            if collages_from:
-                checks.append(lambda: os.path.isdir(collages_from) or _raise(f"collages_from: no folder {collages_from!r}"))
-            else:
-                checks.append(lambda: path(sd, "SD-1.x checkpoint (--sd)"))
+            checks.append(lambda: folder(collages_from, "collages_from") if collages_from
+                          else path(sd, "SD-1.x checkpoint (--sd)"))
         if s == "instances":
             if masks_from:
-                checks.append(lambda: os.path.isdir(masks_from) or _raise(f"masks_from: no folder {masks_from!r}"))
+                checks.append(lambda: folder(masks_from, "masks_from"))
             else:
                 checks.append(lambda: _require_hf_folder(grounding_dino, "Grounding-DINO (--grounding_dino)"))
                 checks.append(lambda: _require_hf_folder(sam, "SAM (--sam)"))
@@ -369,10 +371,6 @@ def needed_weights(stages) -> list:
         if s == "stylize" and stylize_p > 0:
             checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)"))
     return checks
-
-
-def _raise(msg):
-    raise MissingWeights(msg)
 
 
 def check_weights(stages):
@@ -921,7 +919,6 @@ def stats() -> dict:
     """Kept and dropped per stage, with reasons, from the records on disk (so identical for any run history)."""
     P, C, I, Fi = (_records(s) for s in ("prompts", "collages", "instances", "filter"))
     B, S = _records("backgrounds"), _records("stylize")
-    sum_counters = lambda recs, key: dict(sorted(sum((Counter(r.get(key) or {}) for r in recs), Counter()).items()))  # noqa: E731
     inst_n = Counter(len(r["instances"]) for r in I.values() if "corrupt" not in r["dropped"])
     filt_drop = Counter(r["dropped"] for r in Fi.values() if r["dropped"])
     sizes = Counter(len(r["kept"]) for r in Fi.values() if r["kept"])
@@ -932,7 +929,8 @@ def stats() -> dict:
                      "dropped": dict(Counter(r["dropped"].split(":")[0] for r in C.values() if "dropped" in r))},
         "instances": {"collages": len(I), "instances_kept": sum(len(r["instances"]) for r in I.values()),
                       "collages_by_instances_kept": {str(k): v for k, v in sorted(inst_n.items())},
-                      "instances_dropped": sum_counters(I.values(), "dropped")},
+                      "instances_dropped": dict(sorted(sum((Counter(r["dropped"]) for r in I.values()),
+                                                           Counter()).items()))},
         "filter": {"collages": len(Fi), "sets_kept": sum(bool(r["kept"]) for r in Fi.values()),
                    "images_kept": sum(len(r["kept"]) for r in Fi.values()),
                    "set_sizes": {str(k): v for k, v in sorted(sizes.items())},

@@ -78,7 +78,7 @@ class GroundedSAM:
             import transformers
 
             raise VisionError(f"the installed transformers {transformers.__version__} has no Grounding-DINO/SAM: "
-                            f"upgrade it, or put mask files ({MASK_SUFFIX}) next to the images") from None
+                              f"upgrade it, or put mask files ({MASK_SUFFIX}) next to the images") from None
         self.device, self.box_threshold, self.text_threshold = device, box_threshold, text_threshold
         self.det_processor = _load_hf(GroundingDinoProcessor, grounding_dino, "Grounding-DINO", processor=True)
         self.detector = _load_hf(GroundingDinoForObjectDetection, grounding_dino, "Grounding-DINO").to(device)
@@ -153,7 +153,7 @@ class Masks:
             source = self.segmenter.name
         else:
             raise VisionError(f"no foreground mask for {image_path}: expected {path}, or pass --grounding_dino and "
-                            f"--sam to segment, or --no_masked to skip MCLIP-I/MDINO")
+                              f"--sam to segment, or --no_masked to skip MCLIP-I/MDINO")
         self.sources[cache_key.split("/")[0], source] += 1
         if not mask.any():
             self.empty += 1
@@ -198,13 +198,13 @@ def _load_hf(cls, folder, what: str, processor: bool = False, **kwargs):
             return cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # transformers raises OSError/ValueError with long texts
             raise VisionError(f"{what}: cannot load the preprocessing files from {folder} "
-                            f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
     _require_hf_folder(folder, what)
     model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise VisionError(f"{what}: {folder} does not hold {cls.__name__} weights ({len(missing)} tensors missing, "
-                        f"e.g. {missing[0]})")
+                          f"e.g. {missing[0]})")
     return model.eval()
 
 
@@ -233,8 +233,8 @@ class ClipEmbedder:
             open_clip.add_model_config(model_name)
             model_name = Path(model_name).stem
         if model_name not in open_clip.list_models():
-            raise VisionError(f"unknown --clip_model {model_name!r} (open_clip knows e.g. ViT-B-32, ViT-B-32-quickgelu, "
-                            f"ViT-L-14, ViT-L-14-quickgelu; or give an architecture .json)")
+            raise VisionError(f"unknown --clip_model {model_name!r} (open_clip knows e.g. ViT-B-32, "
+                              f"ViT-B-32-quickgelu, ViT-L-14, ViT-L-14-quickgelu; or give an architecture .json)")
         _require_file(weights, f"CLIP weights for {model_name}")
         # An absolute path can never be mistaken for a pretrained tag (a tag would download).
         weights = os.path.abspath(weights)

@@ -49,8 +49,9 @@ def full_size_models(folder, device):
     bundles = {}
     for key, channels in (("sd", 4), ("inpaint", 9), ("ip2p", 8)):
         unet = redraw_zero_layers(UNet(UNetConfig(in_channels=channels)))
-        parts = [m.to(device).eval() for m in (unet, AutoencoderKL(VAEConfig()), build_text_encoder(sd14_text_config()))]
-        bundles[key] = JeDi(*parts[:2], parts[2], Tokenizer(), dict(resolution=512, diffusion={}, space="latent"))
+        vae, text = AutoencoderKL(VAEConfig()), build_text_encoder(sd14_text_config())
+        unet, vae, text = (m.to(device).eval() for m in (unet, vae, text))
+        bundles[key] = JeDi(unet, vae, text, Tokenizer(), dict(resolution=512, diffusion={}, space="latent"))
     gd, sam = os.path.join(folder, "grounding-dino"), os.path.join(folder, "sam")
     os.makedirs(gd)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "of", "photo"] + [f"w{i}" for i in range(200)]
