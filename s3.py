@@ -535,7 +535,7 @@ def stage_collages(rt):
             raise S3Error(f"collages: no images in {collages_from}")
 
         def process(batch):
-            for it in batch:
+            for it in (it for it in batch if not done(it)):
                 rec = {"id": it["id"], "object": it["object"], "prompt": it["prompt"], "source": it["file"]}
                 try:
                     _save_png(load_image(it["file"]), out(it) + ".png")
@@ -543,7 +543,6 @@ def stage_collages(rt):
                     rec["dropped"] = f"corrupt: {e.__class__.__name__}"
                 _write_json(out(it) + ".json", rec)
         return run_items(rt, "collages", items, done, process, unit="collage")
-        return
     from model.diffusion import sample, text_guided
 
     items = prompt_items()
@@ -663,7 +662,7 @@ def best_set(sim: np.ndarray) -> tuple[list[int], str | None]:
     are all in [min_similarity, max_similarity]; candidates in score order (the first 8). -> (indices, reason)."""
     n = min(len(sim), 8)
     if n < min_set_size:
-        return [], "fewer_than_2_instances" if min_set_size == 2 else f"fewer_than_{min_set_size}_instances"
+        return [], f"fewer_than_{min_set_size}_instances"
     near_dup = False
     for size in range(min(max_set_size, n), min_set_size - 1, -1):
         best, best_mean = None, -2.0
@@ -767,12 +766,14 @@ def stage_backgrounds(rt):
     done = lambda i: os.path.isfile(out(i) + ".json")  # noqa: E731
 
     def process(batch):
-        canv, alphas, boxes, caps, owner = [], [], [], [], []
+        canv, alphas, boxes, caps = [], [], [], []  # one entry per image of the batch's sets, in order
         for it in batch:
             for j, k in enumerate(it["kept"]):
                 rng = _rng("backgrounds", it["id"], j)
                 c, a, box = paste(*cutout(it["id"], k), rng, canvas)
-                canv.append(c), alphas.append(a), boxes.append(box), owner.append(it["id"])
+                canv.append(c)
+                alphas.append(a)
+                boxes.append(box)
                 caps.append(background_prompt(it["object"], rng))
         px = torch.stack([to_tensor(Image.fromarray(c)) for c in canv]).to(rt.device)  # (n, 3, S, S)
         repaint = torch.from_numpy(np.stack(alphas) < 255).float()[:, None].to(rt.device)  # (n, 1, S, S): 1 = paint
@@ -972,6 +973,37 @@ def passed_on(stage) -> tuple[int, str]:
     return n, f"{n} sets"
 
 
+# The settings that shape each stage's outputs (weight paths aside: a moved file is the same file). A stage folder
+# holds its settings.json; a rerun with other values would mix two datasets, so it is refused.
+STAGE_SETTINGS = {
+    "prompts": ("seed", "objects", "num_objects", "prompts_per_object", "llm_max_new_tokens"),
+    "collages": ("seed", "collage_suffix", "collage_resolution", "collage_steps", "collage_guidance", "sampler"),
+    "instances": ("box_threshold", "text_threshold", "min_area", "max_area", "border", "max_overlap",
+                  "max_instances"),
+    "filter": ("clip_model", "min_similarity", "max_similarity", "min_set_size", "max_set_size"),
+    "backgrounds": ("seed", "canvas", "scale_min", "scale_max", "inpaint_steps", "inpaint_guidance", "sampler"),
+    "stylize": ("seed", "stylize_p", "ip2p_steps", "ip2p_text_guidance", "ip2p_image_guidance", "sampler"),
+    "write": ("shard_size", "contact_sets", "contact_thumb"),
+}
+
+
+def check_settings(rt, stage):
+    """M/<stage folder>/.settings.json: written by the first run, compared by every rerun."""
+    folder = os.path.join(manifest, "sets" if stage == "write" else stage)
+    path = os.path.join(folder, ".settings.json")  # hidden: not an item record
+    now = {k: globals()[k] for k in STAGE_SETTINGS[stage]}
+    now = json.loads(json.dumps(now))  # tuples -> lists, as read back
+    if os.path.isfile(path):
+        before = _read_json(path)
+        diff = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in now.items() if before.get(k) != v]
+        if diff:
+            raise S3Error(f"{stage}: {folder} was made with " + ", ".join(diff)
+                          + f": use the same settings, another manifest, or delete that folder to redo the stage")
+    elif rt.rank == 0:
+        _write_json(path, now)
+    rt.barrier()
+
+
 RUN = {"prompts": stage_prompts, "collages": stage_collages, "instances": stage_instances, "filter": stage_filter,
        "backgrounds": stage_backgrounds, "stylize": stage_stylize, "write": stage_write}
 
@@ -982,6 +1014,7 @@ def run(stages, rt=None, embedder=None):
     rt = rt or Runtime()
     check_weights([s for s in stages if not (s == "filter" and embedder is not None)])
     for s in stages:
+        check_settings(rt, s)
         if s == "filter":
             RUN[s](rt, embedder)
         else:

@@ -79,8 +79,8 @@ def test_every_stage_end_to_end(tiny):
         else:
             assert all(p.startswith("backgrounds/") for p in s["images"])
     # one contact sheet and one data.py-readable JSONL per output shard (5 sets each)
-    assert sorted(os.listdir(os.path.join(ref, "sets"))) == [f"shard-0000{i}.{e}" for i in (0, 1)
-                                                             for e in ("jsonl", "png")]
+    assert sorted(os.listdir(os.path.join(ref, "sets"))) == [".settings.json"] + [
+        f"shard-0000{i}.{e}" for i in (0, 1) for e in ("jsonl", "png")]
     for f in ("sets.jsonl", "sets/shard-00000.jsonl", "sets/shard-00001.jsonl"):
         assert data.validate_manifest(os.path.join(ref, f)) == []
     assert not [p for p in tree(ref) if p.endswith(".tmp")]
@@ -92,7 +92,7 @@ def check_subject_kept(root) -> int:
     around them was painted. -> number of images checked."""
     checked = 0
     for f in sorted(os.listdir(os.path.join(root, "backgrounds"))):
-        if not f.endswith(".json"):
+        if not f.endswith(".json") or f.startswith("."):  # .settings.json is not a set
             continue
         rec = json.load(open(os.path.join(root, "backgrounds", f)))
         for j, (k, box) in enumerate(zip(rec["instances"], rec["paste_boxes"])):
@@ -144,13 +144,13 @@ def test_sigkill_mid_stage_then_rerun_gives_the_same_manifest(tiny, tmp_path):
     stage_dir = os.path.join(out, "backgrounds")
     deadline = time.time() + 240
     while time.time() < deadline and proc.poll() is None:
-        if os.path.isdir(stage_dir) and any(f.endswith(".json") for f in os.listdir(stage_dir)):
+        if os.path.isdir(stage_dir) and any(f.endswith(".json") and f[0] != "." for f in os.listdir(stage_dir)):
             proc.send_signal(signal.SIGKILL)
             break
         time.sleep(0.002)
     proc.wait()
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
-    done = [f for f in os.listdir(stage_dir) if f.endswith(".json")]
+    done = [f for f in os.listdir(stage_dir) if f.endswith(".json") and not f.startswith(".")]
     assert 0 < len(done) < 8, f"killed with {len(done)} of 8 background sets done: not mid-stage"
     assert not os.path.exists(os.path.join(out, "sets.jsonl"))
     assert main(["all", tiny["cfg"], "--manifest", out]) == 0
@@ -264,9 +264,12 @@ def test_filter_keeps_and_drops_by_threshold(tiny, tmp_path):
     s3.configure([tiny["cfg"], f"--manifest={tmp_path / 'm'}"])
     s3.run(["backgrounds"])
     assert check_subject_kept(str(tmp_path / "m")) == 4 + 2 + 4  # same, pair, copies
+    # a rerun with another threshold over the same folder would mix two datasets: refused, naming the setting
+    s3.min_similarity = 1.01
+    with pytest.raises(s3.S3Error, match=r"filter: .* was made with .*min_similarity=0.95 \(now 1.01\)"):
+        s3.run(["filter"], embedder=emb)
     # and at a threshold no pair reaches: a clear stop naming the stage and the counts
     shutil.rmtree(tmp_path / "m" / "filter")
-    s3.min_similarity = 1.01
     with pytest.raises(s3.S3Error, match=r"filter: nothing to pass on: 4 collages in, 0 sets kept .*4 below_sim"):
         s3.run(["filter"], embedder=emb)
 
