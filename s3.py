@@ -272,8 +272,26 @@ def _save_png(img: Image.Image, path):
 
 
 def _records(stage: str) -> dict:
-    """{item id: record} of a stage's finished items (its JSON records; temporary files are not records)."""
+    """{item id: record} of a stage's finished items (its JSON records; temporary and hidden files are not)."""
     return {os.path.basename(p)[:-5]: _read_json(p) for p in sorted(glob.glob(os.path.join(manifest, stage, "*.json")))}
+
+
+PASSES_ON = {"collages": lambda r: "dropped" not in r, "filter": lambda r: bool(r["kept"])}  # others: every item
+
+
+def live(stage: str) -> dict:
+    """The records of a stage whose item the previous stage still passes on: after an earlier stage is redone
+    (its folder deleted, new settings), later stages' records of items it no longer passes on are ignored."""
+    recs = _records(stage)
+    if stage == "prompts":
+        return recs
+    if stage == "collages":
+        ids = {i["id"] for i in (imported_collages() if collages_from else prompt_items())}
+    else:
+        prev = STAGES[STAGES.index(stage) - 1]
+        ok = PASSES_ON.get(prev, lambda r: True)
+        ids = {k for k, r in live(prev).items() if ok(r)}
+    return {k: v for k, v in recs.items() if k in ids}
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
@@ -496,7 +514,7 @@ def stage_prompts(rt):
 def prompt_items() -> list[dict]:
     """Every prompt of the prompts stage as a collage item {"id", "object", "prompt"}, sorted by id."""
     items = []
-    for key, rec in _records("prompts").items():
+    for key, rec in live("prompts").items():
         items += [{"id": f"{key}-{j:03d}", "object": rec["object"], "prompt": p} for j, p in enumerate(rec["prompts"])]
     return sorted(items, key=lambda r: r["id"])
 
@@ -606,7 +624,7 @@ def user_masks(cid: str) -> list[dict]:
 
 
 def stage_instances(rt):
-    items = sorted((r for r in _records("collages").values() if "dropped" not in r), key=lambda r: r["id"])
+    items = sorted((r for r in live("collages").values() if "dropped" not in r), key=lambda r: r["id"])
     if not items:
         _nothing("instances", "no collages to cut (run the collages stage first)")
     out = lambda i: os.path.join(manifest, "instances", i["id"])  # noqa: E731
@@ -685,7 +703,7 @@ def stage_filter(rt, embedder=None):
     weights, vision.ClipEmbedder)."""
     from vision import DEFAULT_BACKGROUND, apply_mask
 
-    items = sorted(_records("instances").values(), key=lambda r: r["id"])
+    items = sorted(live("instances").values(), key=lambda r: r["id"])
     if not items:
         _nothing("filter", "no instance records (run the instances stage first)")
     if embedder is None:
@@ -756,7 +774,7 @@ def background_prompt(obj: str, rng) -> str:
 def stage_backgrounds(rt):
     from model.diffusion import inpaint_guided, sample
 
-    items = sorted((r for r in _records("filter").values() if r["kept"]), key=lambda r: r["id"])
+    items = sorted((r for r in live("filter").values() if r["kept"]), key=lambda r: r["id"])
     if not items:
         _nothing("backgrounds", "the filter kept no sets (run the filter stage first)")
     m = _load_sd(rt, "inpaint", inpaint, 9, "--inpaint")
@@ -818,7 +836,7 @@ def style_for(set_id: str):
 def stage_stylize(rt):
     from model.diffusion import ip2p_guided, sample
 
-    items = sorted(_records("backgrounds").values(), key=lambda r: r["id"])
+    items = sorted(live("backgrounds").values(), key=lambda r: r["id"])
     if not items:
         _nothing("stylize", "no sets with new backgrounds (run the backgrounds stage first)")
     out = lambda i: os.path.join(manifest, "stylize", i["id"])  # noqa: E731
@@ -882,7 +900,7 @@ def contact_sheet(sets: list[dict], path):
 
 
 def stage_write(rt):
-    recs = sorted(_records("stylize").values(), key=lambda r: r["id"])
+    recs = sorted(live("stylize").values(), key=lambda r: r["id"])
     if not recs:
         _nothing("write", "no finished sets (run the stylize stage first)")
     # one line per set, the same order and content whatever ran where and how often
@@ -918,8 +936,7 @@ def _write_text(path, text):
 
 def stats() -> dict:
     """Kept and dropped per stage, with reasons, from the records on disk (so identical for any run history)."""
-    P, C, I, Fi = (_records(s) for s in ("prompts", "collages", "instances", "filter"))
-    B, S = _records("backgrounds"), _records("stylize")
+    P, C, I, Fi, B, S = (live(s) for s in STAGES[:-1])
     inst_n = Counter(len(r["instances"]) for r in I.values() if "corrupt" not in r["dropped"])
     filt_drop = Counter(r["dropped"] for r in Fi.values() if r["dropped"])
     sizes = Counter(len(r["kept"]) for r in Fi.values() if r["kept"])
@@ -954,22 +971,22 @@ def passed_on(stage) -> tuple[int, str]:
         n = len(prompt_items())
         return n, f"{n} prompts"
     if stage == "collages":
-        c = _records("collages")
+        c = live("collages")
         n = sum("dropped" not in r for r in c.values())
         return n, f"{len(c)} collages, {len(c) - n} corrupt"
     if stage == "instances":
-        recs = _records("instances").values()
+        recs = live("instances").values()
         n = sum(len(r["instances"]) >= min_set_size for r in recs)
         drops = sum((Counter(r["dropped"]) for r in recs), Counter())
         return n, (f"{len(recs)} collages, {n} with >= {min_set_size} instances kept; instances dropped: "
                    + (", ".join(f"{v} {k}" for k, v in sorted(drops.items())) or "none"))
     if stage == "filter":
-        recs = _records("filter").values()
+        recs = live("filter").values()
         n = sum(bool(r["kept"]) for r in recs)
         drops = Counter(r["dropped"] for r in recs if r["dropped"])
         return n, (f"{len(recs)} collages in, {n} sets kept at min_similarity {min_similarity}; dropped: "
                    + (", ".join(f"{v} {k}" for k, v in sorted(drops.items())) or "none"))
-    n = len(_records("stylize" if stage == "write" else stage))
+    n = len(live("stylize" if stage == "write" else stage))
     return n, f"{n} sets"
 
 

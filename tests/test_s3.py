@@ -264,6 +264,12 @@ def test_filter_keeps_and_drops_by_threshold(tiny, tmp_path):
     s3.configure([tiny["cfg"], f"--manifest={tmp_path / 'm'}"])
     s3.run(["backgrounds"])
     assert check_subject_kept(str(tmp_path / "m")) == 4 + 2 + 4  # same, pair, copies
+    # the filter redone with the upper bound (its folder deleted): the later stages follow, no stale sets remain
+    shutil.rmtree(tmp_path / "m" / "filter")
+    s3.min_similarity, s3.max_similarity = 0.95, 0.9999
+    s3.run(["filter", "backgrounds", "stylize", "write"], embedder=emb)
+    assert [json.loads(line)["id"] for line in open(tmp_path / "m" / "sets.jsonl")] == ["pair", "same"]
+    assert s3.stats()["backgrounds"]["sets"] == 2
     # a rerun with another threshold over the same folder would mix two datasets: refused, naming the setting
     s3.min_similarity = 1.01
     with pytest.raises(s3.S3Error, match=r"filter: .* was made with .*min_similarity=0.95 \(now 1.01\)"):
