@@ -294,3 +294,61 @@ def guide(eps_cond, eps_null, scale: float, text=None):
         return eps_null + scale * (eps_cond - eps_null)
     eps_ref_only, s_t = text
     return eps_null + scale * (eps_ref_only - eps_null) + s_t * (eps_cond - eps_ref_only)
+
+
+# ----------------------------------------------------------------------------- plain SD-1.x checkpoints as model_fn's
+# The S³ data engine (s3.py) drives three kinds of single-image SD-1.x UNets through `sample`: text-to-image, the
+# inpainting checkpoints and InstructPix2Pix. Each wrapper below is a model_fn(x_t, t) -> (ε, x0) that evaluates
+# all of its guidance passes in one batched UNet call (set_size=1: no coupled attention) and combines them.
+
+def _passes(unet, x, t: int, passes):
+    """One UNet call over guidance passes [(extra input channels (B, c, h, w) or None, context (B, L, D)), ...]
+    -> one output (B, C, h, w) per pass, in order; every pass sees the same x_t."""
+    inp = torch.cat([x if extra is None else torch.cat([x, extra], dim=1) for extra, _ in passes])  # (k·B, C', h, w)
+    ctx = torch.cat([c for _, c in passes])  # (k·B, L, D)
+    tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
+    return unet(inp, tt, ctx).float().chunk(len(passes))  # guide in fp32: s·(cond − uncond) magnifies bf16 error
+
+
+def text_guided(unet, diffusion: Diffusion, context, null_context, guidance: float):
+    """Text-to-image with classifier-free guidance: ε(∅) + s·(ε(T) − ε(∅)). context (B, L, D); null (1, L, D)."""
+    null = null_context.expand_as(context)
+
+    def model_fn(x, t):
+        cond, uncond = _passes(unet, x, t, [(None, context), (None, null)])
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return diffusion.to_eps_x0(x, tt, uncond + guidance * (cond - uncond))
+    return model_fn
+
+
+def inpaint_guided(unet, diffusion: Diffusion, mask, masked_latent, context, null_context, guidance: float):
+    """SD inpainting with classifier-free guidance on the text; both passes see the same mask and masked image.
+    The UNet input is (B, 9, h, w) in the inpainting checkpoints' own order [x_t (4), mask (1), masked-image
+    latent (4)], not JeDi's [x_t, reference, mask].
+
+    mask: (B, 1, h, w) at latent size, 1 = repaint; masked_latent: (B, 4, h, w) VAE latent of the image with the
+    repainted region set to 0 (the checkpoints' training convention), scaled by the VAE scale factor."""
+    cond_channels = torch.cat([mask, masked_latent], dim=1)  # (B, 5, h, w), appended after x_t
+    null = null_context.expand_as(context)
+
+    def model_fn(x, t):
+        cond, uncond = _passes(unet, x, t, [(cond_channels, context), (cond_channels, null)])
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return diffusion.to_eps_x0(x, tt, uncond + guidance * (cond - uncond))
+    return model_fn
+
+
+def ip2p_guided(unet, diffusion: Diffusion, source_latent, context, null_context, text_guidance: float,
+                image_guidance: float):
+    """InstructPix2Pix: UNet input (B, 8, h, w) = [x_t (4), source-image latent (4)], two guidance scales:
+        ε(∅,∅) + s_I·(ε(I,∅) − ε(∅,∅)) + s_T·(ε(I,T) − ε(I,∅))
+    source_latent: (B, 4, h, w) the VAE posterior mode of the source image, NOT scaled by the VAE scale factor
+    (how the checkpoints were trained); context: (B, L, D) the instruction's text states."""
+    null = null_context.expand_as(context)
+
+    def model_fn(x, t):
+        e_it, e_i, e_0 = _passes(unet, x, t, [(source_latent, context), (source_latent, null),
+                                              (torch.zeros_like(source_latent), null)])
+        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
+        return diffusion.to_eps_x0(x, tt, e_0 + image_guidance * (e_i - e_0) + text_guidance * (e_it - e_i))
+    return model_fn
