@@ -115,7 +115,7 @@ class S3Error(Exception):
 
 def configure(argv):
     """train.py's configurator for this module's globals: config files in order, then --key=value (also
-    --key value). Types must match the defaults'."""
+    --key value) wherever they stand. Types must match the defaults'."""
     def put(key, value, where):
         if key not in config_keys:
             raise S3Error(f'{where}: unknown config key {key!r}')
@@ -128,24 +128,28 @@ def configure(argv):
             raise S3Error(f'{where}: {key} must be {type(old).__name__}, got {value!r}')
         globals()[key] = value
 
-    args = list(argv)
-    while args:
+    files, flags, args = [], [], list(argv)
+    while args:  # config files first (in order), then the flags, wherever they stand on the command line
         arg = args.pop(0)
         if not arg.startswith('--'):
-            if not os.path.isfile(arg):
-                raise S3Error(f'config file not found: {arg}')
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), scope)
-            for k, v in scope.items():
-                if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type)):
-                    put(k, v, arg)
+            files.append(arg)
             continue
         key, eq, raw = arg[2:].partition('=')
         if not eq:
             if not args:
                 raise S3Error(f'{arg}: expected --key=value or --key value')
             raw = args.pop(0)
+        flags.append((key, raw, arg))
+    for path in files:
+        if not os.path.isfile(path):
+            raise S3Error(f'config file not found: {path}')
+        scope = {}
+        with open(path) as f:
+            exec(f.read(), scope)
+        for k, v in scope.items():
+            if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type)):
+                put(k, v, path)
+    for key, raw, arg in flags:
         try:
             value = ast.literal_eval(raw)
         except (ValueError, SyntaxError):

@@ -306,6 +306,12 @@ def test_template_prompts_deterministic_and_objects_file(tmp_path):
     (tmp_path / "objects.txt").write_text("# my classes\nred kettle\n\nred  kettle\nT-Rex toy\n")
     s3.configure([f"--objects={tmp_path / 'objects.txt'}"])
     assert s3.object_names() == ["red kettle", "T-Rex toy"]
+    # flags win over config files wherever they stand; --key value works as --key=value
+    (tmp_path / "c.py").write_text("manifest = 'from_file'\nbatch_size = 3\n")
+    s3.configure(["--manifest", "from_flag", str(tmp_path / "c.py"), "--stylize_p=0.25"])
+    assert (s3.manifest, s3.batch_size, s3.stylize_p) == ("from_flag", 3, 0.25)
+    with pytest.raises(s3.S3Error, match="batch_size must be int"):
+        s3.configure(["--batch_size=two"])
 
 
 def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys):
