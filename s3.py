@@ -26,7 +26,6 @@ numbers) do not depend on the world size. All randomness is seeded per item from
 Weights are only read from local paths (docs/s3.md lists which); every missing path is reported at once, before
 any work. Config: the typed globals below, then config/s3_*.py files, then --key=value (or --key value).
 """
-import ast
 import glob
 import json
 import math
@@ -34,7 +33,6 @@ import os
 import re
 import sys
 import time
-import types
 import zlib
 from collections import Counter
 from itertools import combinations
@@ -44,6 +42,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
+import configurator
 from data import IMAGE_EXTS, load_image
 from vision import MissingWeights, VisionError, _require_file, _require_hf_folder, _save_atomic, read_mask, write_mask
 
@@ -103,8 +102,7 @@ ip2p_image_guidance: float = 1.5
 shard_size: int = 1000  # sets per output shard (one JSONL and one contact sheet each)
 contact_sets: int = 24  # sets drawn on each contact sheet
 contact_thumb: int = 96
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
+config_keys = configurator.config_keys(globals())
 
 STAGES = ('prompts', 'collages', 'instances', 'filter', 'backgrounds', 'stylize', 'write')
 
@@ -114,47 +112,8 @@ class S3Error(Exception):
 
 
 def configure(argv):
-    """train.py's configurator for this module's globals: config files in order, then --key=value (also
-    --key value) wherever they stand. Types must match the defaults'."""
-    def put(key, value, where):
-        if key not in config_keys:
-            raise S3Error(f'{where}: unknown config key {key!r}')
-        old = globals()[key]
-        if isinstance(old, float) and type(value) is int:
-            value = float(value)
-        if isinstance(old, tuple) and type(value) is list:
-            value = tuple(value)
-        if type(value) is not type(old):
-            raise S3Error(f'{where}: {key} must be {type(old).__name__}, got {value!r}')
-        globals()[key] = value
-
-    files, flags, args = [], [], list(argv)
-    while args:  # config files first (in order), then the flags, wherever they stand on the command line
-        arg = args.pop(0)
-        if not arg.startswith('--'):
-            files.append(arg)
-            continue
-        key, eq, raw = arg[2:].partition('=')
-        if not eq:
-            if not args:
-                raise S3Error(f'{arg}: expected --key=value or --key value')
-            raw = args.pop(0)
-        flags.append((key, raw, arg))
-    for path in files:
-        if not os.path.isfile(path):
-            raise S3Error(f'config file not found: {path}')
-        scope = {}
-        with open(path) as f:
-            exec(f.read(), scope)
-        for k, v in scope.items():
-            if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type)):
-                put(k, v, path)
-    for key, raw, arg in flags:
-        try:
-            value = ast.literal_eval(raw)
-        except (ValueError, SyntaxError):
-            value = raw  # a bare string: --manifest=out/s3
-        put(key, value, arg)
+    """Config files, then --key=value flags, into this module's globals (configurator.py)."""
+    configurator.configure(argv, globals(), config_keys, S3Error)
 
 
 def cfg() -> dict:

@@ -35,7 +35,6 @@ count every benchmark uses), ×3 for forward+backward (activation-checkpoint rec
 hardware FLOPs; the VAE and text encoder are not counted), divided by wall time × world size × the card's dense bf16
 peak (flops.peak_bf16_flops, or peak_flops).
 """
-import ast
 import functools
 import json
 import math
@@ -45,7 +44,6 @@ import shutil
 import signal
 import sys
 import time
-import types
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,6 +51,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+import configurator
 from model.diffusion import Diffusion, jedi_loss, reference_gain_sums
 from model.unet import UNet, UNetConfig
 
@@ -118,41 +117,12 @@ activation_checkpointing: bool = False
 channels_last: bool = False  # NHWC activations from the first convolution on (cuDNN's faster layout; same math)
 seed: int = 0
 peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
-config_keys = [k for k, v in globals().items()
-               if not k.startswith('_') and isinstance(v, (int, float, bool, str, tuple, dict))]
+config_keys = configurator.config_keys(globals())
 
 
 def configure(argv):
-    """nanoGPT's configurator: config files in order, then --key=value. Types must match the defaults'."""
-    def put(key, value, where):
-        if key not in config_keys:
-            raise SystemExit(f'{where}: unknown config key {key!r}')
-        old = globals()[key]
-        if isinstance(old, float) and type(value) is int:
-            value = float(value)
-        if isinstance(old, tuple) and type(value) is list:
-            value = tuple(value)
-        if type(value) is not type(old):
-            raise SystemExit(f'{where}: {key} must be {type(old).__name__}, got {value!r}')
-        globals()[key] = value
-
-    for arg in argv:
-        if not arg.startswith('--'):
-            scope = {}
-            with open(arg) as f:
-                exec(f.read(), scope)
-            for k, v in scope.items():
-                if not k.startswith('_') and not isinstance(v, (types.ModuleType, types.FunctionType, type)):
-                    put(k, v, arg)
-        else:
-            key, eq, raw = arg[2:].partition('=')
-            if not eq:
-                raise SystemExit(f'{arg}: expected --key=value')
-            try:
-                value = ast.literal_eval(raw)
-            except (ValueError, SyntaxError):
-                value = raw  # a bare string: --out_dir=runs/a
-            put(key, value, arg)
+    """Config files, then --key=value flags, into this module's globals (configurator.py)."""
+    configurator.configure(argv, globals(), config_keys, SystemExit)
 
 
 # ----------------------------------------------------------------------------- helpers

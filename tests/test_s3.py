@@ -43,8 +43,18 @@ def tree(root) -> dict:
     return out
 
 
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """In-process runs use the subprocesses' one thread (ENV): float sums over another thread count differ in the
+    last bits, which a random detector near its threshold turns into other boxes, and the trees would differ."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
+def tiny(tmp_path_factory, one_thread):
     d = tmp_path_factory.mktemp("s3")
     w = tiny_weights.all_weights(str(d / "weights"))
     cfg = d / "s3_tiny.py"
