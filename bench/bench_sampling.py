@@ -59,6 +59,7 @@ import torch  # noqa: E402
 import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
+from kernels import backend_summary, record_backends  # noqa: E402
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, RowFailed, compile_note, first_line, fmt,  # noqa: E402
                         header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
@@ -365,7 +366,7 @@ def main(argv=None):
     if not on_cuda:
         notes.append("- no CUDA: Triton rows, CUDA graphs and memory figures are CUDA-only (rows say so)")
     columns = ["variant", "s/set", "it/s", "UNet ms", "UNet TFLOP/s", "× baseline", "Δ vs ours", "peak GiB",
-               "setup s", "note"]
+               "setup s", "attention", "note"]
     report = Report(args.out, header(title) + notes, columns)
 
     # One set of random weights and inputs for every row: SD-1.4 sizes (tiny: the tests' sizes).
@@ -466,12 +467,15 @@ def main(argv=None):
                 counters.clear()  # graph breaks of this row only
             t0 = time.perf_counter()
             model = build(variant)
-            for _ in range(args.warmup):
-                generate(model, args.timed_steps)
-                if args.timed_steps < args.steps:
-                    generate(model, 1)  # the extrapolation's 1-step calls
+            with record_backends() as used:  # which attention each call ran (compiled calls are not seen)
+                for _ in range(args.warmup):
+                    generate(model, args.timed_steps)
+                    if args.timed_steps < args.steps:
+                        generate(model, 1)  # the extrapolation's 1-step calls
             sync(dev)
             row["setup s"] = fmt(time.perf_counter() - t0)
+            row["attention"] = ("diffusers' own" if backend == "diffusers" else
+                                backend_summary(used) or "compiled: not recorded")
 
             def timed_call(steps):
                 sync(dev)

@@ -12,7 +12,7 @@ norm, as train.py's logging does. World size 1: train.setup_distributed without 
 Only the weights differ: random, made on the device (train.py builds on meta and loads a full state dict).
 
 Rows (a variant is "+"-joined tokens: attention backend, then options):
-    triton | sdpa        attention backend (kernels.attention, JEDI_ATTN)
+    auto | triton | sdpa attention backend (kernels.attention, JEDI_ATTN; auto = the card's measured dispatch table)
     +ac                  activation checkpointing of every block (train.py's activation_checkpointing=True)
     +compile             torch.compile of every block (train.py's compile=True)
     +channels_last       NHWC activations from the first convolution on (train.py's channels_last=True)
@@ -57,10 +57,11 @@ sys.path.insert(0, str(ROOT / "bench"))
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from kernels import backend_summary, record_backends  # noqa: E402
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, fmt, header,  # noqa: E402
                         redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
 
-BACKENDS = ("triton", "sdpa")
+BACKENDS = ("auto", "triton", "sdpa")
 OPTIONS = ("ac", "compile", "channels_last", "data")
 CONTEXT_LEN = 77
 
@@ -229,7 +230,7 @@ def main(argv=None):
              f"median of {args.steps} steps after {args.warmup} warm-up; random latents and text states except in "
              f"+data rows (JPEG decode + resize + VAE/text encode in front of the step)"]
     columns = ["variant", "step ms", "sets/s", "images/s", "peak GiB", "TFLOP/s", "MFU", "load ms", "encode ms",
-               "first step s", "setup s", "loss", "note"]
+               "first step s", "setup s", "loss", "attention", "note"]
     report = Report(args.out, header(title) + notes, columns)
 
     g = torch.Generator(device=dev).manual_seed(args.seed)
@@ -279,12 +280,14 @@ def main(argv=None):
                 train.optimizer_step(model, optimizer, ema)
                 return loss.item(), grad_norm.item()  # the host sync train.py's logging does every step
 
-            for i in range(args.warmup):
-                phase = f"warm-up step {i + 1} of {args.warmup}" + (" (compiling)" if "compile" in opts else "")
-                t1 = time.perf_counter()
-                step(i)
-                if i == 0:
-                    row["first step s"] = fmt(time.perf_counter() - t1)
+            with record_backends() as used:  # which attention each call ran (compiled calls are not seen)
+                for i in range(args.warmup):
+                    phase = f"warm-up step {i + 1} of {args.warmup}" + (" (compiling)" if "compile" in opts else "")
+                    t1 = time.perf_counter()
+                    step(i)
+                    if i == 0:
+                        row["first step s"] = fmt(time.perf_counter() - t1)
+            row["attention"] = backend_summary(used) or "compiled: not recorded"
             row["setup s"] = fmt(time.perf_counter() - t0)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(dev)

@@ -20,7 +20,8 @@ Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (that is how the te
 ``record_backends()``: a context manager yielding a Counter of ``BackendUse(backend, head_dim, lq, lk,
 direction)`` (lq, lk: power-of-two buckets) over the eager calls made inside it, for benchmarks to report
 which backend ran. Calls traced by torch.compile are not counted (the choice is made once at trace time, from
-the same table: record an eager warm-up call to see what a compiled graph runs).
+the same table: record an eager warm-up call to see what a compiled graph runs). ``backend_summary(counts)``
+formats it for a table cell.
 """
 import collections
 import contextlib
@@ -75,6 +76,16 @@ def record_backends():
         yield counts
     finally:
         _RECORDERS.remove(counts)
+
+
+def backend_summary(counts) -> str:
+    """record_backends()' Counter as one table cell: 'sdpa fwd D40×4 D80×4 D160×6' per backend and direction;
+    '' when nothing was recorded (every call compiled)."""
+    groups = collections.defaultdict(collections.Counter)  # (backend, direction) -> {head dim: calls}
+    for use, n in counts.items():
+        groups[(use.backend, use.direction)][use.head_dim] += n
+    return "; ".join(f"{b} {d} " + " ".join(f"D{h}×{n}" for h, n in sorted(dims.items()))
+                     for (b, d), dims in sorted(groups.items()))
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | None = None,

@@ -45,6 +45,9 @@ def test_sampling_tiny_cpu(tmp_path):
         # every row computes the same function (fp32 on CPU): the same final 8-bit images, to a fraction of a level
         assert float(row["Δ vs ours"]) < 0.1 and "FAILED" not in row["note"], name
     assert rows["ours"]["× baseline"].endswith("×") and float(rows["ours"]["Δ vs ours"]) == 0
+    # which attention ran: on CPU "auto" (the ours row) is SDPA for every call; the baseline uses diffusers' own
+    assert rows["ours"]["attention"].startswith("sdpa fwd D") and "triton" not in rows["ours"]["attention"]
+    assert rows["diffusers"]["attention"] == "diffusers' own"
 
 
 def test_sampling_ours_row_is_the_users_call(monkeypatch, tmp_path):
@@ -104,6 +107,7 @@ def test_training_tiny_cpu(tmp_path):
     assert float(data["load ms"]) > 0 and float(data["encode ms"]) > 0 and "128 px JPEGs" in data["note"], data
     assert all(not row["note"] and not row["load ms"] for row in rows.values()), rows
     assert len({float(row["loss"]) for row in rows.values()}) == 1  # same seed and step: AC and layout change nothing
+    assert all(row["attention"].startswith("sdpa train D") for row in rows.values()), rows  # what each call ran
 
 
 def test_training_row_over_budget_is_reported_not_hung(tmp_path):

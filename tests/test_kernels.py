@@ -423,3 +423,15 @@ def test_committed_dispatch_tables_are_valid():
     for path in sorted(dispatch.TABLE_DIR.glob("*.json")):
         card, _ = dispatch.load(path)
         assert path.name == f"{dispatch.card_slug(card)}.json", path
+
+
+def test_backend_summary_groups_calls_by_backend_direction_and_head_dim():
+    from kernels import BackendUse, backend_summary
+    counts = {BackendUse("sdpa", 40, 8192, 8192, "fwd"): 2, BackendUse("sdpa", 80, 2048, 2048, "fwd"): 3,
+              BackendUse("triton", 40, 8192, 8192, "fwd"): 1, BackendUse("sdpa", 40, 8192, 128, "fwd"): 1}
+    assert backend_summary(counts) == "sdpa fwd D40×3 D80×3; triton fwd D40×1"
+    assert backend_summary({}) == ""
+    q = torch.randn(1, 16, 2, 8)
+    with kernels.record_backends() as used:
+        kernels.attention(q, q, q)
+    assert backend_summary(used) == "sdpa fwd D8×1"  # CPU: auto is SDPA
