@@ -1,4 +1,4 @@
-# Sourced by bench/gpu_suite.sh and bench/gpu_e2e.sh (bash): the python to use, the CUDA preflight, diffusers.
+# Sourced by bench/gpu_suite.sh, gpu_e2e.sh and gpu_kernel_sweep.sh (bash): the python to use, the CUDA preflight, diffusers.
 # Installs nothing. Sets ROOT, PY, PYTHONPATH and PACKAGES (a line for SUMMARY.md); exits 2 without CUDA.
 #   PY: $PYTHON if set, else .venv/bin/python if present, else python3.
 GPU_SCRIPT=${GPU_SCRIPT:-$(basename "$0")}
