@@ -26,7 +26,7 @@ DEADLINE=$(( $(date +%s) + ${E2E_BUDGET_S:-290} ))
 # name | limit (s) | command. \$STEP_LIMIT is the step's limit after the budget cut; each script starts a row only
 # if it should end 15 s before it (start-up), and writes every row as it ends. The compile rows come last.
 STEPS=(
-  "bench_sampling|180|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,ours,ours+compile,ours+compile+cuda_graphs --max-seconds \$((STEP_LIMIT - 15)) --out $OUT/bench_sampling.md"
+  "bench_sampling|180|$PY bench/bench_sampling.py --timed-steps 10 --repeats 3 --variants diffusers,ours,sdpa,ours+compile,ours+compile+cuda_graphs --max-seconds \$((STEP_LIMIT - 15)) --out $OUT/bench_sampling.md"
   "bench_training|105|$PY bench/bench_training.py --steps 6 --backends sdpa --compile --max-seconds \$((STEP_LIMIT - 15)) --out $OUT/bench_training.md"
 )
 
@@ -42,10 +42,6 @@ STEPS=(
 } > "$OUT/SUMMARY.md"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
-failed=0
-for step in "${STEPS[@]}"; do
-  IFS='|' read -r name limit cmd <<< "$step"
-  run_step "$name" "$limit" "$cmd"
-done
+run_steps
 echo "== results in $OUT"; cat "$OUT/SUMMARY.md"
 exit $failed

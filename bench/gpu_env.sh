@@ -65,3 +65,15 @@ run_step() {
   [[ $rc -ne 0 ]] && failed=1
   return 0
 }
+
+# run_steps [ONLY]: every "name|limit|command" of the caller's STEPS array through run_step, in order; ONLY, a
+# comma-separated list of names, runs just those. Sets failed (0 or 1).
+run_steps() {
+  local only=${1:-} step name limit cmd
+  failed=0
+  for step in "${STEPS[@]}"; do
+    IFS='|' read -r name limit cmd <<< "$step"
+    if [[ -n "$only" && ",$only," != *",$name,"* ]]; then continue; fi
+    run_step "$name" "$limit" "$cmd"
+  done
+}

@@ -48,11 +48,6 @@ STEPS=(
 } > "$OUT/SUMMARY.md"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 
-failed=0
-for step in "${STEPS[@]}"; do
-  IFS='|' read -r name limit cmd <<< "$step"
-  if [[ -n "${SUITE_STEPS:-}" && ",$SUITE_STEPS," != *",$name,"* ]]; then continue; fi
-  run_step "$name" "$limit" "$cmd"
-done
+run_steps "${SUITE_STEPS:-}"
 echo "== results in $OUT"; cat "$OUT/SUMMARY.md"
 exit $failed

@@ -205,7 +205,7 @@ def test_profile_unet_tiny_cpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the no-GPU refusal")
 def test_gpu_e2e_refuses_without_cuda_and_its_commands_parse(tmp_path):
     """bench/gpu_e2e.sh: exit 2 and nothing written without CUDA; the rows it asks for are the scripts' rows, with
-    the user's path (ours, compiled, CUDA-graphed) beside the diffusers baseline."""
+    the user's path (ours, compiled, CUDA-graphed) beside the diffusers baseline and SDPA-only."""
     r = subprocess.run(["bash", "bench/gpu_e2e.sh", str(tmp_path / "out")], cwd=ROOT, env=_env(),
                        capture_output=True, text=True, timeout=60)
     assert r.returncode == 2 and "no CUDA device" in r.stderr and not (tmp_path / "out").exists(), r.stderr
@@ -221,5 +221,6 @@ def test_gpu_e2e_refuses_without_cuda_and_its_commands_parse(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
         rows[name] = r.stdout.split("rows:")[1].strip().split(", ")
-    assert rows["bench_sampling"] == ["diffusers", "ours", "ours+compile", "ours+compile+cuda_graphs"]
+    # "ours" (auto dispatch) beside "sdpa" (SDPA forced): the row that shows whether the kernel table pays
+    assert rows["bench_sampling"] == ["diffusers", "ours", "sdpa", "ours+compile", "ours+compile+cuda_graphs"]
     assert any("compile" in v for v in rows["bench_training"])
