@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 import configurator
 from data import IMAGE_EXTS, load_image
+from sample import to_pil
 from vision import MissingWeights, VisionError, _require_file, _require_hf_folder, _save_atomic, read_mask, write_mask
 
 # ----------------------------------------------------------------------------- config
@@ -258,13 +259,9 @@ def live(stage: str) -> dict:
 
 
 def to_tensor(img: Image.Image) -> torch.Tensor:
-    """PIL RGB -> (3, H, W) in [-1, 1]."""
-    return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1).float() / 127.5 - 1
-
-
-def to_image(x: torch.Tensor) -> Image.Image:
-    """(3, H, W) in [-1, 1] -> PIL RGB."""
-    return Image.fromarray(((x.float().clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).cpu().numpy())
+    """PIL RGB -> (3, H, W) in [-1, 1], at its own size (sample.image_to_tensor also crops and resizes)."""
+    a = torch.from_numpy(np.asarray(img, dtype=np.uint8).copy())  # (H, W, 3)
+    return a.permute(2, 0, 1).float() / 127.5 - 1  # (3, H, W)
 
 
 # ----------------------------------------------------------------------------- runtime: ranks, device, models
@@ -544,7 +541,7 @@ def stage_collages(rt):
             px = m.to_pixels(z)
         for it, p, x in zip(batch, prompts, px):
             if not done(it):
-                _save_png(to_image(x), out(it) + ".png")
+                _save_png(to_pil(x), out(it) + ".png")
                 _write_json(out(it) + ".json", {"id": it["id"], "object": it["object"], "prompt": it["prompt"],
                                                 "collage_prompt": p, "source": "sd"})
     return run_items(rt, "collages", items, done, process, unit="collage")
@@ -773,7 +770,7 @@ def stage_backgrounds(rt):
                 rec = {"id": it["id"], "object": it["object"], "prompt": it["prompt"], "images": [], "captions": [],
                        "paste_boxes": [], "instances": it["kept"]}
                 for j in range(n):
-                    generated = np.asarray(to_image(gen_px[i + j]))
+                    generated = np.asarray(to_pil(gen_px[i + j]))
                     img = composite(canv[i + j], alphas[i + j], generated)
                     base = os.path.join(out(it), str(j))
                     _save_png(Image.fromarray(img), base + ".png")
@@ -839,7 +836,7 @@ def stage_stylize(rt):
             if not done(it):
                 paths = []
                 for j in range(n):
-                    _save_png(to_image(new[i + j]), os.path.join(out(it), f"{j}.png"))
+                    _save_png(to_pil(new[i + j]), os.path.join(out(it), f"{j}.png"))
                     paths.append(f"stylize/{it['id']}/{j}.png")
                 _write_json(out(it) + ".json", record(it, s, paths))
             i += n
@@ -978,7 +975,7 @@ def check_settings(rt, stage):
         diff = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in now.items() if before.get(k) != v]
         if diff:
             raise S3Error(f"{stage}: {folder} was made with " + ", ".join(diff)
-                          + f": use the same settings, another manifest, or delete that folder to redo the stage")
+                          + ": use the same settings, another manifest, or delete that folder to redo the stage")
     elif rt.rank == 0:
         _write_json(path, now)
     rt.barrier()

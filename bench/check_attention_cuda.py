@@ -74,7 +74,7 @@ def main():
         with sdpa_kernel([SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
             return kernels.sdpa_attention(q, k, v)
 
-    lines = [f"# Triton attention CUDA correctness", "",
+    lines = ["# Triton attention CUDA correctness", "",
              f"- card: {torch.cuda.get_device_name() if device == 'cuda' else 'CPU, interpreter'}; torch {torch.__version__}, triton {triton.__version__}",
              f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}; seed {seed}",
              "- errors: max abs vs fp32 SDPA, shown as triton / sdpa-same-dtype", "",

@@ -312,12 +312,18 @@ def _passes(unet, x, t: int, passes):
 
 def text_guided(unet, diffusion: Diffusion, context, null_context, guidance: float):
     """Text-to-image with classifier-free guidance: ε(∅) + s·(ε(T) − ε(∅)). context (B, L, D); null (1, L, D)."""
+    return _text_cfg(unet, diffusion, None, context, null_context, guidance)
+
+
+def _text_cfg(unet, diffusion: Diffusion, extra, context, null_context, guidance: float):
+    """model_fn of classifier-free text guidance (guide's two-pass form), both passes with the same extra input
+    channels (None for plain text-to-image)."""
     null = null_context.expand_as(context)
 
     def model_fn(x, t):
-        cond, uncond = _passes(unet, x, t, [(None, context), (None, null)])
+        cond, uncond = _passes(unet, x, t, [(extra, context), (extra, null)])
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return diffusion.to_eps_x0(x, tt, uncond + guidance * (cond - uncond))
+        return diffusion.to_eps_x0(x, tt, guide(cond, uncond, guidance))
     return model_fn
 
 
@@ -329,13 +335,7 @@ def inpaint_guided(unet, diffusion: Diffusion, mask, masked_latent, context, nul
     mask: (B, 1, h, w) at latent size, 1 = repaint; masked_latent: (B, 4, h, w) VAE latent of the image with the
     repainted region set to 0 (the checkpoints' training convention), scaled by the VAE scale factor."""
     cond_channels = torch.cat([mask, masked_latent], dim=1)  # (B, 5, h, w), appended after x_t
-    null = null_context.expand_as(context)
-
-    def model_fn(x, t):
-        cond, uncond = _passes(unet, x, t, [(cond_channels, context), (cond_channels, null)])
-        tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return diffusion.to_eps_x0(x, tt, uncond + guidance * (cond - uncond))
-    return model_fn
+    return _text_cfg(unet, diffusion, cond_channels, context, null_context, guidance)
 
 
 def ip2p_guided(unet, diffusion: Diffusion, source_latent, context, null_context, text_guidance: float,
@@ -350,5 +350,6 @@ def ip2p_guided(unet, diffusion: Diffusion, source_latent, context, null_context
         e_it, e_i, e_0 = _passes(unet, x, t, [(source_latent, context), (source_latent, null),
                                               (torch.zeros_like(source_latent), null)])
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
-        return diffusion.to_eps_x0(x, tt, e_0 + image_guidance * (e_i - e_0) + text_guidance * (e_it - e_i))
+        # guide's three-pass form: the image plays the reference, the instruction the text
+        return diffusion.to_eps_x0(x, tt, guide(e_it, e_0, image_guidance, text=(e_i, text_guidance)))
     return model_fn

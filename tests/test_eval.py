@@ -155,37 +155,9 @@ def test_missing_weights_errors_name_the_file(weights, tmp_path):
 def test_grounded_sam_tiny_random_weights(tmp_path):
     """The Grounding-DINO + SAM segmenter runs end to end from local folders (random tiny weights: the mask is
     meaningless, its shape and type are not)."""
-    from transformers import (BertConfig, BertTokenizer, GroundingDinoConfig, GroundingDinoForObjectDetection,
-                              GroundingDinoImageProcessor, GroundingDinoProcessor, SamConfig,
-                              SamImageProcessor, SamMaskDecoderConfig, SamModel, SamProcessor,
-                              SamPromptEncoderConfig, SamVisionConfig, SwinConfig)
+    import tiny_weights  # the tiny folders s3's tests load too
 
-    torch.manual_seed(0)
-    gd, sam = tmp_path / "grounding-dino", tmp_path / "sam"
-    gd.mkdir()
-    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "a", "dog", "toy", "."]
-    (gd / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    GroundingDinoProcessor(image_processor=GroundingDinoImageProcessor(size={"shortest_edge": 64, "longest_edge": 64}),
-                           tokenizer=BertTokenizer(str(gd / "vocab.txt"))).save_pretrained(gd)
-    GroundingDinoForObjectDetection(GroundingDinoConfig(
-        backbone_config=SwinConfig(image_size=64, patch_size=4, embed_dim=8, depths=[1, 1], num_heads=[1, 1],
-                                   window_size=4, out_features=["stage1", "stage2"]),
-        text_config=BertConfig(vocab_size=len(vocab), hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                               intermediate_size=32, max_position_embeddings=64),
-        d_model=32, encoder_layers=1, decoder_layers=2, encoder_ffn_dim=32, decoder_ffn_dim=32,
-        encoder_attention_heads=2, decoder_attention_heads=2, num_queries=10, num_feature_levels=2, max_text_len=32,
-        encoder_n_points=1, decoder_n_points=1)).save_pretrained(gd)
-    SamModel(SamConfig(
-        vision_config=SamVisionConfig(image_size=64, patch_size=16, hidden_size=16, output_channels=16,
-                                      num_hidden_layers=1, num_attention_heads=2, mlp_dim=32, global_attn_indexes=[0],
-                                      window_size=2, num_pos_feats=8),
-        prompt_encoder_config=SamPromptEncoderConfig(image_size=64, patch_size=16, hidden_size=16,
-                                                     mask_input_channels=4),
-        mask_decoder_config=SamMaskDecoderConfig(hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                                                 mlp_dim=32, iou_head_hidden_dim=16))).save_pretrained(sam)
-    SamProcessor(image_processor=SamImageProcessor(size={"longest_edge": 64},
-                                                   pad_size={"height": 64, "width": 64})).save_pretrained(sam)
-
+    gd, sam = tiny_weights.grounded_sam(str(tmp_path), size=64)
     seg = jeval.GroundedSAM(str(gd), str(sam), box_threshold=0.0, text_threshold=0.0)  # random scores: keep all
     img, _ = picture((200, 30, 30), (20, 120, 20), size=(80, 48), box=(20, 10, 60, 40))
     mask = seg(img, "Dog")
