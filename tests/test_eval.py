@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import eval as jeval
@@ -54,6 +55,65 @@ def picture(fg, bg, size=(48, 40), box=(12, 10, 36, 30)):
 
 
 # ----------------------------------------------------------------------------- metric properties
+
+def center_square(img, short, crop):
+    """The published protocol's geometry, by hand: bicubic resize of the shorter side to `short` (torchvision's
+    size rule: the longer side truncated), then the central crop x crop."""
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(size, Image.BICUBIC)
+    left, top = int(round((size[0] - crop) / 2)), int(round((size[1] - crop) / 2))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def normalized(img, mean, std):
+    """-> (1, 3, H, W) float32: x / 255, minus mean, over std, per channel."""
+    a = (np.asarray(img, np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+def test_embeddings_follow_the_published_protocols(weights, embedders):
+    """DINO and CLIP embeddings of a fixed image (and CLIP-T's text) through the fixed tiny models, against each
+    protocol computed here from its definition. DINO (Caron et al.'s evaluation, DreamBench's DINO): Resize(256,
+    bicubic), CenterCrop(224), ImageNet mean/std, the CLS token after the final LayerNorm. CLIP: OpenAI's
+    preprocessing (bicubic resize of the shorter side to the input size, center crop, OpenAI's mean/std), the
+    class token after ln_post times the visual projection; text: ln_final at the end-of-text token times the text
+    projection. A mean-pooled DINO, another resize or normalisation, or a missing projection fails."""
+    clip, dino = embedders
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 300)[None, :, None] + np.linspace(0, 50, 260)[:, None, None]  # (260, 300, 1)
+    img = Image.fromarray((ramp + rng.integers(0, 56, (260, 300, 3))).astype(np.uint8))  # landscape: crop matters
+    with torch.no_grad():
+        # DINO: the ViT's last block output, its final LayerNorm, the CLS token
+        vit = dino.model
+        x = normalized(center_square(img, 256, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        states = vit(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # (1, 1 + patches, D)
+        want_dino = F.normalize(vit.layernorm(states)[:, 0], dim=-1)
+        mean_pooled = F.normalize(vit.layernorm(states).mean(1), dim=-1)
+        # CLIP image: the transformer's tokens, ln_post, the class token, the projection
+        model = weights["clip_model"].eval()
+        x = normalized(center_square(img, 32, 32), (0.48145466, 0.4578275, 0.40821073),
+                       (0.26862954, 0.26130258, 0.27577711))
+        seen = []
+        hook = model.visual.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.encode_image(x)
+        hook.remove()
+        want_clip = F.normalize(model.visual.ln_post(seen[0])[:, 0] @ model.visual.proj, dim=-1)
+        # CLIP text: ln_final at the end-of-text token (the highest id), the projection
+        import open_clip
+
+        ids = open_clip.tokenize(["a red toy in the jungle"])  # OpenAI's BPE, 77 tokens, <start> ... <end> 0 ...
+        seen = []
+        hook = model.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.encode_text(ids)
+        hook.remove()
+        eot = model.ln_final(seen[0])[0, int(ids[0].argmax())]
+        want_text = F.normalize((eot @ model.text_projection)[None], dim=-1)
+    torch.testing.assert_close(dino.images([img]), want_dino, rtol=0, atol=1e-5)
+    assert (mean_pooled - want_dino).abs().max() > 1e-2  # the check tells CLS from mean pooling
+    torch.testing.assert_close(clip.images([img]), want_clip, rtol=0, atol=1e-5)
+    torch.testing.assert_close(clip.texts(["a red toy in the jungle"]), want_text, rtol=0, atol=1e-5)
+
 
 def test_identical_images_score_one_and_scores_symmetric_bounded(embedders):
     clip, dino = embedders
