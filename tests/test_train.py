@@ -216,6 +216,46 @@ def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp
     assert y.shape == (2, 3, 16, 16) and torch.isfinite(y).all()
 
 
+RECORD_BATCHES = """import json, os, sys
+sys.path.insert(0, os.getcwd())
+import data, train
+_next = data.Loader.__next__
+def recorded(self):  # every batch train.py takes from its loader: (loader step, set ids, pixel sum)
+    b = _next(self)
+    with open(os.environ['BATCH_LOG'] + '.rank' + os.environ.get('RANK', '0'), 'a') as f:
+        f.write(json.dumps([b['step'], b['keys'], round(float(b['pixels'].double().sum()), 6)]) + '\\n')
+    return b
+data.Loader.__next__ = recorded
+train.main(sys.argv[1:])
+"""
+
+
+def test_resume_at_another_world_size_continues_the_data_stream(tmp_path):
+    """Saved by 2 ranks, resumed by 1: the per-rank loader states do not apply, so the loader starts from the step.
+    The resumed run must take exactly the batches an uninterrupted 1-rank run takes at those steps, not the
+    first batches again (a job resumed on fewer GPUs must not replay data it has seen)."""
+    script = tmp_path / 'record_batches.py'
+    script.write_text(RECORD_BATCHES)
+    args = ['--max_iters=4', '--gradient_accumulation_steps=2', '--ckpt_interval=0', '--log_interval=1']
+
+    def batches(out, extra, nproc=1):
+        env = {**ENV, 'BATCH_LOG': f'{out}.batches'}
+        launcher = TORCHRUN if nproc == 2 else [sys.executable]
+        p = subprocess.run([*launcher, str(script), 'config/tiny.py', f'--out_dir={out}', *args, *extra], cwd=ROOT,
+                           env=env, capture_output=True, text=True, timeout=300)
+        assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+        return [json.loads(line) for line in open(f'{out}.batches.rank0')]
+
+    whole = batches(str(tmp_path / 'whole'), [])  # 1 rank, 2 micro-batches per step: loader steps 0..7
+    assert [b[0] for b in whole] == list(range(8))
+    cut = str(tmp_path / 'cut')
+    batches(cut, ['--max_iters=2'], nproc=2)  # 2 ranks, 1 micro-batch each: steps 0, 1; saved at step 2
+    resumed = batches(cut, ['--init_from=resume'])
+    assert [b[0] for b in resumed[2:]] == [4, 5, 6, 7]  # after the 2 ranks' own (steps 0, 1) in this log
+    assert resumed[2:] == whole[4:]  # the same sets, the same pixels
+    assert [b[1] for b in whole[:4]] != [b[1] for b in whole[4:]]  # ... which are not the first ones again
+
+
 def test_sigterm_and_sigkill_then_resume_end_exactly_like_an_uninterrupted_run(tmp_path):
     args = ['--max_iters=12', '--ckpt_interval=4', '--log_interval=1', '--keep_checkpoints=10']
     whole, cut = str(tmp_path / 'whole'), str(tmp_path / 'cut')
