@@ -44,6 +44,7 @@ from PIL import Image, ImageDraw
 
 import configurator
 from data import IMAGE_EXTS, BadSample, load_image
+from model.files import atomic_path
 from sample import to_pil
 from vision import MissingWeights, VisionError, _require_file, _require_hf_folder, _save_atomic, read_mask, write_mask
 
@@ -218,12 +219,8 @@ def slug(name: str) -> str:
 
 
 def _write_json(path, obj):
-    """Temporary name, then rename: a killed run never leaves a half-written record that a rerun takes as done."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Atomic (model.files.atomic_path): a killed run never leaves a half-written record that a rerun takes as done."""
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
 
 
 def undecodable(e: BaseException) -> bool:
@@ -244,7 +241,6 @@ def _read_json(path):
 
 
 def _save_png(img: Image.Image, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_atomic(img, path)
 
 
@@ -914,11 +910,8 @@ def stage_write(rt):
 
 
 def _write_text(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def stats() -> dict:

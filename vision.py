@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.files import atomic_path
+
 MASK_SUFFIX = ".mask.png"  # x.jpg -> x.mask.png: white (>= 128) is foreground
 DEFAULT_BACKGROUND = (255, 255, 255)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,7 +39,6 @@ def read_mask(path) -> np.ndarray:
 
 
 def write_mask(path, mask: np.ndarray):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_atomic(Image.fromarray(mask.astype(np.uint8) * 255), path)
 
 
@@ -52,11 +53,10 @@ def apply_mask(img: Image.Image, mask: np.ndarray, background=DEFAULT_BACKGROUND
 
 
 def _save_atomic(img: Image.Image, path):
-    """Write to a temporary name, then rename: an interrupted run never leaves a truncated image that a resumed
-    run would take as done."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """A PNG written atomically (model.files.atomic_path): an interrupted run never leaves a truncated image that a
+    resumed run would take as done."""
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 class GroundedSAM:

@@ -18,6 +18,7 @@ import torch
 import torch.nn as nn
 
 from .diffusion import Diffusion
+from .files import atomic_path
 from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -367,11 +368,10 @@ def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Modul
     meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text_encoder.config.to_dict(),
                 vae=vae.config.to_dict() if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
-    tmp = path + ".tmp"
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
-    save_file({k: cast(v.detach()).contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={"jedi": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: cast(v.detach()).contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"jedi": json.dumps(meta)})
 
 
 def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
