@@ -402,6 +402,45 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
     assert len(list(out.glob("images/*/*.png"))) == 16
 
 
+def test_rerun_compares_the_checkpoint_file_not_the_flag(mini_dataset, weights, tmp_path, capsys):
+    """A folder made with `--ckpt assets/jedi_toy.safetensors` reruns without --ckpt (which is that same file), and
+    the other way round; another checkpoint is refused, the message naming the default as such."""
+    import sample
+
+    base = ["--dataset", str(mini_dataset), "--clip_model", weights["clip_cfg"], "--clip_weights",
+            weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--num_prompts", "1",
+            "--images_per_prompt", "1", "--subjects", "toy_a"]
+    typed = os.path.relpath(sample.DEFAULT_CKPT)  # e.g. assets/jedi_toy.safetensors from the repository root
+
+    def run(out, *extra):
+        return jeval.main(base + ["--out", str(tmp_path / out), *extra], generate_fn=FakeGenerator(),
+                          load_model_fn=lambda: None)
+    assert run("a", "--ckpt", typed) == 0
+    assert run("a") == 0  # the default is the same file
+    assert run("b") == 0
+    assert run("b", "--ckpt", sample.DEFAULT_CKPT) == 0  # and back, spelt another way
+    capsys.readouterr()
+    other = str(tmp_path / "other.safetensors")
+    assert run("b", "--ckpt", other) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"ckpt=the default {typed} (now {other!r})" in errors[0]
+    assert run("a", "--ckpt", other) == 2
+    assert f"ckpt={typed!r} (now {other!r})" in capsys.readouterr().err
+
+
+def test_every_flag_has_help(monkeypatch):
+    import argparse
+
+    flags, real = {}, argparse.ArgumentParser.add_argument
+
+    def spy(self, *a, **kw):
+        flags[a[0]] = kw.get("help")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    jeval.parse_args(["--dataset", "d", "--out", "o", "--clip_weights", "c", "--dino", "x"])
+    assert len(flags) > 20 and [f for f, text in flags.items() if f != "-h" and not text] == []
+
+
 def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_path, capsys):
     """Same seed, same images across runs and subsets; --no_masked needs no masks; num_refs 1 passes one ref."""
     base = ["--dataset", str(mini_dataset), "--clip_model", weights["clip_cfg"], "--clip_weights",
