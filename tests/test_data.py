@@ -489,9 +489,19 @@ def test_cli_count_and_grid(tmp_path, capsys):
     assert data.main(["count", path]) == 0
     assert "sets0: 2 sets" in capsys.readouterr().out
     out = str(tmp_path / "grid.png")
-    assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16"]) == 0
-    w, h = Image.open(out).size
-    assert h == 3 * 16 and w in (32, 48, 64)
+    assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # row i is the loader's set i (seed 2): its images left to right on grey, and its captions printed
+    sets = [(px, caps) for b in take(data.build_loader("procedural", resolution=16, images_per_batch=12, seed=2), 2)
+            for px, caps in zip(b["pixels"], b["captions"])][:3]
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (3 * 16, 16 * max(len(px) for px, _ in sets), 3)
+    for i, (px, caps) in enumerate(sets):
+        for j in range(grid.shape[1] // 16):
+            tile = grid[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]
+            want = ((px[j].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy() if j < len(px) else 128
+            assert (tile == want).all(), (i, j)
+        assert printed[i] == f"row {i}: " + " | ".join(caps)
     assert data.parse_spec("sets:a.jsonl@2,procedural") == [
         {"type": "sets", "path": "a.jsonl", "weight": 2.0}, {"type": "procedural", "split": "train"}]
 

@@ -123,9 +123,10 @@ def test_truncated_and_foreign_files_fail_clearly(tiny_sd, tmp_path):
                tmp_path / "novae.ckpt")
     with pytest.raises(CheckpointError, match="no VAE weights"):
         load_sd(str(tmp_path / "novae.ckpt"), num_heads=2)
-    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(Exception):
-        load_sd(str(tmp_path / "junk.ckpt"))
+    for name in ("junk.ckpt", "junk.safetensors"):  # a clear error naming the file, never a traceback from inside
+        (tmp_path / name).write_bytes(b"not a checkpoint at all")
+        with pytest.raises(CheckpointError, match=str(tmp_path / name)):
+            load_sd(str(tmp_path / name))
     with pytest.raises(FileNotFoundError):
         load_sd(str(tmp_path / "nope.ckpt"))
 
