@@ -222,6 +222,16 @@ def test_grounded_sam_tiny_random_weights(tmp_path):
     img, _ = picture((200, 30, 30), (20, 120, 20), size=(80, 48), box=(20, 10, 60, 40))
     mask = seg(img, "Dog")
     assert mask.shape == (48, 80) and mask.dtype == bool
+    # the subject mask is SAM's mask of the single most confident box for "<class>." (lower case)
+    boxes, scores = seg.detect(img, "dog")
+    assert len(scores) > 2 and boxes.shape == (len(scores), 4)
+    best = boxes[[int(np.argmax(scores))]]
+    assert (mask == seg.segment(img, best)[0]).all()
+    assert not all((seg.segment(img, boxes[[i]])[0] == mask).all() for i in range(len(scores)))  # boxes differ
+    # instances: the `limit` most confident, best first, each with its own box's mask
+    inst = seg.instances(img, "dog", limit=2)
+    assert [i["score"] for i in inst] == pytest.approx(sorted(scores.tolist(), reverse=True)[:2])
+    assert (inst[0]["mask"] == mask).all() and inst[0]["box"] == pytest.approx(best[0].tolist())
     seg.box_threshold = 1.01  # nothing passes: "nothing found" is an all-False mask
     assert not seg(img, "dog").any()
 
