@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,14 +136,25 @@ def _cutout(root, cid, k):
 
 def test_manifest_trains(tiny, tmp_path):
     """data.py loads the final manifest and train.py runs a few steps on it."""
-    spec = "sets:" + os.path.join(tiny["ref"], "sets.jsonl")
-    batch = next(data.build_loader(spec, resolution=16, images_per_batch=4, set_sizes=(2,)))
-    assert batch["pixels"].shape == (2, 2, 3, 16, 16) and len(batch["captions"][0]) == 2
-    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--data_spec={spec}", "--max_iters=2",
-                        f"--out_dir={tmp_path / 'run'}", "--ckpt_interval=0", "--log_interval=1"],
+    manifest = os.path.join(tiny["ref"], "sets.jsonl")
+    sets = [json.loads(line) for line in open(manifest)]
+    loader = data.build_loader("sets:" + manifest, resolution=16, images_per_batch=4, set_sizes=(2,))
+    for batch in (next(loader), next(loader)):
+        assert batch["pixels"].shape == (2, 2, 3, 16, 16)
+        for key, px, caps in zip(batch["keys"], batch["pixels"], batch["captions"]):
+            rec = sets[int(key.split(":")[1])]  # "sets0:<line>"
+            files = {i: data.fit(data.load_image(os.path.join(tiny["ref"], p)), 16, None)
+                     for i, p in enumerate(rec["images"])}
+            for im, cap in zip(px, caps):  # each image is one of the set's, fitted (mirrored with its set or not)
+                got = ((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+                match = [i for i, f in files.items() if (got == f).all() or (got == f[:, ::-1]).all()]
+                assert match and cap == rec["captions"][match[0]]
+    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--data_spec=sets:{manifest}",
+                        "--max_iters=2", f"--out_dir={tmp_path / 'run'}", "--ckpt_interval=0", "--log_interval=1"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "step 1" in p.stdout + p.stderr
+    loss = [float(x) for x in re.findall(r"^step [12] \| loss ([\d.]+)", p.stdout, re.M)]
+    assert len(loss) == 2 and all(0 < x < 10 for x in loss) and "bad samples" not in p.stdout, p.stdout
 
 
 # ----------------------------------------------------------------------------- resume and ranks
