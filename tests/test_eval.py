@@ -488,8 +488,9 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path, monkeypatch):
     ckpt = str(tmp_path / "tiny_jedi.safetensors")
     save_jedi(ckpt, unet, text, None, resolution=16, diffusion={"prediction": "eps"}, steps=2, guidance=2.0,
               sampler="dpmpp_2m")
-    calls, real = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    calls, outputs, real = [], [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append(kw) or outputs.append(real(*a, **kw))
+                        or outputs[-1])
     argv = ["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"), "--ckpt", ckpt, "--num_refs", "1",
             "--num_prompts", "1", "--images_per_prompt", "2", "--clip_model", weights["clip_cfg"],
             "--clip_weights", weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--device", "cpu"]
@@ -500,6 +501,13 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path, monkeypatch):
     assert used[0] == {"sampler": "dpmpp_2m", "steps": 2, "guidance": 2.0, "dtype": "fp32"}  # the checkpoint's
     images = sorted((tmp_path / "out/images").glob("*/*.png"))
     assert len(images) == 4 and all(Image.open(p).size == (16, 16) for p in images)
+    # each saved image is generate()'s new image of its set, pixel for pixel (the reference is not what is saved)
+    for subject, sets in zip(["toy_a", "dog_b"], outputs[:2]):
+        for k, images_k in enumerate(sets):
+            saved = np.asarray(Image.open(tmp_path / f"out/images/{subject}/00_{k}.png"))
+            assert len(images_k) == 1 and (saved == np.asarray(images_k[0])).all()
+    assert not (np.asarray(Image.open(tmp_path / "out/images/toy_a/00_0.png"))
+                == np.asarray(Image.open(tmp_path / "out/images/toy_a/00_1.png"))).all()  # 2 sets, 2 images
     res = json.loads((tmp_path / "out/results.json").read_text())
     assert res["overall"]["CLIP-I"]["n"] == 4 and res["settings"]["checkpoint"] == ckpt
     assert res["settings"]["steps"] == 2 and res["settings"]["guidance"] == 2.0  # the checkpoint's defaults
