@@ -193,3 +193,27 @@ def test_train_refuses_a_bad_sd_path_before_writing(tmp_path):
     last = r.stderr.strip().splitlines()[-1]
     assert last.startswith(f"sd_path: {bad}") and "out.2.weight" in last, r.stderr[-2000:]
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the vision models eval.py and s3.py load
+
+@pytest.mark.parametrize("lie", ["wider config", "malformed config"])
+def test_hf_folder_whose_config_lies_is_one_line(tmp_path, lie):
+    from transformers import ViTConfig, ViTModel
+
+    import vision
+
+    folder = tmp_path / "dino"
+    ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if lie == "wider config":
+        cfg.update(hidden_size=8192, intermediate_size=32768)  # ~1 GB per layer if it were allocated
+        (folder / "config.json").write_text(json.dumps(cfg))
+    else:
+        (folder / "config.json").write_text(json.dumps(cfg)[:-9])
+    with pytest.raises(vision.VisionError) as e:
+        vision.DinoEmbedder(str(folder))
+    msg = str(e.value)
+    assert str(folder) in msg and "\n" not in msg, msg
+    assert ("does not match its weights" if lie == "wider config" else "not a valid JSON") in msg, msg
