@@ -353,7 +353,12 @@ def test_bench_cpu_smoke(tmp_path):
                        env=_sub_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     text = out.read_text()
-    assert "TFLOP/s" in text and "triton" in text.lower()
+    # every table row: triton's and sdpa's TFLOP/s, and their ratio computed from them
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2, text  # forward and backward
+    for cells in rows:
+        triton, sdpa, ratio = (c.strip() for c in cells[5:8])
+        assert float(triton) > 0 and float(sdpa) > 0 and ratio == f"{float(triton) / float(sdpa):.2f}x", cells
 
 
 def test_cuda_check_cpu_smoke(tmp_path):
