@@ -90,6 +90,24 @@ def test_one_image_reader_handles_exif_alpha_depth_and_cmyk(tmp_path):
     assert sample.load_image(str(tmp_path / "wide.png"), 12).shape == (3, 12, 12)
 
 
+def test_references_get_the_pixels_training_reads_from_the_same_file(tmp_path):
+    """One preprocessing (data.fit after data.load_image): a reference through sample.py is the tensor the training
+    loader makes of the same file, bit for bit (a wide JPEG decoded at reduced scale, a tall RGBA PNG)."""
+    rng = np.random.default_rng(1)
+    smooth = lambda h, w: np.stack([*np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)),  # noqa: E731
+                                    rng.integers(0, 255, (h, w))], -1).astype(np.uint8)  # ramps + noise
+    Image.fromarray(smooth(120, 200)).save(tmp_path / "wide.jpg", quality=90)
+    Image.fromarray(np.concatenate([smooth(90, 50), rng.integers(0, 255, (90, 50, 1), np.uint8)], -1),
+                    "RGBA").save(tmp_path / "tall.png")
+    (tmp_path / "sets.jsonl").write_text('{"images": ["wide.jpg", "tall.png"], "caption": "x"}\n')
+    loader = data.build_loader([dict(type="sets", path=str(tmp_path / "sets.jsonl"))], resolution=16,
+                               images_per_batch=2, set_sizes=(2,), flip="none")
+    trained = next(loader)["pixels"][0]  # (2, 3, 16, 16): the set, in manifest order
+    for name, x in zip(("wide.jpg", "tall.png"), trained):
+        assert torch.equal(sample.load_image(str(tmp_path / name), 16), x), name
+    assert not torch.equal(trained[0], trained[0].flip(-1))  # not trivially symmetric: the crop and flip matter
+
+
 @pytest.mark.parametrize("space", ["latent", "pixel"])
 def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
     args = ["--ckpt", ckpts[space], "--refs", *refs, "--prompt", "a toy on the beach", "a toy in the snow",
