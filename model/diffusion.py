@@ -249,8 +249,9 @@ def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | 
 
 
 # Image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one (the one default: sample.py's
-# resolver and the benchmarks import it). The paper gives no value; λ = 3 is what the toy ships with and was benchmarked
-# at (config/toy.py, docs/toy.md), while λ = 6 over-saturated it (REFERENCE.md). train.py stores its own in exports.
+# resolver and the benchmarks import it). The paper gives no value; λ = 3 is what the toy ships with and was
+# benchmarked at (config/toy.py, docs/toy.md), while λ = 6 over-saturated it (REFERENCE.md). train.py stores its
+# own in every export.
 DEFAULT_GUIDANCE = 3.0
 
 
