@@ -211,6 +211,21 @@ def test_a_guided_step_combines_separately_run_passes(text_guidance):
     assert (e_cond - e_0).abs().mean() > 0.1 and (e_cond - eps(ref, empty)).abs().mean() > 0.01  # passes differ
 
 
+def test_without_references_text_guidance_is_plain_text_guidance():
+    """No references: ε(x̂, "") is ε⁰ itself, so text_guidance s with any λ samples as guidance s alone; a third pass
+    that kept the text, or swapped scales, would sample as λ."""
+    unet, null = tiny_unet(), torch.randn(1, 7, 8)
+    args = dict(refs=None, context=torch.randn(2, 7, 8), null_context=null, num_new=2, steps=3, latent_shape=(4, 8, 8))
+
+    @torch.no_grad()
+    def run(**kw):
+        return personalize(unet, Diffusion(), generator=torch.Generator().manual_seed(0), **args, **kw)
+
+    three_pass = run(guidance=7.0, text_guidance=3.0)
+    torch.testing.assert_close(three_pass, run(guidance=3.0), rtol=1e-5, atol=1e-5)
+    assert (three_pass - run(guidance=7.0)).abs().mean() > 0.05
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_same_seed_same_images_with_a_real_unet(sampler):
     unet = tiny_unet()

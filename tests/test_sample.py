@@ -123,10 +123,18 @@ def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
     assert np.array_equal(a, b) and not np.array_equal(a, c)
 
 
-def test_without_references_and_text_guidance(ckpts, tmp_path):
+def test_cli_text_guidance_reaches_the_sampler(ckpts, tmp_path, monkeypatch):
+    """--text_guidance and --guidance arrive at personalize as given (the three-pass arithmetic itself is checked
+    against separately run passes in tests/test_diffusion.py), and the CLI's images are generate()'s."""
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     assert sample.main(["--ckpt", ckpts["latent"], "--prompt", "a", "b", "c", "--steps", "2", "--text_guidance", "3",
-                        "--out", str(tmp_path / "o")]) == 0
-    assert len([f for f in os.listdir(tmp_path / "o") if f.startswith("set0_")]) == 3
+                        "--guidance", "7", "--out", str(tmp_path / "o")]) == 0
+    assert [(kw["text_guidance"], kw["guidance"], kw["refs"], kw["num_new"]) for kw in seen] == [(3.0, 7.0, None, 3)]
+    cli = np.stack([np.asarray(Image.open(tmp_path / "o" / f"set0_prompt{j}.png")) for j in range(3)])
+    direct = sample.generate(sample.load_model(ckpts["latent"]), [], ["a", "b", "c"], steps=2, text_guidance=3.0,
+                             guidance=7.0, sampler="ddim")
+    assert np.array_equal(cli, np.stack([np.asarray(im) for im in direct[0]]))
 
 
 def test_replacement_returns_the_references_exactly(ckpts, refs):
@@ -184,9 +192,11 @@ def _arrays(sets):
 
 @pytest.mark.parametrize("space", ["latent", "pixel"])
 def test_bf16_generate_on_cpu_stays_close_to_fp32(ckpts, space):
-    """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2% per op): over a few sampling steps the images move by a
-    fraction of one 8-bit level on average (measured: 0.03-0.3 levels, at most 2). The bound, 2 levels mean and
-    8 at most, is still ~20x below what a broken cast gives: two independent sets differ by 0.16-0.49 (40-125 levels)."""
+    """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2% per op) in the UNet, text encoder and VAE; the sampler state
+    stays fp32. Over a few steps the images move by a fraction of one 8-bit level on average (measured: pixel space
+    0.01-0.03 levels, at most 1; latent 0.25-0.31, at most 2, the bf16 VAE's share). The bound, 0.5 levels mean
+    and 4 at most, is ~100x below a real difference: two independent sets differ by 40-125 levels. The shipped
+    toy's bound (tests/test_toy_model.py) is the one calibrated on a trained model."""
     ref = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     args = dict(num_sets=2, steps=3, guidance=2.0, seed=1)
     fp32 = _arrays(sample.generate(sample.load_model(ckpts[space], dtype="fp32"), [ref], ["a dog", "a cat"], **args))
@@ -194,7 +204,7 @@ def test_bf16_generate_on_cpu_stays_close_to_fp32(ckpts, space):
     assert bf16_model.dtype == torch.bfloat16
     bf16 = _arrays(sample.generate(bf16_model, [ref], ["a dog", "a cat"], **args))
     diff = np.abs(bf16 - fp32)
-    assert 0 < diff.mean() < 2 / 255 and diff.max() <= 8 / 255
+    assert 0 < diff.mean() < 0.5 / 255 and diff.max() <= 4 / 255
     assert np.abs(fp32[:2] - fp32[2:]).mean() > 20 * diff.mean()  # the scale of a real difference
 
 
