@@ -121,6 +121,13 @@ def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
     assert sample.main(args + ["--out", str(tmp_path / "c"), "--seed", "1", "--sampler", "dpmpp_2m"]) == 0
     a, b, c = (np.asarray(Image.open(tmp_path / d / "set0_prompt1.png")) for d in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    g = np.asarray(grid)
+    cell = lambda i, j: g[2 + 18 * i : 18 + 18 * i, 2 + 18 * j : 18 + 18 * j]  # noqa: E731  16x16 cells, pad 2
+    for i in range(2):  # each row: the references exactly as read, then that set's images as saved
+        for j, ref in enumerate(refs):
+            assert np.array_equal(cell(i, j), np.asarray(sample.to_pil(sample.load_image(ref, 16))))
+        for j in range(2):
+            assert np.array_equal(cell(i, 3 + j), np.asarray(Image.open(tmp_path / "a" / f"set{i}_prompt{j}.png")))
 
 
 def test_cli_text_guidance_reaches_the_sampler(ckpts, tmp_path, monkeypatch):
@@ -147,10 +154,16 @@ def test_replacement_returns_the_references_exactly(ckpts, refs):
     torch.testing.assert_close(m.to_pixels(z[:2]), x.clamp(-1, 1), rtol=0, atol=0)
 
 
-def test_chunking_and_set_size_cap(ckpts, refs):
+def test_chunking_and_set_size_cap(ckpts, refs, monkeypatch):
     m = sample.load_model(ckpts["latent"])
-    sets = sample.generate(m, refs[:1], ["p1", "p2", "p3"], steps=1, max_set_size=2, num_sets=1)
-    assert len(sets[0]) == 3  # three chunks of [ref + 1 prompt]
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    sets = sample.generate(m, refs[:2], ["p1", "p2", "p3"], ref_prompt="r", steps=1, max_set_size=4)
+    assert len(sets[0]) == 3 and [kw["num_new"] for kw in seen] == [2, 1]  # chunks [2 refs + 2], [2 refs + 1]
+    want = m.to_latents(torch.stack([sample.load_image(p, 16) for p in refs[:2]]))
+    for kw, chunk in zip(seen, (["p1", "p2"], ["p3"])):  # every chunk: all references, their caption first
+        assert torch.equal(kw["refs"], want)
+        torch.testing.assert_close(kw["context"], m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
     assert len(sample.generate(m, refs[:2], ["p"], ref_prompt=["r1", "r2"], steps=1)[0]) == 1
     with pytest.raises(sample.UserError, match="2 reference prompts for 1"):
         sample.generate(m, refs[:1], ["p"], ref_prompt=["r1", "r2"], steps=1)
