@@ -226,6 +226,36 @@ def test_without_references_text_guidance_is_plain_text_guidance():
     assert (three_pass - run(guidance=7.0)).abs().mean() > 0.05
 
 
+def test_bf16_unet_fp32_state():
+    """A bf16 model: the UNet gets bf16 inputs, the sampler state and result are fp32, the references come back
+    exactly, and the second UNet call sees the oracle's x_t: the first call's bf16 outputs guided and stepped in
+    fp32 from the fp32 x_T, then cast to bf16 once."""
+    unet, d = tiny_unet().to(torch.bfloat16), Diffusion()
+    refs = torch.randn(1, 4, 8, 8).bfloat16()
+    ctx, null = torch.randn(2, 7, 8).bfloat16(), torch.randn(1, 7, 8).bfloat16()
+    seen = []
+
+    def recording(x, t, context, set_size=1):
+        seen.append(x)
+        return unet(x, t, context, set_size=set_size)
+
+    with torch.no_grad():
+        out = personalize(recording, d, refs=refs, context=ctx, null_context=null, num_new=1, steps=2, guidance=3.0,
+                          generator=torch.Generator().manual_seed(0))
+    assert {x.dtype for x in seen} == {torch.bfloat16} and out.dtype == torch.float32
+    assert torch.equal(out[:1], refs.float())
+    with torch.no_grad():  # the oracle: the first call's outputs, guided and stepped in fp32 from the fp32 x_T
+        t, t_next = spaced_timesteps(2)
+        e_cond, e_0 = unet(seen[0], torch.full((4,), t), torch.cat([ctx, null.expand(2, -1, -1)]), set_size=2).chunk(2)
+        e = (e_0.float() + 3.0 * (e_cond.float() - e_0.float()))[1]  # the new image
+    x_T = torch.randn((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))[1]  # sample()'s first draw
+    ab, ab_next = d.alphas_cumprod[t].item(), d.alphas_cumprod[t_next].item()
+    want = math.sqrt(ab_next) * (x_T - math.sqrt(1 - ab) * e) / math.sqrt(ab) + math.sqrt(1 - ab_next) * e
+    got = seen[1][1, :4].float()  # what the UNet got at step 2: the fp32 state, cast to bf16 once
+    w = want.bfloat16().float()  # fp32 arithmetic rounds once; a bf16 state rounds each op (60% of values differ)
+    assert (got == w).float().mean() > 0.95 and ((got - w).abs() <= w.abs() * 2 ** -7).all()  # else 1 ulp at most
+
+
 @pytest.mark.parametrize("sampler", ["ddim", "dpmpp_2m"])
 def test_same_seed_same_images_with_a_real_unet(sampler):
     unet = tiny_unet()
