@@ -339,7 +339,8 @@ def parse_args(argv=None):
     p.add_argument("--images_per_prompt", type=int, default=4, help="images generated and scored per prompt, each "
                    "its own set [references..., new image] (the protocol's 4)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="image guidance (default: the checkpoint's, else 5)")
+    p.add_argument("--guidance", type=float, default=None, help="image guidance λ (default: the checkpoint's, else "
+                   "model.diffusion.DEFAULT_GUIDANCE)")
     p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else ddim "
                    "(sample.py's defaults, resolved by its sampling_settings)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as sample.py's: auto = "
