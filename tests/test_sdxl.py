@@ -1,0 +1,156 @@
+"""SDXL's UNet against diffusers (the oracle): the published sizes, micro-conditioning, tiny parity (label_emb
+included), the diffusers name map, and one forward of the full-size 2.57B UNet (slow)."""
+import gc
+import zlib
+
+import pytest
+import torch
+
+from model.conditioning import Cond, micro_conditioning
+from model.flavours import FLAVOURS
+from model.unet import UNet, UNetConfig
+from tests.test_unet import randomize, rel_err
+
+POOLED = 16  # tiny pooled-text width (SDXL: 1280)
+TINY_XL = dict(in_channels=4, model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=2,
+               num_head_channels=8, transformer_depth=(0, 2, 3), context_dim=24, use_linear_proj=True,
+               adm_in_channels=POOLED + 6 * 256)
+
+
+def diffusers_kwargs(cfg: UNetConfig, sample_size: int = 16) -> dict:
+    """UNet2DConditionModel arguments for our config: per-level depth, heads per level (diffusers calls the head
+    count attention_head_dim), and SDXL's text_time vector input when adm_in_channels is set."""
+    L = len(cfg.channel_mult)
+    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
+    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+              block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
+              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
+              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), cross_attention_dim=cfg.context_dim,
+              use_linear_projection=cfg.use_linear_proj, norm_num_groups=cfg.norm_groups)
+    assert cfg.transformer_depth_middle == cfg.transformer_depth[-1]  # diffusers' mid block takes the last level's
+    if cfg.adm_in_channels is not None:
+        kw.update(addition_embed_type="text_time", addition_time_embed_dim=256,
+                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    return kw
+
+
+def xl_inputs(cfg, B=2, hw=8, L=7, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(B, cfg.in_channels, hw, hw, generator=g)
+    t = torch.tensor([3, 871][:B])
+    ctx = torch.randn(B, L, cfg.context_dim, generator=g)
+    pooled = torch.randn(B, cfg.adm_in_channels - 6 * 256, generator=g)
+    time_ids = torch.tensor([[1024., 768., 0., 64., 1024., 1024.], [512., 512., 32., 0., 768., 640.]][:B])
+    return x, t, ctx, pooled, time_ids
+
+
+def ours_y(pooled, time_ids):
+    """SDXL's y: pooled text, then the six size numbers' features (sgm's embedder order)."""
+    return torch.cat([pooled, micro_conditioning(time_ids[:, 0:2], time_ids[:, 2:4], time_ids[:, 4:6])], dim=1)
+
+
+# ----------------------------------------------------------------------------- the published sizes
+
+def test_sdxl_flavour_is_the_published_unet():
+    """Issue 27's SDXL facts, on a meta-device build (no memory): three levels 320/640/1280, attention only at
+    factors 2 and 4 with depths 2 and 10 and a middle of 10, heads 10 and 20 of dim 64, linear proj, context 2048,
+    label_emb 2816 -> 1280 (1280 pooled + 6·256), 2,567,463,684 parameters as diffusers' SDXL UNet."""
+    fl = FLAVOURS["sdxl"]
+    assert (fl.vae_scale, fl.context_dim, fl.resolution) == (0.13025, 2048, 1024)
+    with torch.device("meta"):
+        net = UNet(fl.unet)
+    assert [b[0].out_layers[3].out_channels for b in net.input_blocks[1:] if hasattr(b[0], "out_layers")] == \
+        [320, 320, 640, 640, 1280, 1280]
+    st = {name: m for name, m in net.named_modules() if type(m).__name__ == "SpatialTransformer"}
+    assert sorted(st) == sorted(["input_blocks.4.1", "input_blocks.5.1", "input_blocks.7.1", "input_blocks.8.1",
+                                 "middle_block.1"] + [f"output_blocks.{i}.1" for i in range(6)])
+    depth = {n: len(m.transformer_blocks) for n, m in st.items()}
+    assert depth["input_blocks.4.1"] == depth["output_blocks.5.1"] == 2
+    assert depth["input_blocks.7.1"] == depth["output_blocks.0.1"] == depth["middle_block.1"] == 10
+    a = st["input_blocks.4.1"].transformer_blocks[0].attn1
+    b = st["middle_block.1"].transformer_blocks[0].attn2
+    assert (a.heads, a.dim_head, b.heads, b.dim_head) == (10, 64, 20, 64)
+    assert b.to_k.in_features == 2048 and isinstance(st["middle_block.1"].proj_in, torch.nn.Linear)
+    assert [tuple(p.shape) for p in net.label_emb.parameters()] == [(1280, 2816), (1280,), (1280, 1280), (1280,)]
+    assert 2816 == 1280 + micro_conditioning((1024, 1024), (0, 0), (1024, 1024)).shape[1]
+    assert sum(p.numel() for p in net.parameters()) == 2_567_463_684
+
+
+def test_sd1_flavour_is_the_default_config():
+    fl = FLAVOURS["sd1"]
+    assert fl.unet == UNetConfig(in_channels=4) and fl.heads == dict(num_heads=8)
+    assert (fl.vae_scale, fl.context_dim, fl.resolution) == (0.18215, 768, 512)
+
+
+def test_config_depth_int_means_every_level_and_old_metadata_loads():
+    old = dict(UNetConfig(in_channels=4).to_dict(), transformer_depth=1)  # metadata written before per-level depth
+    old.pop("transformer_depth_middle"), old.pop("adm_in_channels")
+    cfg = UNetConfig(**old)
+    assert cfg.transformer_depth == (1, 1, 1, 0) and cfg.transformer_depth_middle == 1  # level 3 has no attention
+    assert UNetConfig(**{**cfg.to_dict(), "channel_mult": [1, 2, 4, 4]}) == cfg  # JSON round trip (lists)
+    with pytest.raises(ValueError, match="transformer_depth"):
+        UNetConfig(transformer_depth=(1, 1))
+    with pytest.raises(ValueError, match="0 at a level with attention"):
+        UNetConfig(transformer_depth=(0, 1, 1, 1))
+
+
+# ----------------------------------------------------------------------------- micro-conditioning
+
+def test_micro_conditioning_matches_diffusers_add_time_ids():
+    """Our six Fourier features against the path diffusers' SDXL UNet takes: time_ids (B, 6) -> add_time_proj
+    (Timesteps(256, flip_sin_to_cos=True, shift 0)) -> (B, 6·256)."""
+    import diffusers
+
+    net = diffusers.UNet2DConditionModel(**diffusers_kwargs(UNetConfig(**TINY_XL)))
+    time_ids = xl_inputs(UNetConfig(**TINY_XL))[-1]
+    ref = net.add_time_proj(time_ids.flatten()).reshape(len(time_ids), -1)
+    ours = micro_conditioning(time_ids[:, 0:2], time_ids[:, 2:4], time_ids[:, 4:6])
+    assert ours.shape == (2, 1536)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    one = micro_conditioning((1024, 768), (0, 64), (1024, 1024))  # pairs: one image, broadcast to a batch
+    torch.testing.assert_close(one, ours[:1], rtol=0, atol=0)
+    with pytest.raises(ValueError, match="micro_conditioning"):
+        micro_conditioning((1, 2, 3), (0, 0), (1, 1))
+
+
+# ----------------------------------------------------------------------------- tiny parity
+
+@torch.no_grad()
+def test_parity_tiny_sdxl_with_diffusers():
+    """A tiny SDXL-shaped UNet (three levels, per-level depth 0/2/3, head dim 8, linear proj, label_emb) against
+    diffusers' UNet2DConditionModel with text_time added embedding, the same weights through diffusers' converter."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    import diffusers
+
+    cfg = UNetConfig(**TINY_XL)
+    ours = randomize(UNet(cfg)).eval()
+    ref = diffusers.UNet2DConditionModel(**diffusers_kwargs(cfg)).eval()
+    ldm = {"model.diffusion_model." + k: v for k, v in ours.state_dict().items()}
+    ref.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(ref.config)), strict=True)
+    x, t, ctx, pooled, time_ids = xl_inputs(cfg)
+    want = ref(x, t, ctx, added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids)).sample
+    got = ours(x, t, Cond(ctx, ours_y(pooled, time_ids)))
+    err = rel_err(got, want)
+    print(f"tiny SDXL UNet parity vs diffusers: rel err {err:.2e}")
+    assert err <= 1e-6
+    torch.testing.assert_close(ours(x, t, ctx, y=ours_y(pooled, time_ids)), got, rtol=0, atol=0)  # y as an argument
+    # label_emb is really used: other sizes give another output
+    other = time_ids.clone()
+    other[:, 0] = 256
+    assert rel_err(ours(x, t, Cond(ctx, ours_y(pooled, other))), got) > 1e-3
+
+
+def test_y_is_required_exactly_when_the_unet_has_label_emb():
+    xl, sd = UNet(UNetConfig(**TINY_XL)), UNet(UNetConfig(**{**TINY_XL, "adm_in_channels": None}))
+    x, t, ctx, pooled, time_ids = xl_inputs(xl.config)
+    y = ours_y(pooled, time_ids)
+    with pytest.raises(ValueError, match="y is missing"):
+        xl(x, t, ctx)
+    with pytest.raises(ValueError, match="y is given"):
+        sd(x, t, Cond(ctx, y))
+    with pytest.raises(ValueError, match="y given twice"):
+        xl(x, t, Cond(ctx, y), y=y)
+    assert not hasattr(sd, "label_emb")
