@@ -58,10 +58,18 @@ class Cond:
         return self._map(lambda v: v.repeat_interleave(n, dim=0))
 
     def expand(self, n: int) -> "Cond":
-        """A one-row value (e.g. the null text) as n rows without copying: (1, ...) -> (n, ...)."""
+        """A one-row value (e.g. the null text) as n rows without copying: (1, ...) -> (n, ...); n rows as they are
+        (an SDXL null keeps each image's size features in y)."""
+        if len(self) == n:
+            return self
         if len(self) != 1:
-            raise ValueError(f"Cond.expand: expected one row, got {len(self)}")
+            raise ValueError(f"Cond.expand: expected one row or {n}, got {len(self)}")
         return self._map(lambda v: v.expand(n, *v.shape[1:]))
+
+    def unet_arg(self):
+        """What a UNet call gets: the bare context tensor when there is no y (SD-1.x: the call form every UNet-like
+        callable takes, test spies and the diffusers baseline wrapper included), else the Cond itself."""
+        return self.context if self.y is None else self
 
     def where(self, drop: torch.Tensor, null: "Cond") -> "Cond":
         """Per row: `null` where drop (B,) is True, else self (text dropout, guidance's unconditional rows).
@@ -93,7 +101,7 @@ def as_cond(c) -> Cond:
     return c if isinstance(c, Cond) else Cond(c)
 
 
-MICRO_FEATURES = 256  # Fourier features per number (sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim)
+MICRO_FEATURES = 256  # features per number: sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim
 
 
 def micro_conditioning(original_size, crop_top_left, target_size) -> torch.Tensor:
@@ -107,7 +115,9 @@ def micro_conditioning(original_size, crop_top_left, target_size) -> torch.Tenso
     parts = [torch.as_tensor(v, dtype=torch.float32) for v in (original_size, crop_top_left, target_size)]
     parts = [p[None] if p.ndim == 1 else p for p in parts]  # a pair -> (1, 2)
     if any(p.ndim != 2 or p.shape[1] != 2 for p in parts):
-        raise ValueError(f"micro_conditioning: expected pairs or (B, 2) tensors, got shapes {[tuple(p.shape) for p in parts]}")
+        shapes = [tuple(p.shape) for p in parts]
+        raise ValueError(f"micro_conditioning: expected pairs or (B, 2) tensors, got shapes {shapes}")
     nums = torch.cat(torch.broadcast_tensors(*parts), dim=1)  # (B, 6)
     B = nums.shape[0]
-    return timestep_embedding(nums.reshape(-1), MICRO_FEATURES).reshape(B, 6 * MICRO_FEATURES)  # (B·6, 256) -> (B, 1536)
+    feats = timestep_embedding(nums.reshape(-1), MICRO_FEATURES)  # (B·6, 256)
+    return feats.reshape(B, 6 * MICRO_FEATURES)  # (B·6, 256) -> (B, 1536), each image's six in a row

@@ -66,7 +66,7 @@ class UNetConfig:
         if any(a and d < 1 for a, d in zip(attn, depth)):
             raise ValueError(f"UNetConfig: transformer_depth {depth} is 0 at a level with attention "
                              f"(attention_resolutions {self.attention_resolutions})")
-        self.transformer_depth = tuple(d if a else 0 for a, d in zip(attn, depth))  # as sgm: attention_resolutions rules
+        self.transformer_depth = tuple(d if a else 0 for a, d in zip(attn, depth))  # attention_resolutions rules (sgm)
         if self.num_head_channels > 0:
             self.num_heads = -1
         elif self.num_heads < 1:

@@ -154,3 +154,101 @@ def test_y_is_required_exactly_when_the_unet_has_label_emb():
     with pytest.raises(ValueError, match="y given twice"):
         xl(x, t, Cond(ctx, y), y=y)
     assert not hasattr(sd, "label_emb")
+
+
+# ----------------------------------------------------------------------------- the conditioning value threaded through
+
+class CondSpy(torch.nn.Module):
+    """Stands in for an SDXL UNet: records the Cond of every call, predicts a fixed function of x and of y."""
+
+    def __init__(self):
+        super().__init__()
+        self.conds = []
+
+    def forward(self, x, t, cond, set_size=1):
+        assert isinstance(cond, Cond) and cond.y is not None
+        self.conds.append(cond)
+        return 0.1 * x[:, :4] + cond.y.mean(1).reshape(-1, 1, 1, 1)  # (B·N,) -> (B·N, 1, 1, 1)
+
+
+def xl_cond(rows, L=5, D=6, Y=10, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return Cond(torch.randn(rows, L, D, generator=g), torch.randn(rows, Y, generator=g))
+
+
+def test_jedi_loss_drops_context_and_y_together():
+    from model.diffusion import Diffusion, jedi_loss
+
+    B, N = 6, 2
+    cond, null = xl_cond(B * N), xl_cond(1, seed=1)
+    x0 = torch.randn(B * N, 4, 8, 8)
+    for p_drop, p_drop_text in ((0.0, 0.0), (1.0, 0.0), (0.0, 1.0), (0.5, 0.0)):
+        spy = CondSpy()
+        jedi_loss(spy, Diffusion(), x0, cond, null, N, p_drop=p_drop, p_drop_text=p_drop_text,
+                  generator=torch.Generator().manual_seed(3))
+        got = spy.conds[0]
+        ctx_null = (got.context == null.context).flatten(1).all(1)  # (B·N,): this row's context is the null's
+        y_null = (got.y == null.y).all(1)
+        assert torch.equal(ctx_null, y_null)  # never one without the other
+        assert torch.equal(got.context[~ctx_null], cond.context[~ctx_null]) and torch.equal(got.y[~y_null], cond.y[~y_null])
+        assert ctx_null.reshape(B, N).all(1).equal(ctx_null.reshape(B, N).any(1))  # whole sets
+        expect = {0.0: 0, 1.0: B * N}.get(p_drop + p_drop_text)
+        if expect is not None:
+            assert int(ctx_null.sum()) == expect
+        else:
+            assert 0 < int(ctx_null.sum()) < B * N  # 0.5: some sets dropped, some not (seeded)
+
+
+def test_text_guidance_passes_carry_y():
+    from model.diffusion import Diffusion, text_guided
+
+    B = 3
+    cond, null = xl_cond(B), xl_cond(1, seed=1)
+    spy = CondSpy()
+    eps, x0 = text_guided(spy, Diffusion(), cond, null, 5.0)(torch.randn(B, 4, 8, 8), 500)
+    got = spy.conds[0]
+    assert torch.equal(got.y, torch.cat([cond.y, null.y.expand(B, -1)]))  # conditional rows, then the null's
+    assert torch.equal(got.context, torch.cat([cond.context, null.context.expand(B, -1, -1)]))
+    per_row_null = xl_cond(B, seed=2)  # an SDXL null may keep each image's size features: B rows
+    spy = CondSpy()
+    text_guided(spy, Diffusion(), cond, per_row_null, 5.0)(torch.randn(B, 4, 8, 8), 500)
+    assert torch.equal(spy.conds[0].y[B:], per_row_null.y)
+
+
+def test_reference_gain_sums_with_a_real_tiny_sdxl_unet():
+    from model.diffusion import Diffusion, reference_gain_sums
+
+    cfg = UNetConfig(**{**TINY_XL, "in_channels": 9})
+    unet = randomize(UNet(cfg)).eval()
+    x, t, ctx, pooled, time_ids = xl_inputs(cfg, B=2)
+    cond = Cond(ctx, ours_y(pooled, time_ids))  # two rows: one set of 2
+    sums = reference_gain_sums(unet, Diffusion(), torch.randn(2, 4, 8, 8), cond, torch.Generator().manual_seed(0),
+                               timesteps=(500,))
+    assert sums.shape == (2,) and bool(torch.isfinite(sums).all()) and bool((sums > 0).all())
+
+
+def test_cond_is_a_pytree_node():
+    """FSDP2 casts forward inputs with a pytree map: a registered Cond has its tensors cast, None kept."""
+    import torch.utils._pytree as pytree
+
+    c = xl_cond(2)
+    half = pytree.tree_map(lambda v: v.to(torch.bfloat16) if isinstance(v, torch.Tensor) else v, c)
+    assert isinstance(half, Cond) and half.context.dtype == half.y.dtype == torch.bfloat16
+    plain = pytree.tree_map(lambda v: v * 2 if isinstance(v, torch.Tensor) else v, Cond(c.context))
+    assert plain.y is None and torch.equal(plain.context, 2 * c.context)
+
+
+# ----------------------------------------------------------------------------- FLOPs
+
+def test_flops_count_sdxl_label_emb_and_depth():
+    from flops import counted_sdpa_flops, parameter_count, unet_flops
+
+    xl = UNetConfig(**TINY_XL)
+    f = unet_flops(xl, 8, set_size=2, num_sets=2)
+    assert f.forward == counted_sdpa_flops(xl, 8, set_size=2, num_sets=2)  # analytic attention = the counter's
+    no_y = unet_flops(UNetConfig(**{**TINY_XL, "adm_in_channels": None}), 8, set_size=2, num_sets=2)
+    emb = 4 * xl.model_channels
+    assert f.other - no_y.other == 2 * 4 * (xl.adm_in_channels * emb + emb * emb)  # label_emb's two Linears, 4 rows
+    deeper = unet_flops(UNetConfig(**{**TINY_XL, "transformer_depth": (0, 2, 4)}), 8, set_size=2, num_sets=2)
+    assert deeper.attention > f.attention  # per-level depth is counted (level 2 and, via its default, the middle)
+    assert parameter_count(FLAVOURS["sdxl"].unet) == 2_567_463_684
