@@ -175,7 +175,8 @@ def loss_settings():
 
 class Trainee(nn.Module):
     """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss
-    (model.diffusion.jedi_loss with the given settings)."""
+    (model.diffusion.jedi_loss with the given settings). context/null_context: tensors or model.conditioning.Cond
+    (a pytree node, so FSDP2's input cast reaches its context and y)."""
 
     def __init__(self, unet, text_encoder=None, null_ids=None, *, p_ref, p_drop, p_drop_text, ref_loss_weight):
         super().__init__()
@@ -557,7 +558,7 @@ def reference_gain(model, eval_batch, diffusion, rt):
     x0, ids, context = eval_batch
     if context is None:  # the text encoder is trained: its current weights
         context = model.text_encoder(input_ids=ids).last_hidden_state
-    context = context.to(rt.compute_dtype)
+    context = context.to(rt.compute_dtype)  # a tensor or a Cond (context and y)
 
     def unet(x, t, c, set_size):  # the eval batch is fp32; the model computes in compute_dtype
         return model.unet(x.to(rt.compute_dtype), t, c, set_size=set_size)
