@@ -1,0 +1,1 @@
+from .loading import CheckpointError, read_state_dict, strip_prefix  # TEMPORARY shim
