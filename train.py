@@ -60,7 +60,7 @@ from model.unet import UNet, UNetConfig
 out_dir: str = 'out'
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
 sd_path: str = ''  # SD-1.x .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text encoder
-num_heads: int = 8  # UNet heads of the SD checkpoint (the one size its shapes cannot tell)
+num_heads: int = 0  # UNet heads of the base checkpoint (shapes cannot tell); 0: its flavour's (SD-1.x 8, SDXL dim 64)
 log_interval: int = 10
 ckpt_interval: int = 1000
 keep_checkpoints: int = 3
