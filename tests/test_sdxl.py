@@ -304,3 +304,120 @@ def test_parity_sdxl_full_size_with_diffusers():
     print(f"full-size SDXL UNet parity vs diffusers: rel err {err:.2e}, output std {want.std():.3f}")
     assert bool(torch.isfinite(want).all()) and want.std() > 1e-2
     assert err <= 1e-5
+
+
+# ----------------------------------------------------------------------------- loading: names, files, folders
+
+LOAD_XL = {**TINY_XL, "num_head_channels": 64}  # SDXL's own head dim (channels 64 and 128: 1 and 2 heads), so the
+#                                                 flavour's default head layout is the right one
+
+
+def test_diffusers_names_and_config_inference_round_trip():
+    """diffusers' converter (ours -> diffusers) and ours (diffusers -> ours) are inverse, label_emb included, and
+    the config inferred from the tensors is the config built: per-level depth, middle depth, adm width, head dim."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+    import diffusers
+
+    from model.loading import convert_diffusers_unet, unet_config_from_state_dict
+
+    for cfg in (UNetConfig(**TINY_XL), UNetConfig(**{**TINY_XL, "transformer_depth": (0, 1, 3), "num_res_blocks": 1})):
+        ours = randomize(UNet(cfg)).state_dict()
+        d = convert_ldm_unet_checkpoint({"model.diffusion_model." + k: v for k, v in ours.items()},
+                                        dict(diffusers.UNet2DConditionModel(**diffusers_kwargs(cfg)).config))
+        assert {"add_embedding.linear_1.weight", "add_embedding.linear_2.bias"} <= set(d)
+        back, inferred = convert_diffusers_unet(d, num_head_channels=cfg.num_head_channels)
+        assert set(back) == set(ours) and all(torch.equal(back[k], ours[k]) for k in ours)
+        assert inferred == cfg
+        assert unet_config_from_state_dict(ours, num_head_channels=cfg.num_head_channels) == cfg
+    # no head layout given: the flavour's (SDXL: head dim 64, from label_emb's presence)
+    xl = UNet(UNetConfig(**LOAD_XL)).state_dict()
+    assert unet_config_from_state_dict(xl) == UNetConfig(**LOAD_XL)
+
+
+@pytest.fixture(scope="module")
+def tiny_sdxl_file(tmp_path_factory):
+    """A tiny SDXL single file in Stability's layout: UNet, VAE and (stand-in) tensors under both text prefixes."""
+    from safetensors.torch import save_file
+
+    from model.vae import AutoencoderKL, VAEConfig
+
+    torch.manual_seed(0)
+    unet = randomize(UNet(UNetConfig(**LOAD_XL)))
+    vae = randomize(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)))
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    sd["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
+    sd["conditioner.embedders.1.model.text_projection"] = torch.randn(8, 8)
+    path = tmp_path_factory.mktemp("xl") / "sd_xl_tiny.safetensors"
+    save_file(sd, str(path))
+    return unet, vae, sd, str(path)
+
+
+def test_sdxl_single_file_reads_by_prefix_strip(tiny_sdxl_file):
+    from model.loading import load_unet, load_vae, read_parts
+
+    unet, vae, sd, path = tiny_sdxl_file
+    parts = read_parts(path)
+    assert parts.flavour.name == "sdxl" and parts.text_layout == "original"
+    assert set(parts.text) == {"0", "1"} and "text_projection" in parts.text["1"]
+    loaded = load_unet(parts.unet, in_channels=None)  # head dim 64 from the flavour
+    assert loaded.config == unet.config
+    assert all(torch.equal(v, loaded.state_dict()[k]) for k, v in unet.state_dict().items())
+    v = load_vae(parts.vae, parts.flavour)
+    assert v.scale_factor == 0.13025 and all(torch.equal(t, v.state_dict()[k]) for k, t in vae.state_dict().items())
+    jedi = load_unet(parts.unet)  # JeDi-XL: 9 input channels, inflated
+    assert jedi.config.in_channels == 9 and jedi.config.adm_in_channels == unet.config.adm_in_channels
+
+
+def test_sdxl_load_sd_stops_at_the_text_conditioner(tiny_sdxl_file):
+    from model.loading import CheckpointError, load_sd
+
+    path = tiny_sdxl_file[-1]
+    with pytest.raises(CheckpointError, match="SDXL text conditioner not yet available") as e:
+        load_sd(path)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+
+
+def test_sdxl_diffusers_folder_reads_the_same(tiny_sdxl_file, tmp_path):
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint, convert_ldm_vae_checkpoint
+    from safetensors.torch import save_file
+    import diffusers
+
+    from model.loading import read_parts
+
+    unet, vae, sd, _ = tiny_sdxl_file
+    for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
+        (tmp_path / sub).mkdir()
+    d_unet = diffusers.UNet2DConditionModel(**diffusers_kwargs(unet.config))
+    save_file(convert_ldm_unet_checkpoint(sd, dict(d_unet.config)), tmp_path / "unet/diffusion_pytorch_model.safetensors")
+    d_vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                    up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)
+    save_file(convert_ldm_vae_checkpoint(sd, dict(d_vae.config)), tmp_path / "vae/diffusion_pytorch_model.safetensors")
+    save_file({"text_model.final_layer_norm.weight": torch.ones(8)}, tmp_path / "text_encoder/model.safetensors")
+    save_file({"text_projection.weight": torch.ones(8, 8)}, tmp_path / "text_encoder_2/model.safetensors")
+    parts = read_parts(str(tmp_path))
+    assert parts.flavour.name == "sdxl" and parts.text_layout == "diffusers" and set(parts.text) == {"0", "1"}
+    assert set(parts.unet) == set(unet.state_dict())
+    assert all(torch.equal(parts.unet[k], v) for k, v in unet.state_dict().items())
+    assert all(torch.equal(parts.vae[k], v) for k, v in vae.state_dict().items())
+
+
+@pytest.mark.parametrize("damage", ["truncated", "no label_emb", "no VAE"])
+def test_wrong_or_truncated_sdxl_file_is_a_one_line_error(tiny_sdxl_file, tmp_path, damage):
+    from safetensors.torch import save_file
+
+    from model.loading import CheckpointError, load_sd
+
+    _, _, sd, path = tiny_sdxl_file
+    bad = str(tmp_path / "bad.safetensors")
+    if damage == "truncated":
+        data = open(path, "rb").read()
+        open(bad, "wb").write(data[: len(data) // 2])
+    else:
+        drop = "model.diffusion_model.label_emb." if damage == "no label_emb" else "first_stage_model."
+        save_file({k: v for k, v in sd.items() if not k.startswith(drop)}, bad)
+    with pytest.raises(CheckpointError) as e:
+        load_sd(bad)
+    msg = str(e.value)
+    assert msg.startswith(bad) and "\n" not in msg, msg
+    assert {"truncated": "not a readable", "no label_emb": "label_emb", "no VAE": "no VAE weights"}[damage] in msg
