@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import data
-from model.diffusion import SAMPLERS, personalize
+from model.diffusion import DEFAULT_GUIDANCE, SAMPLERS, personalize
 from model.loading import CheckpointError, JeDi, check_jedi, load_jedi, load_sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,9 +51,10 @@ def sampling_settings(meta: dict, device, *, steps: int | None = None, guidance:
                       sampler: str | None = None, dtype: str | torch.dtype | None = None) -> dict:
     """The one resolver of a run's sampling settings, for sample.py, eval.py and bench/bench_sampling.py: a given
     value wins, else the checkpoint's (train.py's export stores steps, guidance and sampler in its metadata), else
-    50 steps, guidance 5, DDIM; dtype as resolve_dtype. Returns generate()'s keyword arguments."""
+    50 steps, model.diffusion.DEFAULT_GUIDANCE, DDIM; dtype as resolve_dtype. Returns generate()'s keyword
+    arguments."""
     return {"steps": steps or int(meta.get("steps", 50)),
-            "guidance": guidance if guidance is not None else float(meta.get("guidance", 5.0)),
+            "guidance": guidance if guidance is not None else float(meta.get("guidance", DEFAULT_GUIDANCE)),
             "sampler": sampler or meta.get("sampler", "ddim"),
             "dtype": {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, device)]}
 
@@ -189,7 +190,7 @@ def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
 # ----------------------------------------------------------------------------- generation
 
 def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
-             num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
+             num_sets: int = 1, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
              progress: bool = False, dtype: str | torch.dtype | None = None,
              max_batch_sets: int | None = None) -> list[list[Image.Image]]:
@@ -298,7 +299,7 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=1, help="independent sets to draw (each: one image per prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance λ of eq. 3 (text and references "
-                   "together; 1 = no guidance; default: the checkpoint's, else 5)")
+                   f"together; 1 = no guidance; default: the checkpoint's, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
                    "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
                    "p_drop_text > 0")

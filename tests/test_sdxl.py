@@ -421,3 +421,22 @@ def test_wrong_or_truncated_sdxl_file_is_a_one_line_error(tiny_sdxl_file, tmp_pa
     msg = str(e.value)
     assert msg.startswith(bad) and "\n" not in msg, msg
     assert {"truncated": "not a readable", "no label_emb": "label_emb", "no VAE": "no VAE weights"}[damage] in msg
+
+
+def test_personalize_passes_carry_y():
+    """personalize's guidance passes (conditional, ε⁰, and the 3-pass text variant) carry y with the context: the
+    conditional rows are the images' own, the null rows the null's (one row, or one per image of a set)."""
+    from model.diffusion import Diffusion, personalize
+
+    n, new, S = 1, 2, 2
+    N = n + new
+    cond = xl_cond(N)
+    for null in (xl_cond(1, seed=1), xl_cond(N, seed=1)):
+        spy = CondSpy()
+        out = personalize(spy, Diffusion(), refs=torch.randn(n, 4, 8, 8), context=cond, null_context=null,
+                          num_new=new, num_sets=S, steps=2, text_guidance=2.0, generator=torch.Generator().manual_seed(0))
+        assert out.shape == (S * N, 4, 8, 8) and len(spy.conds) == 2
+        got = spy.conds[0]
+        null_rows = null.expand(N).repeat(S)
+        assert torch.equal(got.y, torch.cat([cond.repeat(S).y, null_rows.y, null_rows.y]))
+        assert torch.equal(got.context, torch.cat([cond.repeat(S).context, null_rows.context, null_rows.context]))
