@@ -318,10 +318,18 @@ def _load_sd(rt, key, path, channels, what):
 
 def needed_weights(stages) -> list:
     """A check (raising MissingWeights) for every local weight path and input folder the stages will read."""
-    def path(p, what):  # an SD-1.x checkpoint: a file or a diffusers folder
+    def path(p, what, channels):  # an SD-1.x checkpoint: a file or a diffusers folder
+        from model.loading import CheckpointError, check_sd
+
         if not p or not os.path.exists(p):
             raise MissingWeights(f"{what} not found: expected {p!r} (a .ckpt / .safetensors file or a diffusers "
                                  f"folder)" if p else f"{what}: no path given")
+        try:  # names and shapes only: a wrong or damaged checkpoint is refused before any work
+            config = check_sd(p, num_heads=num_heads, in_channels=None)
+        except CheckpointError as e:
+            raise MissingWeights(f"{what}: {str(e).replace(chr(10), ' ')}") from None
+        if config.in_channels != channels:
+            raise MissingWeights(f"{what} {p}: its UNet takes {config.in_channels} input channels, expected {channels}")
 
     def folder(p, what):
         if not os.path.isdir(p):
@@ -333,7 +341,7 @@ def needed_weights(stages) -> list:
             checks.append(lambda: _require_hf_folder(llm, "prompt LLM (--llm)"))
         if s == "collages":
             checks.append(lambda: folder(collages_from, "collages_from") if collages_from
-                          else path(sd, "SD-1.x checkpoint (--sd)"))
+                          else path(sd, "SD-1.x checkpoint (--sd)", 4))
         if s == "instances":
             if masks_from:
                 checks.append(lambda: folder(masks_from, "masks_from"))
@@ -345,9 +353,9 @@ def needed_weights(stages) -> list:
                 checks.append(lambda: _require_file(clip_model, "CLIP architecture config (--clip_model)"))
             checks.append(lambda: _require_file(clip_weights, f"CLIP weights for {clip_model} (--clip_weights)"))
         if s == "backgrounds":
-            checks.append(lambda: path(inpaint, "SD-1.x inpainting checkpoint (--inpaint)"))
+            checks.append(lambda: path(inpaint, "SD-1.x inpainting checkpoint (--inpaint)", 9))
         if s == "stylize" and stylize_p > 0:
-            checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)"))
+            checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)", 8))
     return checks
 
 
@@ -360,7 +368,7 @@ def check_weights(stages):
         except MissingWeights as e:
             missing.append(str(e))
     if missing:
-        raise MissingWeights(f"{len(missing)} missing: " + "\n       ".join(missing))
+        raise MissingWeights(f"{len(missing)} missing or unusable: " + "\n       ".join(missing))
 
 
 # ----------------------------------------------------------------------------- the stage loop

@@ -12,19 +12,29 @@ class CheckpointError(RuntimeError):
     pass
 
 
-def read_state_dict(path: str) -> dict:
-    """Tensors of an original `.ckpt` (Lightning dict) or `.safetensors`. Never unpickles code."""
+def _safetensors(path: str, shapes_only: bool = False) -> dict:
+    """All tensors of a .safetensors file, or (shapes_only) meta-device tensors of their shapes: the header alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if not shapes_only:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # safetensors' own error types: truncated file, bad header, not safetensors
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_state_dict(path: str, shapes_only: bool = False) -> dict:
+    """Tensors of an original `.ckpt` (Lightning dict) or `.safetensors`. Never unpickles code.
+    shapes_only: read no tensor data (safetensors: meta tensors from the header; .ckpt: memory-mapped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors' own error types: truncated file, bad header, not safetensors
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        return _safetensors(path, shapes_only)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (it would need to run pickled code). "

@@ -113,13 +113,14 @@ def convert_diffusers_vae(sd: dict) -> dict:
 
 # ----------------------------------------------------------------------------- the folder
 
-def read_diffusers(path: str) -> Parts:
-    """The parts of a diffusers pipeline folder (SD-1.x or SDXL), UNet and VAE in our names."""
+def read_diffusers(path: str, shapes_only: bool = False) -> Parts:
+    """The parts of a diffusers pipeline folder (SD-1.x or SDXL), UNet and VAE in our names. shapes_only: read no
+    tensor data (safetensors headers)."""
     def one(sub, name):
         f = os.path.join(path, sub, name)
         if not os.path.isfile(f):
             raise CheckpointError(f"{path}: diffusers folder without {sub}/{name}")
-        return read_state_dict(f)
+        return read_state_dict(f, shapes_only)
 
     flavour = FLAVOURS["sdxl" if os.path.isdir(os.path.join(path, "text_encoder_2")) else "sd1"]
     unet, _ = convert_diffusers_unet(one("unet", "diffusion_pytorch_model.safetensors"))

@@ -44,9 +44,10 @@ def flavour_of_original(sd: dict) -> Flavour:
     return flavour_of_unet(strip_prefix(sd, UNET_PREFIX))
 
 
-def read_original(path: str, ema: bool = True) -> Parts:
-    """The parts of an original single-file checkpoint. ema: take the `model_ema.*` copy of the UNet when there is one."""
-    sd = read_state_dict(path)
+def read_original(path: str, ema: bool = True, shapes_only: bool = False) -> Parts:
+    """The parts of an original single-file checkpoint. ema: take the `model_ema.*` copy of the UNet when there is
+    one; shapes_only: read no tensor data (see read_state_dict)."""
+    sd = read_state_dict(path, shapes_only)
     flavour = flavour_of_original(sd)
     unet = strip_prefix(sd, UNET_PREFIX)
     if ema and any(k.startswith("model_ema.") for k in sd):

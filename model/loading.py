@@ -107,58 +107,58 @@ class JeDi:
         return x.clamp(-1, 1)
 
 
-def read_parts(path: str, ema: bool = True) -> Parts:
+def read_parts(path: str, ema: bool = True, shapes_only: bool = False) -> Parts:
     """The parts of a base model: an original single file or a diffusers folder, SD-1.x or SDXL."""
-    return read_diffusers(path) if os.path.isdir(path) else read_original(path, ema=ema)
+    if os.path.isdir(path):
+        return read_diffusers(path, shapes_only)
+    return read_original(path, ema=ema, shapes_only=shapes_only)
 
 
-def read_original_parts(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
+def read_original_parts(path: str, ema: bool = True, shapes_only: bool = False) -> tuple[dict, dict, dict]:
     """(unet, vae, text) unprefixed state dicts of an SD-1.x checkpoint or folder (read_parts for any flavour)."""
-    p = read_parts(path, ema=ema)
+    p = read_parts(path, ema=ema, shapes_only=shapes_only)
     if p.flavour.name != "sd1":
         raise CheckpointError(f"{path}: an {p.flavour.name} model has more than one text encoder: use read_parts")
     return p.unet, p.vae, p.text["0"]
 
 
-def load_unet(unet_sd: dict, num_heads: int | None = None, in_channels: int | None = JEDI_IN_CHANNELS,
-              what: str = "UNet") -> UNet:
-    """Build a UNet with sizes inferred from `unet_sd`, inflating the input to `in_channels` (None keeps it).
-    num_heads: the head count where given (> 0); else the flavour's head layout (SD-1.x 8 heads, SDXL head dim 64)."""
-    if in_channels is not None:
-        unet_sd = inflate_input_channels(unet_sd, in_channels)
-    try:
-        config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
-    except CheckpointError as e:
-        raise CheckpointError(f"{what}: {e}") from None
-    return build_checked(lambda: UNet(config), unet_sd, what)
+def _text_parts(path: str, parts: Parts) -> dict:
+    """The hook where a flavour's text side is built: name -> (module factory, its state dict). SD-1.x: CLIP
+    ViT-L/14 (its last layer). SDXL's two encoders (penultimate layers, pooled projection) are issue 27's text
+    conditioner, not built here yet: a clear error (its UNet and VAE load with load_unet_vae)."""
+    from .text import build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
+
+    if parts.flavour.text != "sd1":
+        raise CheckpointError("SDXL text conditioner not yet available (its UNet and VAE load: "
+                              "model.loading.load_unet_vae)")
+    text_sd = convert_original_text_state_dict(parts.text["0"])
+    text_config = text_config_from_state_dict(text_sd)
+    return {"text encoder": (lambda: build_text_encoder(text_config), text_sd)}
 
 
-def load_vae(vae_sd: dict, flavour: Flavour, what: str = "VAE") -> nn.Module:
-    """The VAE, sizes from shapes, its latent scale from the flavour (SD-1.x 0.18215, SDXL 0.13025)."""
+def _sd_parts(path: str, num_heads: int | None, ema: bool, in_channels: int | None, shapes_only: bool,
+              text: bool = True) -> tuple[Flavour, dict]:
+    """(flavour, name -> (module factory, its state dict)) of a base model's original file or diffusers folder,
+    every size inferred from the tensors, the rest from the flavour; every error a CheckpointError whose message
+    starts with the path. text=False: the UNet and VAE only."""
     from .vae import AutoencoderKL, vae_config_from_state_dict
 
     try:
-        config = vae_config_from_state_dict(vae_sd, scale_factor=flavour.vae_scale)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{what}: {_first_line(e)}") from None
-    return build_checked(lambda: AutoencoderKL(config), vae_sd, what)
-
-
-def load_text(path: str, parts: Parts):
-    """The text side of a base model -> (text encoder, tokenizer): the hook where the flavour's text conditioner
-    is built. SD-1.x: CLIP ViT-L/14, its last layer. SDXL (two encoders, penultimate layers, pooled projection) is
-    issue 27's text conditioner, not built here yet: a clear error after the UNet and VAE were read and checked."""
-    from .text import Tokenizer, build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
-
-    if parts.flavour.text != "sd1":
-        raise CheckpointError(f"{path}: SDXL text conditioner not yet available (the UNet and VAE load: "
-                              f"model.loading.read_parts, load_unet, load_vae)")
+        parts = read_parts(path, ema=ema, shapes_only=shapes_only)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except (KeyError, ValueError) as e:  # a diffusers folder whose tensors are not SD's
+        raise CheckpointError(f"{path}: not an SD layout ({_first_line(e)})") from None
     try:
-        text_sd = convert_original_text_state_dict(parts.text["0"])
-        text_config = text_config_from_state_dict(text_sd)
-    except (KeyError, ValueError) as e:
+        unet_sd = parts.unet if in_channels is None else inflate_input_channels(parts.unet, in_channels)
+        unet_config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
+        vae_config = vae_config_from_state_dict(parts.vae, scale_factor=parts.flavour.vae_scale)
+        out = {"UNet": (lambda: UNet(unet_config), unet_sd), "VAE": (lambda: AutoencoderKL(vae_config), parts.vae)}
+        if text:
+            out.update(_text_parts(path, parts))
+    except (CheckpointError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {_first_line(e)}") from None
-    return build_checked(lambda: build_text_encoder(text_config), text_sd, f"{path}: text encoder"), Tokenizer()
+    return parts.flavour, out
 
 
 def load_sd(path: str, num_heads: int | None = None, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
@@ -172,18 +172,31 @@ def load_sd(path: str, num_heads: int | None = None, ema: bool = True, in_channe
     in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
     Every error is a CheckpointError whose message starts with the path.
     """
-    try:
-        parts = read_parts(path, ema=ema)
-    except CheckpointError as e:
-        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except (KeyError, ValueError) as e:  # a diffusers folder whose tensors are not SD's
-        raise CheckpointError(f"{path}: not an SD layout ({_first_line(e)})") from None
-    unet = load_unet(parts.unet, num_heads=num_heads, in_channels=in_channels, what=f"{path}: UNet")
-    vae = load_vae(parts.vae, parts.flavour, what=f"{path}: VAE")
-    text_encoder, tokenizer = load_text(path, parts)
+    from .text import Tokenizer
+
+    flavour, factories = _sd_parts(path, num_heads, ema, in_channels, shapes_only=False)
+    parts = {name: build_checked(factory, sd, f"{path}: {name}").eval() for name, (factory, sd) in factories.items()}
     # the flavour's resolution; SD's schedule and eps-prediction (Diffusion()'s defaults, SD-1.x and SDXL alike)
-    meta = dict(resolution=parts.flavour.resolution, diffusion={}, space="latent")
-    return JeDi(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, meta).to(device, dtype)
+    meta = dict(resolution=flavour.resolution, diffusion={}, space="latent")
+    return JeDi(parts["UNet"], parts["VAE"], parts["text encoder"], Tokenizer(), meta).to(device, dtype)
+
+
+def load_unet_vae(path: str, num_heads: int | None = None, ema: bool = True,
+                  in_channels: int | None = JEDI_IN_CHANNELS) -> tuple[UNet, nn.Module, Flavour]:
+    """(UNet, VAE, flavour) of a base model, the text side aside, checked as load_sd checks them."""
+    flavour, factories = _sd_parts(path, num_heads, ema, in_channels, shapes_only=False, text=False)
+    unet, vae = (build_checked(f, sd, f"{path}: {name}").eval() for name, (f, sd) in factories.items())
+    return unet, vae, flavour
+
+
+def check_sd(path: str, num_heads: int | None = None, ema: bool = True,
+             in_channels: int | None = JEDI_IN_CHANNELS) -> UNetConfig:
+    """Everything load_sd checks, reading no tensor data (safetensors headers; a .ckpt memory-mapped): for entry
+    points that must refuse a bad checkpoint before they write anything (s3.py). Returns the UNet config."""
+    _, parts = _sd_parts(path, num_heads, ema, in_channels, shapes_only=True)
+    for name, (factory, sd) in parts.items():
+        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), sd, f"{path}: {name}")
+    return _meta_build(parts["UNet"][0], f"{path}: UNet").config
 
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
