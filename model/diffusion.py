@@ -245,7 +245,8 @@ def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: s
 def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | None = None):
     """The one batcher of guidance passes: one UNet call over [(extra input channels (B, c, h, w) or None,
     conditioning of B rows: a Cond or a (B, L, D) context), ...] -> one fp32 output (B, C, h, w) per pass, in
-    order; every pass sees the same x_t, with its extra channels appended. Whole sets of `set_size` images stay together (B is a multiple of it).
+    order; every pass sees the same x_t, with its extra channels appended. Whole sets of `set_size` images stay
+    together (B is a multiple of it).
     dtype: the UNet input's (the model's; None: x's own). Only the input is cast: the caller's x_t stays as it is,
     and the outputs come back fp32 because guidance, s·(cond − uncond), magnifies bf16 error."""
     x = x if dtype is None else x.to(dtype)

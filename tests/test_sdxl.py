@@ -190,7 +190,8 @@ def test_jedi_loss_drops_context_and_y_together():
         ctx_null = (got.context == null.context).flatten(1).all(1)  # (B·N,): this row's context is the null's
         y_null = (got.y == null.y).all(1)
         assert torch.equal(ctx_null, y_null)  # never one without the other
-        assert torch.equal(got.context[~ctx_null], cond.context[~ctx_null]) and torch.equal(got.y[~y_null], cond.y[~y_null])
+        assert torch.equal(got.context[~ctx_null], cond.context[~ctx_null])
+        assert torch.equal(got.y[~y_null], cond.y[~y_null])
         assert ctx_null.reshape(B, N).all(1).equal(ctx_null.reshape(B, N).any(1))  # whole sets
         expect = {0.0: 0, 1.0: B * N}.get(p_drop + p_drop_text)
         if expect is not None:
@@ -390,7 +391,8 @@ def test_sdxl_diffusers_folder_reads_the_same(tiny_sdxl_file, tmp_path):
     for sub in ("unet", "vae", "text_encoder", "text_encoder_2"):
         (tmp_path / sub).mkdir()
     d_unet = diffusers.UNet2DConditionModel(**diffusers_kwargs(unet.config))
-    save_file(convert_ldm_unet_checkpoint(sd, dict(d_unet.config)), tmp_path / "unet/diffusion_pytorch_model.safetensors")
+    save_file(convert_ldm_unet_checkpoint(sd, dict(d_unet.config)),
+              tmp_path / "unet/diffusion_pytorch_model.safetensors")
     d_vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)
     save_file(convert_ldm_vae_checkpoint(sd, dict(d_vae.config)), tmp_path / "vae/diffusion_pytorch_model.safetensors")
@@ -435,7 +437,8 @@ def test_personalize_passes_carry_y():
     for null in (xl_cond(1, seed=1), xl_cond(N, seed=1)):
         spy = CondSpy()
         out = personalize(spy, Diffusion(), refs=torch.randn(n, 4, 8, 8), context=cond, null_context=null,
-                          num_new=new, num_sets=S, steps=2, text_guidance=2.0, generator=torch.Generator().manual_seed(0))
+                          num_new=new, num_sets=S, steps=2, text_guidance=2.0,
+                          generator=torch.Generator().manual_seed(0))
         assert out.shape == (S * N, 4, 8, 8) and len(spy.conds) == 2
         got = spy.conds[0]
         null_rows = null.expand(N).repeat(S)
