@@ -144,31 +144,28 @@ def _has_jedi_meta(path: str) -> bool:
 # ----------------------------------------------------------------------------- images
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
-    """Any size or mode (RGBA, grayscale, 16-bit, palette, EXIF-rotated) -> (3, R, R) RGB in [-1, 1],
-    center-cropped to a square and resized."""
-    return image_to_tensor(open_image(path), resolution)
+    """Any size or mode (RGBA, grayscale, 16-bit, palette, EXIF-rotated) -> (3, R, R) RGB in [-1, 1], the very
+    pixels training reads from the same file (data.load_image, then data.fit)."""
+    return image_to_tensor(open_image(path, resolution), resolution)
 
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: str, size: int | None = None) -> Image.Image:
     """Read an image file with the project's one reader (data.load_image: upright, alpha onto white, 16-bit and
-    CMYK handled) as RGB; a missing or unreadable file is a UserError."""
+    CMYK handled) as RGB; size: decode JPEGs at a reduced scale (>= size per side), as training does. A missing
+    or unreadable file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"reference image not found: {path}")
     try:
-        return data.load_image(path)
+        return data.load_image(path, size)
     except (UnidentifiedImageError, OSError, data.BadSample) as e:
         raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL -> center square crop -> (3, R, R) in [-1, 1]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((resolution, resolution), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return x / 127.5 - 1
+    """PIL -> (3, R, R) in [-1, 1] with training's preprocessing (data.fit: the shorter side resized to R, the
+    center square cropped), so a reference is the image the model learnt from, pixel for pixel."""
+    a = torch.tensor(data.fit(img.convert("RGB"), resolution, None))  # (R, R, 3) uint8, a writable copy
+    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (R, R, 3) -> (3, R, R); data.SetBatches' scaling
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -283,7 +280,7 @@ def _sample_sets(model: JeDi, ref_latents, context, null, num_new: int, gens: li
 def _as_tensor(r, resolution):
     if isinstance(r, torch.Tensor):
         return r
-    return image_to_tensor(r if isinstance(r, Image.Image) else open_image(str(r)), resolution)
+    return image_to_tensor(r if isinstance(r, Image.Image) else open_image(str(r), resolution), resolution)
 
 
 # ----------------------------------------------------------------------------- CLI

@@ -257,7 +257,11 @@ def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | 
     return out.float().chunk(len(passes))  # k × (B, C, h, w)
 
 
-DEFAULT_GUIDANCE = 3.0  # image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one: see guide()
+# Image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one (the one default: sample.py's
+# resolver and the benchmarks import it). The paper gives no value; λ = 3 is what the toy ships with and was
+# benchmarked at (config/toy.py, docs/toy.md), while λ = 6 over-saturated it (REFERENCE.md). train.py stores its
+# own in every export.
+DEFAULT_GUIDANCE = 3.0
 
 
 def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_new: int, num_sets: int = 1,

@@ -10,6 +10,7 @@ from PIL import Image
 import sample
 
 REF = os.path.join(os.path.dirname(sample.DEFAULT_CKPT), "refs", "diamond-blue-dots-yellow_0.png")
+OTHER = os.path.join(os.path.dirname(sample.DEFAULT_CKPT), "refs", "circle-red-half-black_0.png")
 
 
 def test_shipped_checkpoint_is_small_and_loads():
@@ -20,14 +21,20 @@ def test_shipped_checkpoint_is_small_and_loads():
 
 
 def test_default_command_samples_deterministically(tmp_path, capsys):
-    args = ["--refs", REF, "--prompt", "a toy on the beach, on the left", "a toy in the snow, on the right",
-            "--steps", "3"]
-    assert sample.main(args + ["--out", str(tmp_path / "a")]) == 0
-    assert sample.main(args + ["--out", str(tmp_path / "b")]) == 0
-    for name in ("set0_prompt0.png", "set0_prompt1.png"):
-        a, b = (np.asarray(Image.open(tmp_path / d / name)) for d in "ab")
-        assert a.shape == (32, 32, 3) and np.array_equal(a, b)
-    assert Image.open(tmp_path / "a" / "grid.png").size == (3 * 34 + 2, 36)
+    """The README's toy command (3 steps): same command, same images; the grid is [reference | new images] with the
+    reference exactly as read; another subject's reference gives other images."""
+    args = ["--prompt", "a toy on the beach, on the left", "a toy in the snow, on the right", "--steps", "3"]
+    for out, ref in (("a", REF), ("b", REF), ("c", OTHER)):
+        assert sample.main(["--refs", ref, *args, "--out", str(tmp_path / out)]) == 0
+    new = {d: np.stack([np.asarray(Image.open(tmp_path / d / f"set0_prompt{j}.png"), float) for j in range(2)])
+           for d in "abc"}
+    assert new["a"].shape == (2, 32, 32, 3) and np.array_equal(new["a"], new["b"])
+    assert np.abs(new["a"] - new["c"]).mean() > 10  # 8-bit levels; bf16 against fp32 moves them by < 1
+    grid = np.asarray(Image.open(tmp_path / "a" / "grid.png"), float)
+    assert grid.shape == (36, 3 * 34 + 2, 3)
+    cells = [grid[2:34, 2 + 34 * j : 34 + 34 * j] for j in range(3)]  # pad 2 around 32x32 cells
+    assert np.array_equal(cells[0], np.asarray(sample.to_pil(sample.load_image(REF, 32)), float))
+    assert np.array_equal(np.stack(cells[1:]), new["a"])
 
 
 def test_gpu_toy_config_fits_20mb_with_coupled_attention_at_every_level():
