@@ -76,11 +76,13 @@ PYEOF
 )
 echo "$GPU_SCRIPT: packages: $PACKAGES"
 
-# require_carried: exit 2 unless every package of bench/gpu_wheels.txt imports (for the scripts whose steps need
-# them: the tokenizer is in every model step, diffusers in the baseline row). Run it before any GPU time is spent.
+# require_carried [MODULE...]: exit 2 unless these modules of bench/gpu_wheels.txt (default: all) import, for the
+# scripts whose steps need them (the tokenizer is in every model step, diffusers in the baseline row). Run it before
+# any GPU time is spent.
 require_carried() {
-  local err
-  if ! err=$("$PY" -c "import $(IFS=,; echo "${CARRIED[*]}")" 2>&1); then
+  local err modules=("$@")
+  (( ${#modules[@]} )) || modules=("${CARRIED[@]}")
+  if ! err=$("$PY" -c "import $(IFS=,; echo "${modules[*]}")" 2>&1); then
     echo "$GPU_SCRIPT: error: the packages the GPU image lacks do not all import: $(tail -1 <<< "$err")" >&2
     echo "$GPU_SCRIPT: fetch their wheels here with \`bash bench/fetch_wheels.sh\` and carry bench/wheels" \
          "(bench/README.md); nothing was run." >&2
@@ -103,10 +105,11 @@ summary_header() {
 
 # run_step NAME LIMIT_S COMMAND: runs COMMAND (STEP_LIMIT exported) under `timeout -s INT`, logs to $OUT/NAME.log,
 # appends "| NAME | exit | seconds | limit s |" to $OUT/SUMMARY.md; cuts LIMIT to what is left before $DEADLINE and
-# skips the step with under MIN_STEP_S (default 30) left. Sets failed=1 on a non-zero exit or a skip.
+# skips the step when that leaves under MIN_STEP_S (default 30). Sets failed=1 on a non-zero exit or a skip.
 run_step() {
   local name=$1 limit=$2 cmd=$3 left rc t0 dt status
   left=$(( DEADLINE - $(date +%s) ))
+  (( limit < left )) && left=$limit
   if (( left < ${MIN_STEP_S:-30} )); then
     echo "== $name: SKIPPED, ${left}s of the budget left" | tee "$OUT/$name.log"
     echo "| $name | skipped (budget: ${left} s left) | 0 | 0 |" >> "$OUT/SUMMARY.md"

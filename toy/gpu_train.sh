@@ -28,7 +28,7 @@ fi
 export PYTHONUNBUFFERED=1 GPU_CPU_SMOKE=$SMOKE
 GPU_SCRIPT=gpu_train
 source "$(dirname "$0")/../bench/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), carried wheels
-require_carried  # model/text.py's tokenizer (exit 2 before any training)
+require_carried open_clip ftfy wcwidth  # model/text.py's tokenizer (exit 2 before any training)
 
 mkdir -p "$OUTDIR"
 OUT=$(cd "$OUTDIR" && pwd)
