@@ -25,14 +25,20 @@ class GPUImageFinder:
             self.image = {_norm(line.split()[0]) for line in f if line.strip() and not line.startswith("#")}
         self.site_dirs = tuple(os.path.realpath(p) + os.sep for p in
                                site.getsitepackages() + [site.getusersitepackages()])
+        # a module's owner: the top-level entry of site-packages it lives in (setuptools/_vendor/jaraco is setuptools')
         self.dists = None  # top-level module -> distributions, read on first need (it scans every installed one)
         self.busy = False  # reading the metadata imports packages too: they pass
 
     def invalidate_caches(self):
         importlib.machinery.PathFinder.invalidate_caches()
 
-    def _installed(self, where):
-        return where is not None and os.path.realpath(str(where)).startswith(self.site_dirs)
+    def _owner(self, where):
+        """The top-level name under site-packages that `where` belongs to, or None outside site-packages."""
+        where = os.path.realpath(str(where)) if where is not None else ""
+        for d in self.site_dirs:
+            if where.startswith(d):
+                return where[len(d):].split(os.sep)[0].split(".")[0]
+        return None
 
     def _read_metadata(self):
         if self.dists is None:
@@ -48,11 +54,13 @@ class GPUImageFinder:
         if spec is None or path is not None or name in sys.stdlib_module_names or self.busy:
             return spec  # submodules follow their package; the standard library is everywhere
         where = spec.origin if spec.has_location else (list(spec.submodule_search_locations or []) or [None])[0]
-        if not self._installed(where):
+        owner = self._owner(where)
+        if owner is None:
             return spec  # not installed here: the repository, a carried wheel
         self._read_metadata()
-        if any(_norm(d) in self.allowed for d in self.dists.get(name, ())):
-            return spec
+        dists = self.dists.get(owner)
+        if not dists or any(_norm(d) in self.allowed for d in dists):
+            return spec  # on the image, or files no distribution claims by that name
         return None  # not on the image
 
     def find_distributions(self, *args, **kwargs):
@@ -62,7 +70,7 @@ class GPUImageFinder:
         if self.busy:
             return dists
         self._read_metadata()
-        return (d for d in dists if not self._installed(getattr(d, "_path", None))
+        return (d for d in dists if self._owner(getattr(d, "_path", None)) is None
                 or _norm(d.metadata["Name"] or "") in self.allowed)
 
 
