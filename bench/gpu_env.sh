@@ -95,7 +95,7 @@ summary_header() {
   echo "- date: $(date -u +%FT%TZ)"
   echo "- git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   if [[ ${GPU_CPU_SMOKE:-0} == 1 ]]; then
-    echo "- card: none: --cpu-smoke on $(uname -m), $(nproc) CPUs (simulated GPU image; the numbers mean nothing)"
+    echo "- card: none: --cpu-smoke on $(uname -m), $(getconf _NPROCESSORS_ONLN) CPUs (simulated GPU image; the numbers mean nothing)"
   else
     echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   fi

@@ -371,7 +371,9 @@ def write(args, meta, rows, skipped, logs, card, dts, phases, done):
              "entries": [e for dname in dts for e in dispatch_entries(rows, dname)]}
     kd.validate(table, "the sweep's own dispatch table")  # never write a table kernels/ would refuse
     (args.out / "dispatch").mkdir(exist_ok=True)
-    (args.out / "dispatch" / f"{kd.card_slug(card)}.json").write_text(json.dumps(table, indent=1) + "\n")
+    path = args.out / "dispatch" / f"{kd.card_slug(card)}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(table, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)  # whole or absent: a timeout mid-write leaves no half table to read
 
     summary = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()]
     summary += [f"- phases (s): {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}",

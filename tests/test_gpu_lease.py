@@ -45,10 +45,16 @@ def _wheel(dist, dest):
     return path
 
 
+def carried_wheels(dest):
+    """The wheels of bench/gpu_wheels.txt, built in dest/ from the installed packages: {distribution: path}. For
+    the --cpu-smoke runs (toy/gpu_train.sh's test too): GPU_WHEELS_DIR=dest."""
+    dest.mkdir(parents=True, exist_ok=True)
+    return {dist: _wheel(dist, dest) for dist, _ in _carried()}
+
+
 @pytest.fixture(scope="module")
 def wheels(tmp_path_factory):
-    dest = tmp_path_factory.mktemp("wheels")
-    return {dist: _wheel(dist, dest) for dist, _ in _carried()}
+    return carried_wheels(tmp_path_factory.mktemp("wheels"))
 
 
 def _image_env(**extra):

@@ -148,7 +148,7 @@ fi
   echo
   echo "- command: \`bash toy/gpu_train.sh $*\`"
   summary_header
-  echo "- CPUs: $(nproc)"
+  echo "- CPUs: $(getconf _NPROCESSORS_ONLN)"
   echo "- training: stage 1 $STEPS1 steps at a median ${MS} ms/step, stage 2 to step $STEPS2; ${TRAIN_S} s of wall time" \
        "from the start of stage 1 to the export (budget ${TRAIN_BUDGET} s); total $(( $(now) - START )) s"
   echo "- checkpoint: \`$(basename "$CKPT")\` ($(stat -c %s "$CKPT") bytes)"
