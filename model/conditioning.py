@@ -1,0 +1,81 @@
+"""What the text side hands the UNet: one conditioning value, the same type for every base model.
+
+    cond = Cond(context)                 # SD-1.x: (B, 77, 768) text states, no vector input
+    cond = Cond(context, y)              # SDXL: (B, 77, 2048) states + (B, 2816) pooled text and size features
+
+The loss, the samplers, guidance and the FLOP counter pass it through, drop it, repeat it and concatenate it
+without knowing what is inside; only `UNet.forward` opens it (context to every attn2, y to `label_emb`, as
+openaimodel's `forward(x, timesteps, context, y)`). Rows are images, flat over sets `(B·N, ...)` like every tensor.
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass(frozen=True)
+class Cond:
+    context: torch.Tensor  # (B, L, D) cross-attention states
+    y: torch.Tensor | None = None  # (B, adm_in_channels) vector conditioning, or None for SD-1.x
+
+    def __post_init__(self):
+        if self.y is not None and self.y.shape[0] != self.context.shape[0]:
+            raise ValueError(f"Cond: context has {self.context.shape[0]} rows but y has {self.y.shape[0]}")
+
+    def __len__(self) -> int:
+        return self.context.shape[0]
+
+    @property
+    def device(self) -> torch.device:
+        return self.context.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.context.dtype
+
+    def _map(self, fn) -> "Cond":
+        return Cond(fn(self.context), None if self.y is None else fn(self.y))
+
+    def to(self, *args, **kwargs) -> "Cond":
+        return self._map(lambda v: v.to(*args, **kwargs))
+
+    def __getitem__(self, rows) -> "Cond":
+        """Rows (images) by index, slice or boolean mask."""
+        return self._map(lambda v: v[rows])
+
+    def repeat(self, n: int) -> "Cond":
+        """The whole batch n times: (B, ...) -> (n·B, ...), as `Tensor.repeat(n, 1, ...)` (one copy per set)."""
+        return self._map(lambda v: v.repeat(n, *([1] * (v.ndim - 1))))
+
+    def repeat_interleave(self, n: int) -> "Cond":
+        """Each row n times in a row: (B, ...) -> (B·n, ...) (one per image of a set)."""
+        return self._map(lambda v: v.repeat_interleave(n, dim=0))
+
+    def expand(self, n: int) -> "Cond":
+        """A one-row value (e.g. the null text) as n rows without copying: (1, ...) -> (n, ...)."""
+        if len(self) != 1:
+            raise ValueError(f"Cond.expand: expected one row, got {len(self)}")
+        return self._map(lambda v: v.expand(n, *v.shape[1:]))
+
+    def where(self, drop: torch.Tensor, null: "Cond") -> "Cond":
+        """Per row: `null` where drop (B,) is True, else self (text dropout, guidance's unconditional rows).
+        null has one row or B rows; context and y are dropped together."""
+        if (self.y is None) != (null.y is None):
+            raise ValueError("Cond.where: self and null must both have y or both not")
+
+        def pick(mine, other):
+            d = drop.to(mine.device).reshape(-1, *([1] * (mine.ndim - 1)))  # (B,) -> (B, 1, ...)
+            return torch.where(d, other.to(mine.dtype), mine)
+        return Cond(pick(self.context, null.context), None if self.y is None else pick(self.y, null.y))
+
+    @staticmethod
+    def cat(conds: list["Cond"]) -> "Cond":
+        """Concatenate rows: guidance passes batched into one UNet call."""
+        ys = [c.y for c in conds]
+        if any(y is None for y in ys) and not all(y is None for y in ys):
+            raise ValueError("Cond.cat: either every value has y or none has")
+        return Cond(torch.cat([c.context for c in conds]), None if ys[0] is None else torch.cat(ys))
+
+
+def as_cond(c) -> Cond:
+    """A bare (B, L, D) context tensor (the SD-1.x call form every caller used so far) or a Cond -> Cond."""
+    return c if isinstance(c, Cond) else Cond(c)
