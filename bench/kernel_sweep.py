@@ -32,7 +32,7 @@ over the bucket's shapes among our variants (not triton-noalign) and default sdp
 "train" by forward + backward; ours must beat sdpa by 2 % (timing noise does not flip a choice). A shape is
 started only if the --max-seconds budget should still cover it.
 --cpu-smoke also makes every warp-specialized launch fail as a compile failure would on a GPU, so the fallback
-(flash_attn._WS_FAILED) and its report run in CI.
+(flash_attn._WS_FAILED) and its report run in CI; and it exits 1 if any variant fails the check or cannot run.
 """
 import argparse
 import datetime
@@ -497,6 +497,11 @@ def main():
     phases["measure"] = time.time() - t_measure
     write(args, meta, rows, skipped, logs, card, dts, phases, done=True)
     print((args.out / "SUMMARY.md").read_text())
+    bad = [f"{r['kind']} L {r['lq']}x{r['lk']} {n}" for r in rows for n, why in r["verdict"].items() if why]
+    if args.cpu_smoke and bad:  # on a GPU a failing variant is a finding (reported, never timed); here, a bug
+        print(f"kernel_sweep: error: --cpu-smoke: {len(bad)} variant(s) failed or could not run: {', '.join(bad)} "
+              f"(kernel_sweep.md says why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -164,7 +164,8 @@ def test_gpu_lease_refuses_without_cuda_or_with_bad_usage(tmp_path):
 def test_gpu_lease_cpu_smoke(tmp_path, wheels):
     """The whole lease at tiny size on CPU, the same code paths as the GPU run: the carried wheels unpacked onto the
     simulated image, the toy in two stages and its benchmark, the sweep with a warp-specialize fallback and its
-    dispatch table, the training and sampling rows on that table; at most 8 files of <= 16 MB come back."""
+    dispatch table, the training and sampling rows on that table; at most 8 files of <= 16 MB come back.
+    9 min on 2 loaded cores (2026-12-05: toy 296 s, kernel 44 s, training 14 s, sampling 152 s, the compile row 121)."""
     out = tmp_path / "OUT"
     r = subprocess.run(["bash", "bench/gpu_lease.sh", str(out), "--cpu-smoke"], cwd=ROOT,
                        env=_env(GPU_WHEELS_DIR=str(next(iter(wheels.values())).parent)), capture_output=True,
