@@ -2,7 +2,8 @@
 
 Everything else (widths, depths, levels, channels) is inferred from a checkpoint's shapes; what is here is what a
 loader must be told: the UNet's head layout (SD-1.x fixes the head count, SDXL the head dim), the VAE's latent
-scale, the text conditioner's kind, and the resolution the model was trained at. `unet` is the full-size UNet
+scale and whether it must stay fp32 under fp16, the text conditioner's kind, and the resolution the model was trained
+at. `unet` is the full-size UNet
 config (JeDi's 9 input channels come from inflation, so in_channels is the base model's 4): flops.py and the
 configs use it, and tests check it against the published sizes.
 
@@ -23,6 +24,9 @@ class Flavour:
     text: str  # which text conditioner: "sd1" (CLIP ViT-L/14, last layer), "sdxl" (ViT-L + bigG, penultimate, pooled)
     resolution: int  # pixels per side it was trained at (the sampling default)
     unet: UNetConfig = field(compare=False)  # the full-size UNet (base in_channels, 4)
+    # VAEConfig.force_upcast: the whole VAE stays fp32 when the model is cast to fp16 (SDXL's overflows fp16; SD-1.x
+    # keeps only its encoder and up path fp32: AutoencoderKL.cast)
+    vae_force_upcast: bool = False
 
 
 FLAVOURS = {
@@ -33,7 +37,7 @@ FLAVOURS = {
     "sdxl": Flavour("sdxl", dict(num_head_channels=64), 0.13025, 2048, "sdxl", 1024, UNetConfig(
         in_channels=4, model_channels=320, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=2,
         num_head_channels=64, transformer_depth=(0, 2, 10), transformer_depth_middle=10, context_dim=2048,
-        use_linear_proj=True, adm_in_channels=2816)),
+        use_linear_proj=True, adm_in_channels=2816), vae_force_upcast=True),
 }
 
 

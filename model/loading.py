@@ -64,7 +64,7 @@ class JeDi:
             self.unet.to(dtype)
             self.text_encoder.to(dtype)
             if self.vae is not None:
-                self.vae.cast(dtype)  # fp16 keeps the VAE's overflow-prone parts in fp32
+                self.vae.cast(dtype)  # fp16 keeps the VAE's overflow-prone parts (SDXL: all of it) in fp32
         for m in (self.unet, self.text_encoder, self.vae):
             if m is not None and device is not None:
                 m.to(device)
@@ -153,7 +153,8 @@ def _sd_parts(path: str, num_heads: int | None, ema: bool, in_channels: int | No
     try:
         unet_sd = parts.unet if in_channels is None else inflate_input_channels(parts.unet, in_channels)
         unet_config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
-        vae_config = vae_config_from_state_dict(parts.vae, scale_factor=parts.flavour.vae_scale)
+        vae_config = vae_config_from_state_dict(parts.vae, scale_factor=parts.flavour.vae_scale,
+                                                force_upcast=parts.flavour.vae_force_upcast)
         out = {"UNet": (lambda: UNet(unet_config), unet_sd), "VAE": (lambda: AutoencoderKL(vae_config), parts.vae)}
         if text:
             out.update(_text_parts(path, parts))
