@@ -79,3 +79,25 @@ class Cond:
 def as_cond(c) -> Cond:
     """A bare (B, L, D) context tensor (the SD-1.x call form every caller used so far) or a Cond -> Cond."""
     return c if isinstance(c, Cond) else Cond(c)
+
+
+MICRO_FEATURES = 256  # features per number: sgm's ConcatTimestepEmbedderND outdim, diffusers' addition_time_embed_dim
+
+
+def micro_conditioning(original_size, crop_top_left, target_size) -> torch.Tensor:
+    """SDXL's size and crop conditioning: six numbers per image -> (B, 6·256) Fourier features.
+
+    original_size (h, w), crop_top_left (top, left), target_size (h, w), in pixels: each a pair (one image) or a
+    (B, 2) tensor. As sgm's ConcatTimestepEmbedderND (and diffusers' add_time_ids): the sinusoidal timestep
+    embedding of each number, [cos, sin] order, concatenated in the order h, w, top, left, h, w."""
+    from .unet import timestep_embedding  # here, not at the top: unet.py imports Cond from this module
+
+    parts = [torch.as_tensor(v, dtype=torch.float32) for v in (original_size, crop_top_left, target_size)]
+    parts = [p[None] if p.ndim == 1 else p for p in parts]  # a pair -> (1, 2)
+    if any(p.ndim != 2 or p.shape[1] != 2 for p in parts):
+        shapes = [tuple(p.shape) for p in parts]
+        raise ValueError(f"micro_conditioning: expected pairs or (B, 2) tensors, got shapes {shapes}")
+    nums = torch.cat(torch.broadcast_tensors(*parts), dim=1)  # (B, 6)
+    B = nums.shape[0]
+    feats = timestep_embedding(nums.reshape(-1), MICRO_FEATURES)  # (B·6, 256)
+    return feats.reshape(B, 6 * MICRO_FEATURES)  # (B·6, 256) -> (B, 1536), each image's six in a row
