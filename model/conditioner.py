@@ -43,6 +43,7 @@ encoder must not have its projection called from outside). Its config therefore 
 pooling rule for that value is `ids.argmax(-1)`, sgm's rule; diffusers' SDXL config has the same.
 """
 import functools
+import json
 import warnings
 from dataclasses import asdict, dataclass, field
 
@@ -51,8 +52,8 @@ import torch.nn as nn
 from transformers import CLIPTextConfig
 
 from .conditioning import MICRO_FEATURES, Cond
-from .text import (CONTEXT_LENGTH, Tokenizer, bigg_text_config, build_text_encoder, sd14_text_config,
-                   text_config_from_state_dict)
+from .text import (CONTEXT_LENGTH, Tokenizer, bigg_text_config, build_text_encoder, empty_text_encoder,
+                   sd14_text_config, text_config_from_state_dict)
 
 LAYERS = ("last", "penultimate")
 NULLS = ("empty", "zeros")
@@ -73,12 +74,13 @@ class EncoderSpec:
             raise ValueError(f"text encoder layer {self.layer!r} is not one of {LAYERS}")
         if self.tokenizer not in Tokenizer.STYLES:
             raise ValueError(f"text tokenizer {self.tokenizer!r} is not one of {Tokenizer.STYLES}")
-        if isinstance(self.config, CLIPTextConfig):
-            self.config = self.config.to_dict()
+        cfg = self.config if isinstance(self.config, CLIPTextConfig) else CLIPTextConfig(**self.config)
         if self.pooled:  # transformers pools at ids.argmax(-1) for eos_token_id 2 (see the module docstring)
-            self.config = {**self.config, "eos_token_id": 2}
+            cfg.eos_token_id = 2
+        # every field, in its JSON form (id2label's int keys become strings): to_dict() == from_dict's input
+        self.config = json.loads(cfg.to_json_string(use_diff=False))
 
-    @property
+    @functools.cached_property
     def clip_config(self) -> CLIPTextConfig:
         return CLIPTextConfig(**self.config)
 
@@ -112,12 +114,12 @@ class TextConditionerConfig:
     @property
     def context_dim(self) -> int:
         """Width of the cross-attention context: the encoders' widths concatenated (768; SDXL 2048)."""
-        return sum(e.config["hidden_size"] for e in self.encoders)
+        return sum(e.clip_config.hidden_size for e in self.encoders)
 
     @property
     def y_dim(self) -> int | None:
         """Width of the vector conditioning y, the UNet's adm_in_channels (SDXL 2816), or None (no y)."""
-        n = sum(e.config["projection_dim"] for e in self.encoders if e.pooled)
+        n = sum(e.clip_config.projection_dim for e in self.encoders if e.pooled)
         n += MICRO_WIDTH if self.micro_conditioning else 0
         return n or None
 
@@ -233,7 +235,7 @@ class TextConditioner(nn.Module):
             return self(self.tokenize([""]), **sizes)
         p = next(self.parameters())
         context = p.new_zeros(1, CONTEXT_LENGTH, self.context_dim)  # (1, 77, ΣD)
-        pooled = [p.new_zeros(1, e.config["projection_dim"]) for e in self.config.encoders if e.pooled]
+        pooled = [p.new_zeros(1, e.clip_config.projection_dim) for e in self.config.encoders if e.pooled]
         y = self._y(pooled, 1, context, **sizes)
         if y is not None and len(y) > 1:  # per-image sizes: as many rows
             context = context.expand(len(y), -1, -1)  # (1, 77, D) -> (n, 77, D), no copy
@@ -267,7 +269,9 @@ def load_text_conditioner(config: TextConditionerConfig, parts: list[dict], num_
                            f"{'have none' if spec.pooled else 'have one'}")
         cfg = text_config_from_state_dict(sd, num_heads, **keep)
         specs.append(EncoderSpec(cfg.to_dict(), spec.tokenizer, spec.layer, spec.pooled))
-    tc = TextConditioner(TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution))
-    for i, (model, sd) in enumerate(zip(tc.encoders, parts)):
-        load_text_state_dict(model, sd, f"text encoder {i + 1}" if len(parts) > 1 else "text encoder")
+    with torch.device("meta"):  # no random init: every weight is loaded next
+        tc = TextConditioner(TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution))
+    for i, (spec, sd) in enumerate(zip(specs, parts)):
+        tc.encoders[i] = empty_text_encoder(spec.clip_config, spec.pooled)
+        load_text_state_dict(tc.encoders[i], sd, f"text encoder {i + 1}" if len(parts) > 1 else "text encoder")
     return tc.eval()

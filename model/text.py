@@ -143,6 +143,21 @@ def build_text_encoder(config: CLIPTextConfig, projection: bool = False) -> CLIP
     return CLIPTextModelWithProjection(config) if projection else CLIPTextModel(config)
 
 
+def empty_text_encoder(config: CLIPTextConfig, projection: bool = False) -> CLIPTextModel:
+    """build_text_encoder without the random initialisation (20 s for bigG on one core), for weights loaded next:
+    built on the meta device, then given uninitialised CPU memory. `position_ids`, a buffer no checkpoint holds in
+    transformers 5 (non-persistent), is rebuilt as the arange it is."""
+    from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
+
+    with torch.device("meta"):
+        model = build_text_encoder(config, projection)
+    model.to_empty(device="cpu")
+    for m in model.modules():
+        if isinstance(m, CLIPTextEmbeddings):
+            m.position_ids.copy_(torch.arange(m.position_ids.shape[-1]).expand_as(m.position_ids))  # (1, 77)
+    return model
+
+
 @functools.lru_cache(maxsize=None)
 def _installed_layout(projection: bool = False) -> tuple[str, bool]:
     """(prefix of the transformer's keys, whether position_ids is a persistent buffer) of the installed
@@ -278,7 +293,7 @@ def load_text_encoder(sd: dict, num_heads: int | None = None, **overrides) -> CL
     it strictly. `overrides`: config fields the shapes cannot tell (hidden_act, ...)."""
     config = text_config_from_state_dict(sd, num_heads, **overrides)
     projection = any(_bare_key(k) in ("text_projection.weight", "text_projection") for k in sd)
-    model = build_text_encoder(config, projection)
+    model = empty_text_encoder(config, projection)
     load_text_state_dict(model, sd)
     return model
 
