@@ -15,7 +15,8 @@ CONFIG_TYPES = (int, float, bool, str, tuple, dict)
 
 def config_keys(namespace: dict) -> list[str]:
     """The configurable names of a module: its public globals of a plain config type."""
-    return [k for k, v in namespace.items() if not k.startswith('_') and isinstance(v, CONFIG_TYPES)]
+    return [k for k, v in namespace.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, CONFIG_TYPES)]  # not imported CONSTANTS
 
 
 def configure(argv, namespace: dict, keys, error=SystemExit):
@@ -60,3 +61,48 @@ def configure(argv, namespace: dict, keys, error=SystemExit):
         except (ValueError, SyntaxError):
             value = raw  # a bare string: --out_dir=runs/a
         put(key, value, arg)
+
+
+
+def config_docs(script: str, keys) -> list[tuple[str, str, str]]:
+    """(group, key, meaning) for every config key of `script`, in source order: the meaning is the comment on the
+    line that assigns the key, the group the last full-line comment above it."""
+    import io
+    import re
+    import tokenize
+
+    source = open(script).read()
+    comments = {}  # line number -> (comment text, whether the whole line is the comment)
+    for tok in tokenize.generate_tokens(io.StringIO(source).readline):
+        if tok.type == tokenize.COMMENT:
+            comments[tok.start[0]] = (tok.string.lstrip('#').strip(), tok.line.lstrip().startswith('#'))
+    docs, group, above = [], 'general', None  # above: a full-line comment on the line just before
+    lines = source.splitlines()
+    for n, line in enumerate(lines, 1):
+        text, full_line = comments.get(n, ('', False))
+        m = re.match(r'([A-Za-z_]\w*)\s*(?::[^=]*)?=', line)
+        if m and m.group(1) in keys and not any(k == m.group(1) for _, k, _ in docs):
+            meaning = text if text and not full_line else ''
+            if not meaning and above:  # the comment above a key with none of its own is its meaning, not a heading
+                meaning, group = above, docs[-1][0] if docs else group
+            docs.append((group, m.group(1), meaning))
+        if full_line and line.startswith('#'):
+            heading = text.strip('- ')
+            if heading and heading != 'config':
+                group = heading
+            above = heading
+        else:
+            above = None
+    return docs
+
+
+def describe(script: str, namespace: dict, keys) -> str:
+    """`--help` text for a script's config: every key with its default and its one line of meaning, by group."""
+    out, group = [], None
+    for g, key, meaning in config_docs(script, keys):
+        if g != group:
+            out.append(f'  {g}:' if g else '')
+            group = g
+        out.append(f'    --{key}={namespace[key]!r}')
+        out.append(f'        {meaning}')
+    return '\n'.join(out)

@@ -364,6 +364,17 @@ def parse_args(argv=None):
     return p.parse_args(argv)
 
 
+def _check_checkpoint(ckpt):
+    """A --ckpt that sample.load_model would refuse is reported with the missing weights, before anything is
+    written (sample.check_checkpoint reads no tensor data)."""
+    import sample
+
+    try:
+        sample.check_checkpoint(ckpt)
+    except sample.UserError as e:
+        raise MissingWeights(str(e)) from None
+
+
 def _check_run_settings(out_dir, settings: dict):
     """Images made with other settings must not be mixed into this folder's table."""
     path = os.path.join(out_dir, "run.json")
@@ -396,6 +407,8 @@ def main(argv=None, *, generate_fn=None, load_model_fn=None, segmenter=None) -> 
         if not args.no_masked and segmenter is None:
             checks += [lambda: args.grounding_dino and _require_hf_folder(args.grounding_dino, "Grounding-DINO"),
                        lambda: args.sam and _require_hf_folder(args.sam, "SAM")]
+        if not args.score_only and load_model_fn is None:
+            checks.append(lambda: _check_checkpoint(args.ckpt))
         missing = []
         for check in checks:
             try:

@@ -49,7 +49,7 @@ from vision import MissingWeights, VisionError, _require_file, _require_hf_folde
 
 # ----------------------------------------------------------------------------- config
 manifest: str = 'out-s3'  # the working folder: every stage reads and writes under it
-seed: int = 0
+seed: int = 0  # base of every random draw: each item is seeded from (seed, stage, item id)
 device: str = 'auto'  # 'auto' (cuda:LOCAL_RANK if available) | 'cpu' | 'cuda'
 dtype: str = 'auto'  # 'auto' | 'bfloat16': bf16 autocast on CUDA (CPU always runs float32) | 'float32'
 batch_size: int = 8  # work items per batch (prompts, collages or sets); one batched UNet call per step
@@ -58,22 +58,22 @@ sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # prompts
 objects: str = ''  # a text file of object names, one per line ('' = the built-in OBJECTS)
 num_objects: int = 0  # use only the first N objects (0 = all)
-prompts_per_object: int = 8
+prompts_per_object: int = 8  # descriptive prompts written per object name
 llm: str = ''  # a local transformers causal-LM folder; '' = the built-in template expander
-llm_max_new_tokens: int = 48
+llm_max_new_tokens: int = 48  # tokens the local LLM may write per prompt
 # collages
 sd: str = ''  # SD-1.x text-to-image checkpoint: .ckpt / .safetensors / diffusers folder
 collages_from: str = ''  # instead: a folder of collages made elsewhere, x.png + x.json {"prompt", "object"}
 collage_suffix: str = 'photos of the same'  # the paper's suffix, appended as "<prompt>, <suffix>"
-collage_resolution: int = 512
-collage_steps: int = 30
-collage_guidance: float = 7.5
+collage_resolution: int = 512  # pixels per side of each generated collage
+collage_steps: int = 30  # sampling steps per collage
+collage_guidance: float = 7.5  # classifier-free text guidance scale of the collages
 # instances
 grounding_dino: str = ''  # transformers Grounding-DINO folder
 sam: str = ''  # transformers SAM folder
 masks_from: str = ''  # instead: user masks, <masks_from>/<collage id>.<k>.mask.png (white = the instance)
-box_threshold: float = 0.3
-text_threshold: float = 0.25
+box_threshold: float = 0.3  # Grounding-DINO box confidence a detection needs
+text_threshold: float = 0.25  # Grounding-DINO text-match confidence a detection needs
 min_area: float = 0.01  # an instance covers at least this share of the collage ...
 max_area: float = 0.5  # ... and at most this (a box around the whole collage is not an instance)
 border: int = 2  # pixels: a mask this close to the collage's edge is cut by it (-1 = keep those)
@@ -84,25 +84,25 @@ clip_model: str = 'ViT-B-32-quickgelu'  # open_clip architecture name or .json
 clip_weights: str = ''  # local CLIP weights file
 min_similarity: float = 0.95  # the paper's threshold on pairwise CLIP image similarity
 max_similarity: float = 1.0  # drop near-duplicates above this (1.0 = off; SynCD uses 0.98 with DINOv2)
-min_set_size: int = 2
-max_set_size: int = 4
+min_set_size: int = 2  # fewest instances a kept set has; a collage with fewer is dropped
+max_set_size: int = 4  # most instances a set keeps (the largest, then most similar, subset)
 # backgrounds
 inpaint: str = ''  # SD-1.x inpainting checkpoint (9 input channels)
 canvas: int = 512  # pixels, square
 scale_min: float = 0.4  # the pasted instance's longer side, as a share of the canvas
-scale_max: float = 0.75
-inpaint_steps: int = 30
-inpaint_guidance: float = 7.5
+scale_max: float = 0.75  # ... and at most this share
+inpaint_steps: int = 30  # sampling steps of the background inpainting
+inpaint_guidance: float = 7.5  # text guidance scale of the background inpainting
 # stylize
 ip2p: str = ''  # InstructPix2Pix checkpoint (8 input channels)
-stylize_p: float = 0.5
-ip2p_steps: int = 20
-ip2p_text_guidance: float = 7.5
-ip2p_image_guidance: float = 1.5
+stylize_p: float = 0.5  # probability that a set is stylized (one random instruction for the whole set)
+ip2p_steps: int = 20  # InstructPix2Pix sampling steps
+ip2p_text_guidance: float = 7.5  # InstructPix2Pix guidance scale of the instruction
+ip2p_image_guidance: float = 1.5  # InstructPix2Pix guidance scale of the source image
 # write
 shard_size: int = 1000  # sets per output shard (one JSONL and one contact sheet each)
 contact_sets: int = 24  # sets drawn on each contact sheet
-contact_thumb: int = 96
+contact_thumb: int = 96  # pixels per side of each thumbnail on a contact sheet
 config_keys = configurator.config_keys(globals())
 
 STAGES = ('prompts', 'collages', 'instances', 'filter', 'backgrounds', 'stylize', 'write')
@@ -1005,11 +1005,24 @@ def run(stages, rt=None, embedder=None):
     return rt
 
 
+USAGE = (f"usage: python s3.py {{{'|'.join(STAGES + ('all',))}}} [config/s3_*.py ...] [--key=value ...]\n"
+         f"(torchrun --nproc_per_node=N s3.py ... shares the work over N processes; --help lists every stage and key)")
+
+
+def help_text() -> str:
+    """--help: the usage, every stage (this module's docstring) and every config key with its default."""
+    stages = __doc__[__doc__.index("Stages,"):__doc__.index("Every work item")].rstrip()
+    return (f"{USAGE}\n\n{stages}\n\nconfig keys (defaults; set in config/s3_*.py files or as --key=value):\n"
+            + configurator.describe(__file__, globals(), config_keys))
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
+    if any(a in ("-h", "--help") for a in argv):
+        print(help_text())
+        return 0
     if not argv or argv[0] not in STAGES + ("all",):
-        print(f"usage: python s3.py {{{'|'.join(STAGES + ('all',))}}} [config/s3_*.py ...] [--key=value ...]\n"
-              f"(torchrun --nproc_per_node=N s3.py ... shares the work over N processes)", file=sys.stderr)
+        print(USAGE, file=sys.stderr)
         return 2
     try:
         configure(argv[1:])

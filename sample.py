@@ -19,7 +19,7 @@ from PIL import Image, UnidentifiedImageError
 
 import data
 from model.diffusion import SAMPLERS, personalize
-from model.loading import CheckpointError, JeDi, load_jedi, load_sd
+from model.loading import CheckpointError, JeDi, check_jedi, load_jedi, load_sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_CKPT = os.path.join(HERE, "assets", "jedi_toy.safetensors")
@@ -76,6 +76,20 @@ def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8, *, dty
     except CheckpointError as e:
         raise UserError(str(e).replace("\n", " ")) from None
     return prepare_model(model, device, dtype=dtype, compile=compile)
+
+
+def check_checkpoint(ckpt: str | None = None) -> None:
+    """What load_model would refuse, found without loading (no tensor data is read): a missing file, or a JeDi file
+    whose metadata is malformed, out of range or contradicted by its tensor shapes (model.loading.check_jedi).
+    Original SD checkpoints are checked as they load. For entry points that write before they load (eval.py)."""
+    path = ckpt or DEFAULT_CKPT
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}" + ("" if ckpt else " (the default toy checkpoint)"))
+    if os.path.isfile(path) and path.endswith(".safetensors") and _has_jedi_meta(path):
+        try:
+            check_jedi(path)
+        except CheckpointError as e:
+            raise UserError(str(e).replace("\n", " ")) from None
 
 
 def prepare_model(model: JeDi, device, *, dtype="auto", compile: str | None = None) -> JeDi:

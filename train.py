@@ -57,13 +57,13 @@ from model.unet import UNet, UNetConfig
 
 # ----------------------------------------------------------------------------- config
 # I/O
-out_dir: str = 'out'
+out_dir: str = 'out'  # checkpoints, logs and the export go here
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
 sd_path: str = ''  # SD-1.x .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text encoder
 num_heads: int = 8  # UNet heads of the SD checkpoint (the one size its shapes cannot tell)
-log_interval: int = 10
-ckpt_interval: int = 1000
-keep_checkpoints: int = 3
+log_interval: int = 10  # steps between log lines
+ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM)
+keep_checkpoints: int = 3  # the newest N checkpoints are kept, older ones deleted
 export_path: str = ''  # consolidated EMA weights for sample.py; '' = {out_dir}/jedi.safetensors
 export_only: bool = False  # load (usually --init_from=resume), write the export, stop
 export_dtype: str = 'float32'  # 'float16' halves the file (the shipped toy model); sample.py computes in fp32
@@ -75,8 +75,8 @@ eval_data_spec: str = ''  # its data ('' = data_spec; the toy uses the held-out 
 data_spec: str = 'procedural'  # see data.py: 'procedural' | 'type:path@weight,...'
 resolution: int = 32  # pixels
 images_per_batch: int = 12  # per rank and micro-batch
-set_sizes: tuple = (2, 3, 4)
-num_workers: int = 2
+set_sizes: tuple = (2, 3, 4)  # images per set N, one N per micro-batch (bucketed by data.py)
+num_workers: int = 2  # data-loader worker processes per rank
 overfit_one_batch: bool = False  # repeat the first batch AND its noise, timesteps and masks: the loss must go down
 # model
 space: str = 'latent'  # 'latent' (SD VAE, 4 channels) | 'pixel' (the image itself, 3 channels; no VAE)
@@ -85,37 +85,37 @@ unet_config: dict = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attentio
                          num_res_blocks=2, num_heads=8)
 # scratch without sd_path: overrides of sd14_text_config for a small random text encoder
 text_config: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-train_text_encoder: bool = False
+train_text_encoder: bool = False  # also train the text encoder (SD-1.4 and the paper keep it frozen)
 # diffusion and the JeDi loss (model/diffusion.py)
 schedule: str = 'scaled_linear'  # 'scaled_linear' (SD) | 'linear' | 'cosine'
 prediction: str = 'eps'  # 'eps' | 'v'
 p_ref: float = 0.5  # per image: its clean latent is given as reference
 p_drop: float = 0.1  # per set: text AND references dropped (image-guidance null)
 p_drop_text: float = 0.0  # per set: only the text dropped (3-pass guidance)
-ref_loss_weight: float = 1.0
+ref_loss_weight: float = 1.0  # loss weight of images given as reference (1 = the paper's plain MSE over the set)
 # sampling defaults written into the export (sample.py uses them when its flags are not given)
-sample_steps: int = 50
+sample_steps: int = 50  # sampling steps
 sample_guidance: float = 5.0  # image guidance λ of eq. 3
 sample_sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # optimizer
-learning_rate: float = 5e-5
+learning_rate: float = 5e-5  # peak AdamW learning rate (the paper: 5e-5)
 lr_decay: str = 'constant'  # after warm-up: 'constant' (SD fine-tuning) | 'cosine' (to min_lr at max_iters)
-min_lr: float = 0.0
+min_lr: float = 0.0  # the cosine decay's final learning rate
 warmup_iters: int = 1000  # linear warm-up from 0
-max_iters: int = 140000
-weight_decay: float = 1e-2
-beta1: float = 0.9
-beta2: float = 0.999
+max_iters: int = 140000  # optimizer steps in all
+weight_decay: float = 1e-2  # AdamW weight decay
+beta1: float = 0.9  # AdamW β1
+beta2: float = 0.999  # AdamW β2
 grad_clip: float = 1.0  # 0 = no clipping (the norm is still logged)
 gradient_accumulation_steps: int = 1  # micro-batches per step over ALL ranks (keep it a multiple of the world size)
-ema_decay: float = 0.9999
+ema_decay: float = 0.9999  # EMA of the UNet weights (what the export holds)
 # system
 device: str = 'auto'  # 'auto' | 'cpu' | 'cuda'
 dtype: str = 'auto'  # compute dtype: 'auto' = bfloat16 on GPU, float32 on CPU (no float16: it would need loss scaling)
-compile: bool = False
-activation_checkpointing: bool = False
+compile: bool = False  # torch.compile each UNet block
+activation_checkpointing: bool = False  # recompute each UNet block in the backward (less memory, ~1/3 more compute)
 channels_last: bool = False  # NHWC activations from the first convolution on (cuDNN's faster layout; same math)
-seed: int = 0
+seed: int = 0  # base of every random draw: step s on rank r is seeded from (seed, s, r, micro-batch)
 peak_flops: float = 0.0  # per-device dense bf16 FLOP/s for MFU; 0 = guess from the GPU name
 config_keys = configurator.config_keys(globals())
 
@@ -605,7 +605,16 @@ def log_progress(step, sums, n_steps, dt, grad_norm, lr, bad, peak, writer, rt):
 
 # ----------------------------------------------------------------------------- main
 
+def help_text() -> str:
+    """--help: how to run it (this module's docstring, first paragraph) and every config key with its default."""
+    return (__doc__[:__doc__.index("Config:")].rstrip() + "\n\nconfig keys (defaults; set in config/*.py files or "
+            "as --key=value):\n" + configurator.describe(__file__, globals(), config_keys))
+
+
 def main(argv):
+    if any(a in ('-h', '--help') for a in argv):
+        print(help_text())
+        return
     configure(argv)
     check_config()
     ckpt_root = os.path.join(out_dir, 'ckpt')

@@ -17,6 +17,13 @@ Backends:
 The ``backend`` argument wins over the environment variable ``JEDI_ATTN`` (any of BACKENDS).
 Forcing "triton" on CPU tensors needs ``TRITON_INTERPRET=1`` (that is how the tests run it).
 
+Beside the Hugging Face hub's ``kernels`` distribution (transformers >= 5.25 requires it; earlier 5.x import it
+when installed): with the repository root on ``sys.path`` our package owns the name ``kernels``, so
+``from kernels import CUDAProperties`` in transformers would find us. ``_beside_hub_kernels`` makes this one
+module serve both: the hub package's folder joins ``__path__`` (its submodules resolve to its files) and its public
+names are looked up lazily, on the first name we do not define. A hub release that adds a submodule or name we
+also have is refused at import with one line naming the clash and the fix.
+
 ``record_backends()``: a context manager yielding a Counter of ``BackendUse(backend, head_dim, lq, lk,
 direction)`` (lq, lk: power-of-two buckets) over the eager calls made inside it, for benchmarks to report
 which backend ran. Calls traced by torch.compile are not counted (the choice is made once at trace time, from
@@ -25,7 +32,9 @@ formats it for a table cell.
 """
 import collections
 import contextlib
+import importlib.metadata
 import os
+import pathlib
 
 import torch
 import torch.nn.functional as F
@@ -100,3 +109,74 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, scale: float | 
         from . import flash_attn  # imported lazily: triton.jit fixes interpreter vs compiler at import time
         return flash_attn.flash_attention(q, k, v, scale, **TRITON_OPTIONS[chosen])
     return sdpa_attention(q, k, v, scale)
+
+
+# ----------------------------------------------------------------------------- the hub's `kernels`, beside ours
+
+_OURS = pathlib.Path(__file__).resolve().parent
+_HUB = None  # the hub package's folder when its distribution is installed, else None
+_hub_names = None  # its __init__'s public names, loaded on first use
+
+
+class HubKernelsClash(ImportError):
+    pass
+
+
+def _find_hub_kernels() -> pathlib.Path | None:
+    """The folder of an installed `kernels` distribution other than this one (the hub's), or None."""
+    try:
+        dist = importlib.metadata.distribution("kernels")
+    except importlib.metadata.PackageNotFoundError:
+        return None
+    init = pathlib.Path(dist.locate_file("kernels/__init__.py"))
+    if not init.is_file() or init.resolve().parent == _OURS:
+        return None
+    return init.resolve().parent
+
+
+def _clash(what: str, version: str) -> HubKernelsClash:
+    return HubKernelsClash(
+        f"the Hugging Face hub's `kernels` {version} ({_HUB}) has {what}, which this project's kernels/ package "
+        f"also has, so both cannot share the name: install the version the lock pins (pip install -r "
+        f"requirements-lock.txt) or `pip uninstall kernels` if nothing else you use needs it")
+
+
+def _beside_hub_kernels() -> None:
+    """Let the hub's submodules (kernels._internals, kernels._rust, ...) resolve to its files, if it is installed."""
+    global _HUB
+    _HUB = _find_hub_kernels()
+    if _HUB is None:
+        return
+    ours = {p.stem for p in _OURS.iterdir() if not p.name.startswith("_")}
+    theirs = {p.stem.split(".")[0] for p in _HUB.iterdir() if not p.name.startswith("__")}
+    if ours & theirs:
+        raise _clash(f"the submodule(s) {sorted(ours & theirs)}", importlib.metadata.version("kernels"))
+    __path__.append(str(_HUB))  # after ours: our submodules win, theirs are found too
+
+
+def _load_hub_names() -> dict:
+    """Run the hub package's __init__ in a namespace of its own (its `from kernels.x import y` lines resolve through
+    our __path__) and keep its public names; a name we define too is a clash."""
+    global _hub_names
+    if _hub_names is None:
+        init = _HUB / "__init__.py"
+        ns = {"__name__": __name__, "__file__": str(init), "__path__": __path__, "__package__": __name__}
+        exec(compile(init.read_text(), str(init), "exec"), ns)
+        names = {k: v for k, v in ns.items() if not k.startswith("__") or k == "__version__"}
+        both = sorted(k for k in names if k in globals() and globals()[k] is not names[k])
+        if both:
+            raise _clash(f"the name(s) {both}", importlib.metadata.version("kernels"))
+        _hub_names = names
+    return _hub_names
+
+
+def __getattr__(name: str):
+    """Names this module does not define: the hub package's, when it is installed (PEP 562)."""
+    if _HUB is not None and not (name.startswith("__") and name != "__version__"):
+        hub = _load_hub_names()
+        if name in hub:
+            return hub[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+_beside_hub_kernels()

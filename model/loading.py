@@ -38,14 +38,19 @@ def read_state_dict(path: str) -> dict:
     if path.endswith(".safetensors"):
         from safetensors.torch import load_file
 
-        return load_file(path)
+        try:
+            return load_file(path)
+        except Exception as e:  # safetensors' own error types: truncated file, bad header, not safetensors
+            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     try:
         obj = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (it would need to run pickled code). "
-            f"Convert it to .safetensors in a trusted environment. ({str(e).splitlines()[0]})"
+            f"Convert it to .safetensors in a trusted environment. ({_first_line(e)})"
         ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # truncated zip, not a torch file at all
+        raise CheckpointError(f"{path}: not a readable checkpoint ({_first_line(e)})") from None
     if isinstance(obj, dict) and "state_dict" in obj:
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
@@ -53,20 +58,55 @@ def read_state_dict(path: str) -> dict:
     return obj
 
 
-def strict_load(module: nn.Module, sd: dict, what: str) -> None:
-    """load_state_dict(strict=True), but listing every missing, unexpected and wrongly shaped key at once."""
-    own = module.state_dict()
+def _first_line(e: BaseException) -> str:
+    return (str(e).strip().splitlines() or [e.__class__.__name__])[0]
+
+
+def check_state_dict(own: dict, sd: dict, what: str) -> None:
+    """Compare a module's state dict (real or on the meta device) with checkpoint tensors (or their shapes), key by
+    key and shape by shape; one CheckpointError lists every missing, unexpected and wrongly shaped key."""
+    shape = lambda v: tuple(getattr(v, "shape", v))  # noqa: E731  (a tensor, or just its shape)
     missing = sorted(set(own) - set(sd))
     unexpected = sorted(set(sd) - set(own))
-    shapes = [f"{k}: checkpoint {tuple(sd[k].shape)} vs model {tuple(own[k].shape)}"
-              for k in own if k in sd and sd[k].shape != own[k].shape]
+    shapes = [f"{k}: checkpoint {shape(sd[k])} vs model {shape(own[k])}"
+              for k in own if k in sd and shape(sd[k]) != shape(own[k])]
     if missing or unexpected or shapes:
         lines = [f"{what}: checkpoint does not match the model"]
         for name, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
             if items:
                 lines.append(f"  {name} ({len(items)}): " + ", ".join(items[:20]) + (" ..." if len(items) > 20 else ""))
         raise CheckpointError("\n".join(lines))
+
+
+def strict_load(module: nn.Module, sd: dict, what: str) -> None:
+    """load_state_dict(strict=True), but listing every missing, unexpected and wrongly shaped key at once."""
+    check_state_dict(module.state_dict(), sd, what)
     module.load_state_dict(sd, strict=True)
+
+
+def _meta_build(factory, what: str) -> nn.Module:
+    try:
+        with torch.device("meta"):
+            return factory()
+    except (TypeError, ValueError, ZeroDivisionError, RuntimeError, AssertionError) as e:
+        raise CheckpointError(f"{what}: its config cannot be built ({_first_line(e)})") from None
+
+
+def build_checked(factory, sd: dict, what: str) -> nn.Module:
+    """factory() loaded strictly with `sd`, where the config behind factory may come from a file that lies: the
+    module is first built on the meta device (no memory) and every key and shape compared with the tensors, so a
+    config wider than its weights is an error before anything is allocated. Then it is materialised: `to_empty`
+    when every buffer is in the state dict, else (non-persistent buffers such as CLIP's position_ids need their
+    constructor's values) a real build, now known to be the tensors' size."""
+    module = _meta_build(factory, what)
+    own = module.state_dict()
+    check_state_dict(own, sd, what)
+    if {n for n, _ in module.named_buffers()} - set(own):
+        module = factory()
+    else:
+        module = module.to_empty(device="cpu")
+    module.load_state_dict(sd, strict=True)
+    return module
 
 
 def strip_prefix(sd: dict, prefix: str) -> dict:
@@ -313,16 +353,16 @@ def _read_diffusers_folder(path: str) -> tuple[dict, dict, dict]:
     return unet_ours, convert_diffusers_vae(vae), {k: v for k, v in text.items() if not k.endswith("position_ids")}
 
 
-def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_IN_CHANNELS) -> UNet:
+def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_IN_CHANNELS,
+              what: str = "UNet") -> UNet:
     """Build a UNet with sizes inferred from `unet_sd`, inflating the input to `in_channels` (None keeps it)."""
     if in_channels is not None:
         unet_sd = inflate_input_channels(unet_sd, in_channels)
-    config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
-    with torch.device("meta"):
-        unet = UNet(config)
-    unet = unet.to_empty(device="cpu")
-    strict_load(unet, unet_sd, "UNet")
-    return unet
+    try:
+        config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
+    except CheckpointError as e:
+        raise CheckpointError(f"{what}: {e}") from None
+    return build_checked(lambda: UNet(config), unet_sd, what)
 
 
 def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
@@ -332,17 +372,26 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
     num_heads: attention heads of the UNet (the one size shapes cannot tell; 8 for SD-1.x).
     ema: take the `model_ema.*` copy when the checkpoint has one (sd-v1-4.ckpt holds only EMA weights).
     in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
+    Every error is a CheckpointError whose message starts with the path.
     """
     from .text import Tokenizer, build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
     from .vae import AutoencoderKL, vae_config_from_state_dict
 
-    unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema)
-    unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels)
-    vae = AutoencoderKL(vae_config_from_state_dict(vae_sd))
-    strict_load(vae, vae_sd, "VAE")
-    text_sd = convert_original_text_state_dict(text_sd)
-    text_encoder = build_text_encoder(text_config_from_state_dict(text_sd))
-    strict_load(text_encoder, text_sd, "text encoder")
+    try:
+        unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema)
+    except CheckpointError as e:
+        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except (KeyError, ValueError) as e:  # a diffusers folder whose tensors are not SD's
+        raise CheckpointError(f"{path}: not an SD-1.x layout ({_first_line(e)})") from None
+    unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels, what=f"{path}: UNet")
+    try:
+        vae_config = vae_config_from_state_dict(vae_sd)
+        text_sd = convert_original_text_state_dict(text_sd)
+        text_config = text_config_from_state_dict(text_sd)
+    except (KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_first_line(e)}") from None
+    vae = build_checked(lambda: AutoencoderKL(vae_config), vae_sd, f"{path}: VAE")
+    text_encoder = build_checked(lambda: build_text_encoder(text_config), text_sd, f"{path}: text encoder")
     # SD-1.x: 512 px, SD's schedule and eps-prediction (Diffusion()'s defaults), no sampling defaults of its own
     meta = dict(resolution=512, diffusion={}, space="latent")
     return JeDi(unet.eval(), vae.eval(), text_encoder.eval(), Tokenizer(), meta).to(device, dtype)
@@ -374,34 +423,175 @@ def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Modul
     os.replace(tmp, path)
 
 
-def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
-    """Load a checkpoint written by `save_jedi` (train.py's export)."""
-    from safetensors import safe_open
+# What no tensor can contradict, bounded: a file whose metadata says otherwise is refused before any work.
+RESOLUTION_RANGE = (8, 8192)  # pixels per side
+STEPS_RANGE = (1, 1000)
+GUIDANCE_RANGE = (0.0, 100.0)
+SET_SIZE_RANGE = (1, 64)
+MAX_LEVELS, MAX_RES_BLOCKS, MAX_DEPTH = 8, 16, 64  # UNet structure: keeps even the meta-device build small
+
+
+def _bad(path, msg) -> CheckpointError:
+    return CheckpointError(f"{path}: {msg}")
+
+
+def _int_in(path, name, v, lo, hi) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or not lo <= v <= hi:
+        raise _bad(path, f"metadata {name} = {v!r} is not an integer in [{lo}, {hi}]")
+    return v
+
+
+def _config(path, cls, fields, what):
+    """cls(**fields) with the file named on a wrong or unknown field."""
+    if not isinstance(fields, dict):
+        raise _bad(path, f"metadata {what} config is {type(fields).__name__}, not a JSON object")
+    try:
+        return cls(**fields)
+    except TypeError as e:  # unknown or missing keyword
+        raise _bad(path, f"metadata {what} config: {_first_line(e)}") from None
+    except (ValueError, ZeroDivisionError) as e:
+        raise _bad(path, f"metadata {what} config: {_first_line(e)}") from None
+
+
+def check_jedi_meta(path: str, meta) -> dict:
+    """The JSON metadata of a JeDi checkpoint, every value a tensor cannot contradict checked against a sane range
+    (resolution, sampling defaults, set sizes, the schedule, the UNet's structure). Returns it; raises a one-line
+    CheckpointError naming the file and the field otherwise. Shapes are checked later, against the tensors."""
+    from .diffusion import SAMPLERS
+
+    if not isinstance(meta, dict):
+        raise _bad(path, f"metadata is a JSON {type(meta).__name__}, not an object")
+    if meta.get("format") != JEDI_FORMAT:
+        raise _bad(path, f"JeDi checkpoint format {meta.get('format')!r} is not supported ({JEDI_FORMAT})")
+    for key in ("unet", "text", "vae", "resolution"):
+        if key not in meta:
+            raise _bad(path, f"metadata lacks {key!r}")
+    _int_in(path, "resolution", meta["resolution"], *RESOLUTION_RANGE)
+    if "steps" in meta:
+        _int_in(path, "steps", meta["steps"], *STEPS_RANGE)
+    if "guidance" in meta:
+        g = meta["guidance"]
+        if isinstance(g, bool) or not isinstance(g, (int, float)) or not GUIDANCE_RANGE[0] <= g <= GUIDANCE_RANGE[1]:
+            raise _bad(path, f"metadata guidance = {g!r} is not a number in {list(GUIDANCE_RANGE)}")
+    if "sampler" in meta and meta["sampler"] not in SAMPLERS:
+        raise _bad(path, f"metadata sampler = {meta['sampler']!r} is not one of {', '.join(SAMPLERS)}")
+    for key in ("set_sizes",):
+        if key in meta:
+            if not isinstance(meta[key], list) or not meta[key]:
+                raise _bad(path, f"metadata {key} = {meta[key]!r} is not a non-empty list")
+            for v in meta[key]:
+                _int_in(path, key, v, *SET_SIZE_RANGE)
+    if "max_set_size" in meta and meta["max_set_size"] is not None:
+        _int_in(path, "max_set_size", meta["max_set_size"], *SET_SIZE_RANGE)
+    diffusion = meta.get("diffusion", {})
+    if isinstance(diffusion, dict) and "num_timesteps" in diffusion:  # before Diffusion allocates its table
+        _int_in(path, "diffusion.num_timesteps", diffusion["num_timesteps"], 2, 100_000)
+    d = _config(path, Diffusion, diffusion, "diffusion")
+    if "steps" in meta and meta["steps"] > d.num_timesteps:
+        raise _bad(path, f"metadata steps = {meta['steps']} exceeds the schedule's {d.num_timesteps} timesteps")
+    if not 0 < d.beta_start < d.beta_end < 1:
+        raise _bad(path, f"metadata diffusion betas {d.beta_start}, {d.beta_end} are not 0 < start < end < 1")
+    c = _config(path, UNetConfig, meta["unet"], "UNet")
+    for name, v, hi in (("in_channels", c.in_channels, 64), ("out_channels", c.out_channels, 64),
+                        ("model_channels", c.model_channels, 16384), ("num_res_blocks", c.num_res_blocks, MAX_RES_BLOCKS),
+                        ("transformer_depth", c.transformer_depth, MAX_DEPTH), ("context_dim", c.context_dim, 16384),
+                        ("norm_groups", c.norm_groups, 1024)):
+        for x in (v if isinstance(v, (list, tuple)) else [v]):
+            _int_in(path, f"unet.{name}", x, 1, hi)
+    if not 1 <= len(c.channel_mult) <= MAX_LEVELS:
+        raise _bad(path, f"metadata unet.channel_mult has {len(c.channel_mult)} levels, not 1 to {MAX_LEVELS}")
+    for x in c.channel_mult:
+        _int_in(path, "unet.channel_mult", x, 1, 64)
+    text = meta["text"]
+    if not isinstance(text, dict):
+        raise _bad(path, f"metadata text config is {type(text).__name__}, not a JSON object")
+    for name, hi in (("num_hidden_layers", 256), ("hidden_size", 16384), ("intermediate_size", 65536),
+                     ("num_attention_heads", 256), ("vocab_size", 1_000_000), ("max_position_embeddings", 4096)):
+        if name in text:
+            _int_in(path, f"text.{name}", text[name], 1, hi)
+    vae = meta["vae"]
+    if vae is not None:
+        if not isinstance(vae, dict):
+            raise _bad(path, f"metadata vae config is {type(vae).__name__}, not a JSON object or null")
+        for name, hi in (("ch", 4096), ("num_res_blocks", MAX_RES_BLOCKS), ("z_channels", 64), ("embed_dim", 64)):
+            if name in vae:
+                _int_in(path, f"vae.{name}", vae[name], 1, hi)
+        mult = vae.get("ch_mult", (1,))
+        if not isinstance(mult, list) or not 1 <= len(mult) <= MAX_LEVELS:
+            raise _bad(path, f"metadata vae.ch_mult = {mult!r} is not a list of 1 to {MAX_LEVELS} levels")
+        for x in mult:
+            _int_in(path, "vae.ch_mult", x, 1, 64)
+    down = 2 ** (len(c.channel_mult) - 1) * (2 ** (len(vae.get("ch_mult", [1, 1, 1, 1])) - 1) if vae else 1)
+    if meta["resolution"] % down:
+        raise _bad(path, f"metadata resolution {meta['resolution']} is not a multiple of {down} (VAE and UNet "
+                         f"downsampling)")
+    return meta
+
+
+def _jedi_parts(path: str, meta: dict) -> dict:
+    """name -> (module factory, tensor prefix) of a JeDi checkpoint, from its checked metadata."""
     from transformers import CLIPTextConfig
 
-    from .text import Tokenizer, build_text_encoder
+    from .text import build_text_encoder
     from .vae import AutoencoderKL, VAEConfig
+
+    ucfg = UNetConfig(**meta["unet"])
+    tcfg = _config(path, CLIPTextConfig, meta["text"], "text")
+    parts = {"UNet": (lambda: UNet(ucfg), "unet."), "text encoder": (lambda: build_text_encoder(tcfg), "text.")}
+    if meta["vae"] is not None:
+        vcfg = _config(path, VAEConfig, meta["vae"], "VAE")
+        parts["VAE"] = (lambda: AutoencoderKL(vcfg), "vae.")
+    return parts
+
+
+def _read_jedi_meta(path: str) -> dict:
+    from safetensors import safe_open
 
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     try:
         with safe_open(path, framework="pt") as f:
             raw = (f.metadata() or {}).get("jedi")
-            tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:  # safetensors raises its own error types for non-safetensors files
-        raise CheckpointError(f"{path}: not a safetensors file ({e})") from None
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
     if raw is None:
         raise CheckpointError(f"{path}: no JeDi metadata; an original SD checkpoint is loaded with load_sd()")
-    meta = json.loads(raw)
-    if meta.get("format") != JEDI_FORMAT:
-        raise CheckpointError(f"{path}: JeDi checkpoint format {meta.get('format')} is not supported ({JEDI_FORMAT})")
-    unet = UNet(UNetConfig(**meta["unet"]))
-    strict_load(unet, strip_prefix(tensors, "unet."), "UNet")
-    text_encoder = build_text_encoder(CLIPTextConfig(**meta["text"]))
-    strict_load(text_encoder, strip_prefix(tensors, "text."), "text encoder")
-    vae = None
-    if meta["vae"] is not None:
-        vae = AutoencoderKL(VAEConfig(**meta["vae"]))
-        strict_load(vae, strip_prefix(tensors, "vae."), "VAE")
-    vae = None if vae is None else vae.eval()
-    return JeDi(unet.eval(), vae, text_encoder.eval(), Tokenizer(), meta).to(device, dtype)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{path}: metadata is not valid JSON ({e.msg} at character {e.pos})") from None
+    return check_jedi_meta(path, meta)
+
+
+def check_jedi(path: str) -> dict:
+    """Everything load_jedi checks, reading no tensor data: the metadata (check_jedi_meta), then every module
+    built on the meta device against the file's tensor names and shapes. Returns the metadata. For entry points
+    that must refuse a bad checkpoint before they write anything (eval.py)."""
+    from safetensors import safe_open
+
+    meta = _read_jedi_meta(path)
+    with safe_open(path, framework="pt") as f:
+        shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    for name, (factory, prefix) in _jedi_parts(path, meta).items():
+        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), strip_prefix(shapes, prefix),
+                         f"{path}: {name}")
+    return meta
+
+
+def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
+    """Load a checkpoint written by `save_jedi` (train.py's export). A file whose metadata is malformed, out of
+    range or contradicted by its tensors is a one-line CheckpointError naming it, raised before the modules are
+    allocated (they are built on the meta device and compared first: build_checked)."""
+    from safetensors import safe_open
+
+    from .text import Tokenizer
+
+    meta = _read_jedi_meta(path)
+    try:
+        with safe_open(path, framework="pt") as f:
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except Exception as e:
+        raise CheckpointError(f"{path}: tensors cannot be read ({_first_line(e)})") from None
+    parts = {name: build_checked(factory, strip_prefix(tensors, prefix), f"{path}: {name}").eval()
+             for name, (factory, prefix) in _jedi_parts(path, meta).items()}
+    return JeDi(parts["UNet"], parts.get("VAE"), parts["text encoder"], Tokenizer(), meta).to(device, dtype)
