@@ -52,8 +52,9 @@ import torch.nn as nn
 from transformers import CLIPTextConfig
 
 from .conditioning import MICRO_FEATURES, Cond
-from .text import (CONTEXT_LENGTH, Tokenizer, bigg_text_config, build_text_encoder, empty_text_encoder,
-                   sd14_text_config, text_config_from_state_dict)
+from .text import (CONTEXT_LENGTH, Tokenizer, bigg_text_config, build_text_encoder,
+                   convert_original_text_state_dict, empty_text_encoder, sd14_text_config,
+                   text_config_from_state_dict)
 
 LAYERS = ("last", "penultimate")
 NULLS = ("empty", "zeros")
@@ -156,12 +157,17 @@ def _tokenizer(style: str) -> Tokenizer:
 
 class TextConditioner(nn.Module):
     """Prompts -> Cond. Holds the text encoders (`encoders.0`, `encoders.1`, ...; transformers modules) and knows
-    their tokenizers; `config` (TextConditionerConfig) rebuilds it."""
+    their tokenizers; `config` (TextConditionerConfig) rebuilds it. encoders: existing modules to hold instead of
+    new random ones (one per config encoder)."""
 
-    def __init__(self, config: TextConditionerConfig):
+    def __init__(self, config: TextConditionerConfig, encoders: list[nn.Module] | None = None):
         super().__init__()
         self.config = config
-        self.encoders = nn.ModuleList(build_text_encoder(e.clip_config, projection=e.pooled) for e in config.encoders)
+        if encoders is None:
+            encoders = [build_text_encoder(e.clip_config, projection=e.pooled) for e in config.encoders]
+        if len(encoders) != len(config.encoders):
+            raise ValueError(f"text conditioner: {len(config.encoders)} encoders in the config, {len(encoders)} given")
+        self.encoders = nn.ModuleList(encoders)
         self.tokenizers = [_tokenizer(e.tokenizer) for e in config.encoders]
 
     @property
@@ -250,28 +256,43 @@ def load_text_conditioner(config: TextConditionerConfig, parts: list[dict], num_
     CompVis/sgm, diffusers, open_clip), its file prefix stripped (ORIGINAL_TEXT_PREFIXES). The shapes give the
     sizes; config gives what they cannot (layer, tokenizer, pooling, activation, norm eps); heads default to
     width // 64."""
-    from .loading import CheckpointError
-    from .text import load_text_state_dict
+    from .loading import CheckpointError, check_state_dict
 
     if len(parts) != len(config.encoders):
         raise ValueError(f"text conditioner: {len(config.encoders)} encoders but {len(parts)} weight sets")
+    what = lambda i: f"text encoder {i + 1}" if len(parts) > 1 else "text encoder"  # noqa: E731
     specs = []
     for i, (spec, sd) in enumerate(zip(config.encoders, parts)):
         if not sd:
-            raise CheckpointError(f"text encoder {i + 1}: no weights")
-        keep = {k: spec.config[k] for k in ("hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
-                                             "pad_token_id") if k in spec.config}
+            raise CheckpointError(f"{what(i)}: no weights")
         has_projection = any(k.rsplit(".", 1)[-1] == "text_projection" or k.endswith("text_projection.weight")
                              for k in sd)
         if spec.pooled != has_projection:
-            raise CheckpointError(f"text encoder {i + 1}: the {'SDXL' if spec.pooled else 'SD-1.x'} conditioner "
-                           f"{'needs' if spec.pooled else 'has no use for'} a text_projection, and the weights "
-                           f"{'have none' if spec.pooled else 'have one'}")
-        cfg = text_config_from_state_dict(sd, num_heads, **keep)
-        specs.append(EncoderSpec(cfg.to_dict(), spec.tokenizer, spec.layer, spec.pooled))
-    with torch.device("meta"):  # no random init: every weight is loaded next
-        tc = TextConditioner(TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution))
+            need = "is needed (for the pooled vector)" if spec.pooled else "is not expected"
+            raise CheckpointError(f"{what(i)}: a text_projection {need}, and the weights "
+                                  f"{'have none' if spec.pooled else 'have one'}")
+        keep = {k: spec.config[k] for k in ("hidden_act", "layer_norm_eps", "bos_token_id", "eos_token_id",
+                                             "pad_token_id")}
+        try:
+            cfg = text_config_from_state_dict(sd, num_heads, **keep)
+        except (KeyError, ValueError) as e:
+            raise CheckpointError(f"{what(i)}: {str(e).strip(chr(34))}") from None
+        specs.append(EncoderSpec(cfg, spec.tokenizer, spec.layer, spec.pooled))
+    config = TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution)
+    with torch.device("meta"):  # keys and shapes checked before any memory is allocated (the sizes came from
+        tc = TextConditioner(config)  # key names: a stray `layers.99999` must be an error, not an allocation)
+    converted = []
     for i, (spec, sd) in enumerate(zip(specs, parts)):
-        tc.encoders[i] = empty_text_encoder(spec.clip_config, spec.pooled)
-        load_text_state_dict(tc.encoders[i], sd, f"text encoder {i + 1}" if len(parts) > 1 else "text encoder")
+        converted.append(convert_original_text_state_dict(sd, spec.pooled))
+        check_state_dict(tc.encoders[i].state_dict(), converted[i], what(i))
+    for i, (spec, sd) in enumerate(zip(specs, converted)):
+        tc.encoders[i] = empty_text_encoder(spec.clip_config, spec.pooled)  # no random init: all is loaded next
+        tc.encoders[i].load_state_dict(sd, strict=True)
     return tc.eval()
+
+
+def as_text_conditioner(text: nn.Module) -> TextConditioner:
+    """A TextConditioner, or a bare transformers CLIPTextModel, which is the SD-1.x conditioner's one encoder."""
+    if isinstance(text, TextConditioner):
+        return text
+    return TextConditioner(TextConditionerConfig([EncoderSpec(text.config)]), [text])

@@ -303,8 +303,13 @@ def test_loading_errors(sdxl_file, clip_l):
     sd[PREFIX_L + "text_model.final_layer_norm.weight"] = torch.zeros(32)
     with pytest.raises(CheckpointError, match=r"text encoder 1: .*\n  wrong shape \(1\): final_layer_norm.weight"):
         load_text_conditioner(cfg, original_parts(sd))
-    with pytest.raises(CheckpointError, match="text encoder 2: the SDXL conditioner needs a text_projection"):
+    with pytest.raises(CheckpointError, match=r"text encoder 2: a text_projection is needed \(for the pooled "
+                                              r"vector\), and the weights have none"):
         load_text_conditioner(cfg, [sgm_layout(clip_l), sgm_layout(clip_l)])
+    sd = dict(sdxl_file)  # a stray layer index would size a huge model: refused on the meta device, no allocation
+    sd[PREFIX_L + "text_model.encoder.layers.99999.mlp.fc1.weight"] = torch.zeros(128, 64)
+    with pytest.raises(CheckpointError, match=r"text encoder 1: .*\n  missing \(\d+\): encoder.layers.10"):
+        load_text_conditioner(cfg, original_parts(sd))
     with pytest.raises(ValueError, match="2 encoders but 1 weight sets"):
         load_text_conditioner(cfg, original_parts(sdxl_file)[:1])
     with pytest.raises(CheckpointError, match="text encoder 2: no weights"):
