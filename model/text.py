@@ -269,7 +269,11 @@ def text_config_from_state_dict(sd: dict, num_heads: int | None = None, **overri
     if missing:
         raise KeyError(f"text encoder weights lack {missing}: not a CLIP text model state dict")
     vocab, hidden = sd[need[0]].shape
-    layers = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k)))
+    found = {int(m.group(1)) for k in sd if (m := re.match(r"encoder\.layers\.(\d+)\.", k))}
+    layers = 1 + max(found)
+    if len(found) != layers:  # before anything is built: a stray index must not size a huge model
+        gap = min(set(range(layers)) - found)
+        raise ValueError(f"text encoder layers are not numbered 0 to {layers - 1}: layer {gap} is missing")
     heads = num_heads or max(1, hidden // 64)
     if hidden % heads:
         raise ValueError(f"hidden size {hidden} is not divisible by num_heads={heads}")
