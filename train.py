@@ -298,7 +298,8 @@ def build_parts(meta, resume_dir, rt):
     vae, full_unet_sd, text_random = None, None, False
     if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
         sd = load_sd(src, num_heads=num_heads, ema=True)
-        text_encoder, vae = sd.text_encoder, (sd.vae if model_space == 'latent' else None)
+        # SD-1.x: the conditioner's one encoder (train.py tokenizes and encodes with it itself)
+        text_encoder, vae = sd.text.encoders[0], (sd.vae if model_space == 'latent' else None)
         if init_from == 'sd':
             full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
         del sd

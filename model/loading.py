@@ -4,19 +4,19 @@ Our modules carry the original CompVis names, so an original checkpoint is a pre
 load. Architecture sizes are inferred from tensor shapes (only the head count cannot be); a diffusers
 folder is mapped into our names by walking the same block layout the UNet constructor walks.
 
-    sd = load_sd("sd-v1-4.ckpt")                   # -> JeDi(unet, vae, text_encoder, tokenizer, meta)
+    sd = load_sd("sd-v1-4.ckpt")                   # -> JeDi(unet, vae, text, meta); text: TextConditioner
     sd.unet(x, t, context, set_size=4)             # JeDi UNet, 9 input channels inflated from SD's 4
 """
 import json
 import os
 import pickle
 import re
-import warnings
 from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
 
+from .conditioning import Cond
 from .diffusion import Diffusion
 from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 
@@ -244,13 +244,13 @@ def convert_diffusers_vae(sd: dict) -> dict:
 @dataclass(eq=False)
 class JeDi:
     """A loaded model, the one bundle every entry point uses (sample.py, eval.py, train.py, the benchmarks):
-    UNet, VAE (None: the model works in pixel space), text encoder, tokenizer, and the checkpoint's `meta`
-    (resolution, space, diffusion settings, sampling defaults, configs)."""
+    UNet, VAE (None: the model works in pixel space), the text conditioner (model.conditioner.TextConditioner:
+    tokenizers and text encoders, prompts -> Cond), and the checkpoint's `meta` (resolution, space, diffusion
+    settings, sampling defaults, configs)."""
 
     unet: nn.Module
     vae: nn.Module | None
-    text_encoder: nn.Module
-    tokenizer: object
+    text: nn.Module  # TextConditioner
     meta: dict
 
     def __post_init__(self):
@@ -263,17 +263,17 @@ class JeDi:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the UNet and text encoder compute in (the VAE may keep fp32 parts: AutoencoderKL.cast)."""
+        """The dtype the UNet and text encoders compute in (the VAE may keep fp32 parts: AutoencoderKL.cast)."""
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "JeDi":
         """Cast (before moving: the device never holds both copies) and move every module, in place."""
         if dtype is not None:
             self.unet.to(dtype)
-            self.text_encoder.to(dtype)
+            self.text.to(dtype)
             if self.vae is not None:
                 self.vae.cast(dtype)  # fp16 keeps the VAE's overflow-prone parts in fp32
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text, self.vae):
             if m is not None and device is not None:
                 m.to(device)
         return self
@@ -293,15 +293,24 @@ class JeDi:
         return self.vae.downsample_factor if self.vae is not None else 1
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
-        from .text import encode
+    def encode(self, prompts: list[str], **sizes) -> Cond:
+        """(P,) prompts -> Cond (P rows); warns when a prompt is cut at 77 tokens. sizes: SDXL's micro-conditioning
+        (original_size, crop_top_left, target_size; TextConditioner.forward)."""
+        return self.text.encode(prompts, **sizes)
 
-        ids, cut = self.tokenizer(prompts, return_truncated=True)
-        for p, c in zip(prompts, cut.tolist()):
-            if c:
-                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
-        return encode(self.text_encoder, ids.to(self.device))
+    @torch.no_grad()
+    def null(self, **sizes) -> Cond:
+        """The unconditional text as a one-row Cond: the encoded "" (SD-1.x), zeros (SDXL)."""
+        return self.text.null(**sizes)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(P,) prompts -> (P, 77, D) text states, the bare context of a model without vector conditioning (SD-1.x);
+        a model with y (SDXL) needs encode()."""
+        if self.text.y_dim is not None:
+            raise ValueError("this model's text conditioning has a vector part (SDXL's pooled text and sizes): "
+                             "use JeDi.encode(), which returns a Cond")
+        return self.encode(prompts).context
 
     @torch.no_grad()
     def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -367,14 +376,14 @@ def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_
 
 def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
             device="cpu", dtype=torch.float32) -> JeDi:
-    """UNet, VAE, text encoder and tokenizer from an original SD-1.x `.ckpt`/`.safetensors` or a diffusers folder.
+    """UNet, VAE and text conditioner from an original SD-1.x `.ckpt`/`.safetensors` or a diffusers folder.
 
     num_heads: attention heads of the UNet (the one size shapes cannot tell; 8 for SD-1.x).
     ema: take the `model_ema.*` copy when the checkpoint has one (sd-v1-4.ckpt holds only EMA weights).
     in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
     Every error is a CheckpointError whose message starts with the path.
     """
-    from .text import Tokenizer, build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
+    from .conditioner import load_text_conditioner, sd1_text_config
     from .vae import AutoencoderKL, vae_config_from_state_dict
 
     try:
@@ -386,34 +395,42 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
     unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels, what=f"{path}: UNet")
     try:
         vae_config = vae_config_from_state_dict(vae_sd)
-        text_sd = convert_original_text_state_dict(text_sd)
-        text_config = text_config_from_state_dict(text_sd)
     except (KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {_first_line(e)}") from None
     vae = build_checked(lambda: AutoencoderKL(vae_config), vae_sd, f"{path}: VAE")
-    text_encoder = build_checked(lambda: build_text_encoder(text_config), text_sd, f"{path}: text encoder")
+    try:  # keys and shapes checked on the meta device before the encoder is allocated, as build_checked
+        text = load_text_conditioner(sd1_text_config(), [text_sd])
+    except CheckpointError as e:
+        raise CheckpointError(f"{path}: {e}") from None
     # SD-1.x: 512 px, SD's schedule and eps-prediction (Diffusion()'s defaults), no sampling defaults of its own
     meta = dict(resolution=512, diffusion={}, space="latent")
-    return JeDi(unet.eval(), vae.eval(), text_encoder.eval(), Tokenizer(), meta).to(device, dtype)
+    return JeDi(unet.eval(), vae.eval(), text, meta).to(device, dtype)
 
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
 
-JEDI_FORMAT = 1
+# 2: `text` is a TextConditionerConfig and the tensors `text.encoders.N.*`. 1 (still read): `text` was one
+# CLIPTextConfig and the tensors `text.*` that encoder's, i.e. the SD-1.x conditioner (assets/jedi_toy.safetensors).
+JEDI_FORMAT = 2
+JEDI_FORMATS_READ = (1, 2)
 
 
-def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None = None, *,
+def save_jedi(path: str, unet: nn.Module, text: nn.Module, vae: nn.Module | None = None, *,
               resolution: int, diffusion: dict, dtype: torch.dtype | None = None, **extra) -> None:
     """One safetensors file with everything sample.py needs: `unet.*`, `text.*`, `vae.*` tensors and the
     configs as JSON metadata, so `--ckpt` is all a user passes. Written to a temp name and renamed (atomic).
+    text: the TextConditioner (a bare CLIPTextModel is taken as the SD-1.x conditioner's encoder).
     dtype: store floating tensors in it (e.g. torch.float16 to halve a shipped file); load_jedi casts back."""
     from safetensors.torch import save_file
 
+    from .conditioner import as_text_conditioner
+
+    text = as_text_conditioner(text)
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"text.{k}": v for k, v in text_encoder.state_dict().items()})
+    tensors.update({f"text.{k}": v for k, v in text.state_dict().items()})
     if vae is not None:
         tensors.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
-    meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text_encoder.config.to_dict(),
+    meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text.config.to_dict(),
                 vae=vae.config.to_dict() if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
     tmp = path + ".tmp"
@@ -461,8 +478,9 @@ def check_jedi_meta(path: str, meta) -> dict:
 
     if not isinstance(meta, dict):
         raise _bad(path, f"metadata is a JSON {type(meta).__name__}, not an object")
-    if meta.get("format") != JEDI_FORMAT:
-        raise _bad(path, f"JeDi checkpoint format {meta.get('format')!r} is not supported ({JEDI_FORMAT})")
+    if meta.get("format") not in JEDI_FORMATS_READ:
+        raise _bad(path, f"JeDi checkpoint format {meta.get('format')!r} is not supported "
+                         f"({', '.join(map(str, JEDI_FORMATS_READ))})")
     for key in ("unet", "text", "vae", "resolution"):
         if key not in meta:
             raise _bad(path, f"metadata lacks {key!r}")
@@ -505,10 +523,18 @@ def check_jedi_meta(path: str, meta) -> dict:
     text = meta["text"]
     if not isinstance(text, dict):
         raise _bad(path, f"metadata text config is {type(text).__name__}, not a JSON object")
-    for name, hi in (("num_hidden_layers", 256), ("hidden_size", 16384), ("intermediate_size", 65536),
-                     ("num_attention_heads", 256), ("vocab_size", 1_000_000), ("max_position_embeddings", 4096)):
-        if name in text:
-            _int_in(path, f"text.{name}", text[name], 1, hi)
+    encoders = text.get("encoders", []) if meta["format"] >= 2 else [dict(config=text)]
+    if not isinstance(encoders, list) or not 1 <= len(encoders) <= 4:
+        raise _bad(path, "metadata text.encoders is not a list of 1 to 4 encoders")
+    for i, e in enumerate(encoders):
+        clip = e.get("config") if isinstance(e, dict) else None
+        if not isinstance(clip, dict):
+            raise _bad(path, f"metadata text encoder {i + 1} has no config object")
+        for name, hi in (("num_hidden_layers", 256), ("hidden_size", 16384), ("intermediate_size", 65536),
+                         ("num_attention_heads", 256), ("vocab_size", 1_000_000), ("max_position_embeddings", 4096),
+                         ("projection_dim", 16384)):
+            if name in clip:
+                _int_in(path, f"text.{name}", clip[name], 1, hi)
     vae = meta["vae"]
     if vae is not None:
         if not isinstance(vae, dict):
@@ -529,18 +555,22 @@ def check_jedi_meta(path: str, meta) -> dict:
 
 
 def _jedi_parts(path: str, meta: dict) -> dict:
-    """name -> (module factory, tensor prefix) of a JeDi checkpoint, from its checked metadata."""
-    from transformers import CLIPTextConfig
-
-    from .text import build_text_encoder
+    """name -> (module factory, its tensors from the file's: a function of {name: tensor or shape}) of a JeDi
+    checkpoint, from its checked metadata."""
+    from .conditioner import TextConditioner, TextConditionerConfig
     from .vae import AutoencoderKL, VAEConfig
 
     ucfg = UNetConfig(**meta["unet"])
-    tcfg = _config(path, CLIPTextConfig, meta["text"], "text")
-    parts = {"UNet": (lambda: UNet(ucfg), "unet."), "text encoder": (lambda: build_text_encoder(tcfg), "text.")}
+    tcfg = _config(path, lambda **d: TextConditionerConfig.from_dict(d), meta["text"], "text")
+    if meta["format"] == 1:  # the one SD-1.x encoder's tensors were `text.*`; the conditioner's `encoders.0.*`
+        text = lambda d: {"encoders.0." + k: v for k, v in strip_prefix(d, "text.").items()}  # noqa: E731
+    else:
+        text = lambda d: strip_prefix(d, "text.")  # noqa: E731
+    parts = {"UNet": (lambda: UNet(ucfg), lambda d: strip_prefix(d, "unet.")),
+             "text encoder": (lambda: TextConditioner(tcfg), text)}
     if meta["vae"] is not None:
         vcfg = _config(path, VAEConfig, meta["vae"], "VAE")
-        parts["VAE"] = (lambda: AutoencoderKL(vcfg), "vae.")
+        parts["VAE"] = (lambda: AutoencoderKL(vcfg), lambda d: strip_prefix(d, "vae."))
     return parts
 
 
@@ -572,9 +602,8 @@ def check_jedi(path: str) -> dict:
     meta = _read_jedi_meta(path)
     with safe_open(path, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for name, (factory, prefix) in _jedi_parts(path, meta).items():
-        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), strip_prefix(shapes, prefix),
-                         f"{path}: {name}")
+    for name, (factory, select) in _jedi_parts(path, meta).items():
+        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), select(shapes), f"{path}: {name}")
     return meta
 
 
@@ -584,14 +613,12 @@ def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
     allocated (they are built on the meta device and compared first: build_checked)."""
     from safetensors import safe_open
 
-    from .text import Tokenizer
-
     meta = _read_jedi_meta(path)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: tensors cannot be read ({_first_line(e)})") from None
-    parts = {name: build_checked(factory, strip_prefix(tensors, prefix), f"{path}: {name}").eval()
-             for name, (factory, prefix) in _jedi_parts(path, meta).items()}
-    return JeDi(parts["UNet"], parts.get("VAE"), parts["text encoder"], Tokenizer(), meta).to(device, dtype)
+    parts = {name: build_checked(factory, select(tensors), f"{path}: {name}").eval()
+             for name, (factory, select) in _jedi_parts(path, meta).items()}
+    return JeDi(parts["UNet"], parts.get("VAE"), parts["text encoder"], meta).to(device, dtype)

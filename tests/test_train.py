@@ -287,7 +287,7 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
     assert m and abs(float(m[1])) < 5, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
-    for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
+    for a, b in ((jedi.vae, vae), (jedi.text.encoders[0], text)):
         assert_same_tensors(a.state_dict(), b.state_dict())
     x, t, ctx = torch.randn(4, 4, 8, 8), torch.tensor([3, 500, 999, 42]), torch.randn(4, 77, 32)
     with torch.no_grad():  # zero reference and mask: exactly SD, also with the set coupled
