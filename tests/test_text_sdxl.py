@@ -356,3 +356,35 @@ def test_full_size_bigg_vs_open_clip(tok2):
         cond = tc(ids[:, None])
     err = lambda a, b: ((a - b).abs().max() / b.abs().max()).item()  # noqa: E731
     assert err(cond.context, pen) < 1e-5 and err(cond.y, pooled) < 1e-5, (err(cond.context, pen), err(cond.y, pooled))
+
+
+def test_jedi_checkpoints(sdxl_tc, tmp_path):
+    """save_jedi/load_jedi carry the conditioner: an SDXL one round-trips (config and weights), and the shipped
+    toy checkpoint (format 1: one CLIPTextConfig, tensors `text.*`) loads as the SD-1.x conditioner and re-saves
+    (format 2) to the same text conditioning."""
+    import os
+
+    from model.loading import JEDI_FORMAT, load_jedi, save_jedi
+    from model.unet import UNet, UNetConfig
+    from test_unet import TINY
+
+    unet = UNet(UNetConfig(**{**TINY, "context_dim": sdxl_tc.context_dim}))
+    path = str(tmp_path / "xl.safetensors")
+    save_jedi(path, unet, sdxl_tc, None, resolution=64, diffusion={})
+    m = load_jedi(path)
+    assert m.meta["format"] == JEDI_FORMAT == 2 and m.text.config.to_dict() == sdxl_tc.config.to_dict()
+    assert all(torch.equal(a, b) for a, b in zip(m.text.state_dict().values(), sdxl_tc.state_dict().values()))
+    with torch.no_grad():
+        a, b = m.encode(["a dog"]), sdxl_tc.encode(["a dog"])
+    assert torch.equal(a.context, b.context) and torch.equal(a.y, b.y)
+    with pytest.raises(ValueError, match="use JeDi.encode"):
+        m.encode_text(["a dog"])
+
+    toy = load_jedi(os.path.join(os.path.dirname(__file__), "..", "assets", "jedi_toy.safetensors"))
+    assert toy.meta["format"] == 1 and toy.text.y_dim is None and len(toy.text.encoders) == 1
+    save_jedi(str(tmp_path / "toy2.safetensors"), toy.unet, toy.text, toy.vae, resolution=toy.resolution,
+              diffusion=toy.meta["diffusion"])
+    again = load_jedi(str(tmp_path / "toy2.safetensors"))
+    with torch.no_grad():
+        assert torch.equal(again.encode_text(["a red cube", ""]), toy.encode_text(["a red cube", ""]))
+        assert torch.equal(toy.null().context, toy.encode_text([""]))
