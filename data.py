@@ -163,8 +163,9 @@ def _to_rgb(img):
     return img.convert("RGB")  # CMYK (Adobe's inverted JPEGs included: PIL undoes it), P, L, YCbCr, LAB, 1
 
 
-def fit(img, resolution, rng, crop="center"):
-    """Resize the shorter side to `resolution`, crop a square -> uint8 (resolution, resolution, 3)."""
+def fit(img, resolution, rng=None, crop="center"):
+    """Resize the shorter side to `resolution`, crop a square -> uint8 (resolution, resolution, 3): the one
+    preprocessing of an image, for training sets and sample.py's references alike. rng: for crop='random' only."""
     w, h = img.size
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))

@@ -336,16 +336,19 @@ def parse_args(argv=None):
     p.add_argument("--ckpt", default=None, help="JeDi checkpoint, as for sample.py (default: sample.py's default)")
     p.add_argument("--num_refs", type=int, default=1, help="reference images per subject (its first N, sorted by "
                    "name); the paper reports 1 and 3")
-    p.add_argument("--images_per_prompt", type=int, default=4)
+    p.add_argument("--images_per_prompt", type=int, default=4, help="images generated and scored per prompt, each "
+                   "its own set [references..., new image] (the protocol's 4)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
-    p.add_argument("--guidance", type=float, default=None, help="image guidance (default: the checkpoint's, else 5)")
+    p.add_argument("--guidance", type=float, default=None, help="image guidance λ (default: the checkpoint's, else "
+                   "model.diffusion.DEFAULT_GUIDANCE)")
     p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else ddim "
                    "(sample.py's defaults, resolved by its sampling_settings)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as sample.py's: auto = "
                    "bf16 on CUDA, fp32 on CPU")
     p.add_argument("--compile", nargs="?", const="default", default=None,
                    choices=["default", "reduce-overhead", "max-autotune"], help="as sample.py's --compile")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="base seed; each (subject, prompt) gets its own seed from it, "
+                   "so a subset run gives the same images as the full run")
     p.add_argument("--clip_model", default="ViT-B-32-quickgelu", help="open_clip architecture name or .json "
                    "(ViT-B-32-quickgelu for OpenAI's ViT-B/32; ViT-L-14-quickgelu for OpenAI's ViT-L/14)")
     p.add_argument("--clip_weights", required=True, help="local CLIP weights file: OpenAI's ViT-B-32.pt or an "
@@ -360,8 +363,16 @@ def parse_args(argv=None):
     p.add_argument("--num_prompts", type=int, default=None, help="only the first N prompts per subject (smoke runs)")
     p.add_argument("--score_only", action="store_true", help="never generate; fail if images are missing")
     p.add_argument("--batch_size", type=int, default=32, help="images per CLIP/DINO forward pass")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="where generation and "
+                   "scoring run (default: cuda if available, else cpu)")
     return p.parse_args(argv)
+
+
+def _ckpt_file(ckpt) -> str:
+    """--ckpt as the file it names (no --ckpt: sample.py's default checkpoint), for comparing two runs."""
+    import sample
+
+    return os.path.realpath(ckpt or sample.DEFAULT_CKPT)
 
 
 def _check_checkpoint(ckpt):
@@ -376,14 +387,24 @@ def _check_checkpoint(ckpt):
 
 
 def _check_run_settings(out_dir, settings: dict):
-    """Images made with other settings must not be mixed into this folder's table."""
+    """Images made with other settings must not be mixed into this folder's table. The checkpoint is compared as
+    the file it resolves to: `--ckpt assets/jedi_toy.safetensors` and no --ckpt (that same default) are one."""
     path = os.path.join(out_dir, "run.json")
     if os.path.isfile(path):
         before = json.loads(Path(path).read_text())
-        diff = {k: (before.get(k), v) for k, v in settings.items() if before.get(k) != v}
+        same = {"ckpt": lambda a, b: _ckpt_file(a) == _ckpt_file(b)}
+        diff = {k: (before.get(k), v) for k, v in settings.items()
+                if not same.get(k, lambda a, b: a == b)(before.get(k), v)}
+
+        def shown(k, v):
+            if k == "ckpt" and v is None:
+                import sample
+
+                return f"the default {os.path.relpath(sample.DEFAULT_CKPT)}"
+            return repr(v)
         if diff:
             raise EvalError(f"{path}: the images here were generated with other settings "
-                            + ", ".join(f"{k}={a!r} (now {b!r})" for k, (a, b) in diff.items())
+                            + ", ".join(f"{k}={shown(k, a)} (now {shown(k, b)})" for k, (a, b) in diff.items())
                             + "; use another --out or the same settings")
     else:
         os.makedirs(out_dir, exist_ok=True)

@@ -43,7 +43,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 
 import configurator
-from data import IMAGE_EXTS, load_image
+from data import IMAGE_EXTS, BadSample, load_image
+from model.files import atomic_path
 from sample import to_pil
 from vision import MissingWeights, VisionError, _require_file, _require_hf_folder, _save_atomic, read_mask, write_mask
 
@@ -77,7 +78,7 @@ text_threshold: float = 0.25  # Grounding-DINO text-match confidence a detection
 min_area: float = 0.01  # an instance covers at least this share of the collage ...
 max_area: float = 0.5  # ... and at most this (a box around the whole collage is not an instance)
 border: int = 2  # pixels: a mask this close to the collage's edge is cut by it (-1 = keep those)
-max_instances: int = 8  # the most confident detections per collage that SAM segments
+max_instances: int = 8  # the most confident detections (or user masks) per collage, at most MAX_INSTANCES
 max_overlap: float = 0.2  # a mask sharing more than this share of the smaller one with a better one is dropped
 # filter
 clip_model: str = 'ViT-B-32-quickgelu'  # open_clip architecture name or .json
@@ -106,6 +107,7 @@ contact_thumb: int = 96  # pixels per side of each thumbnail on a contact sheet
 config_keys = configurator.config_keys(globals())
 
 STAGES = ('prompts', 'collages', 'instances', 'filter', 'backgrounds', 'stylize', 'write')
+MAX_INSTANCES = 8  # the filter tries every subset of up to max_set_size instances: C(8, 4) = 70, C(16, 4) = 1820
 
 
 class S3Error(Exception):
@@ -217,12 +219,20 @@ def slug(name: str) -> str:
 
 
 def _write_json(path, obj):
-    """Temporary name, then rename: a killed run never leaves a half-written record that a rerun takes as done."""
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
-        f.write(json.dumps(obj, indent=1, sort_keys=True) + "\n")
-    os.replace(tmp, path)
+    """Atomic (model.files.atomic_path): a killed run never leaves a half-written record that a rerun takes as done."""
+    _write_text(path, json.dumps(obj, indent=1, sort_keys=True) + "\n")
+
+
+def undecodable(e: BaseException) -> bool:
+    """An input that is not a readable image (garbage, truncated, empty; PIL's and data.load_image's errors): the
+    one reason an item is recorded as a `corrupt` drop, which reruns skip. Anything else (out of memory, a missing
+    file, a disk error with its errno, an API change) is not the input's fault: it stops the stage, and the item,
+    with no record written, is redone by the rerun."""
+    from PIL import UnidentifiedImageError
+
+    if isinstance(e, (BadSample, UnidentifiedImageError, Image.DecompressionBombError, SyntaxError, EOFError)):
+        return True
+    return type(e) is OSError and e.errno is None  # "image file is truncated", "broken data stream ..."
 
 
 def _read_json(path):
@@ -231,7 +241,6 @@ def _read_json(path):
 
 
 def _save_png(img: Image.Image, path):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_atomic(img, path)
 
 
@@ -318,10 +327,18 @@ def _load_sd(rt, key, path, channels, what):
 
 def needed_weights(stages) -> list:
     """A check (raising MissingWeights) for every local weight path and input folder the stages will read."""
-    def path(p, what):  # an SD-1.x checkpoint: a file or a diffusers folder
+    def path(p, what, channels):  # an SD-1.x checkpoint: a file or a diffusers folder
+        from model.loading import CheckpointError, check_sd
+
         if not p or not os.path.exists(p):
             raise MissingWeights(f"{what} not found: expected {p!r} (a .ckpt / .safetensors file or a diffusers "
                                  f"folder)" if p else f"{what}: no path given")
+        try:  # names and shapes only: a wrong or damaged checkpoint is refused before any work
+            config = check_sd(p, num_heads=num_heads, in_channels=None)
+        except CheckpointError as e:
+            raise MissingWeights(f"{what}: {str(e).replace(chr(10), ' ')}") from None
+        if config.in_channels != channels:
+            raise MissingWeights(f"{what} {p}: its UNet takes {config.in_channels} input channels, expected {channels}")
 
     def folder(p, what):
         if not os.path.isdir(p):
@@ -333,7 +350,7 @@ def needed_weights(stages) -> list:
             checks.append(lambda: _require_hf_folder(llm, "prompt LLM (--llm)"))
         if s == "collages":
             checks.append(lambda: folder(collages_from, "collages_from") if collages_from
-                          else path(sd, "SD-1.x checkpoint (--sd)"))
+                          else path(sd, "SD-1.x checkpoint (--sd)", 4))
         if s == "instances":
             if masks_from:
                 checks.append(lambda: folder(masks_from, "masks_from"))
@@ -345,9 +362,9 @@ def needed_weights(stages) -> list:
                 checks.append(lambda: _require_file(clip_model, "CLIP architecture config (--clip_model)"))
             checks.append(lambda: _require_file(clip_weights, f"CLIP weights for {clip_model} (--clip_weights)"))
         if s == "backgrounds":
-            checks.append(lambda: path(inpaint, "SD-1.x inpainting checkpoint (--inpaint)"))
+            checks.append(lambda: path(inpaint, "SD-1.x inpainting checkpoint (--inpaint)", 9))
         if s == "stylize" and stylize_p > 0:
-            checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)"))
+            checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)", 8))
     return checks
 
 
@@ -360,7 +377,7 @@ def check_weights(stages):
         except MissingWeights as e:
             missing.append(str(e))
     if missing:
-        raise MissingWeights(f"{len(missing)} missing: " + "\n       ".join(missing))
+        raise MissingWeights(f"{len(missing)} missing or unusable: " + "\n       ".join(missing))
 
 
 # ----------------------------------------------------------------------------- the stage loop
@@ -516,9 +533,13 @@ def stage_collages(rt):
             for it in (it for it in batch if not done(it)):
                 rec = {"id": it["id"], "object": it["object"], "prompt": it["prompt"], "source": it["file"]}
                 try:
-                    _save_png(load_image(it["file"]), out(it) + ".png")
-                except Exception as e:  # corrupt, truncated, empty: skipped and counted
-                    rec["dropped"] = f"corrupt: {e.__class__.__name__}"
+                    img = load_image(it["file"])
+                except Exception as e:
+                    if not undecodable(e):
+                        raise
+                    rec["dropped"] = f"corrupt: {e.__class__.__name__}"  # skipped and counted
+                else:
+                    _save_png(img, out(it) + ".png")
                 _write_json(out(it) + ".json", rec)
         return run_items(rt, "collages", items, done, process, unit="collage")
     from model.diffusion import sample, text_guided
@@ -601,18 +622,27 @@ def stage_instances(rt):
             if done(it):
                 continue
             rec = {"id": it["id"], "object": it["object"], "prompt": it["prompt"], "instances": [], "dropped": {}}
-            try:
+            try:  # the inputs: the collage and the user's masks; only an unreadable one is a `corrupt` drop
                 img = load_image(os.path.join(manifest, "collages", it["id"] + ".png"))
-                found = user_masks(it["id"]) if masks_from else seg.instances(img, it["object"], max_instances)
-                for f in found:
+                found = user_masks(it["id"]) if masks_from else None
+                for f in found or []:
                     if f["mask"].shape != (img.height, img.width):
-                        raise ValueError(f"mask {f['mask'].shape} for a {img.height}x{img.width} collage")
-            except Exception as e:  # corrupt collage or user mask: skipped and counted
+                        raise BadSample("corrupt", f"mask {f['mask'].shape} for a {img.height}x{img.width} collage")
+            except Exception as e:
+                if not undecodable(e):
+                    raise
                 rec["dropped"] = {"corrupt": 1}
                 rec["error"] = f"{e.__class__.__name__}: {str(e)[:200]}"
                 _write_json(out(it) + ".json", rec)
                 continue
+            over = 0
+            if found is None:  # the segmenter's errors (out of memory, ...) stop the stage: no record is written
+                found = seg.instances(img, it["object"], max_instances)
+            else:  # user masks in file-name order, as many as the segmenter would give
+                found, over = found[:max_instances], max(0, len(found) - max_instances)
             kept, dropped = select_instances(found, (img.height, img.width))
+            if over:
+                dropped["over_max_instances"] += over
             rec["dropped"] = dict(sorted(dropped.items()))
             for k, inst in enumerate(kept):
                 ys, xs = np.nonzero(inst["mask"])
@@ -637,8 +667,9 @@ def cutout(cid: str, k: int) -> tuple[Image.Image, np.ndarray]:
 
 def best_set(sim: np.ndarray) -> tuple[list[int], str | None]:
     """The largest (then most similar) set of min_set_size..max_set_size instances whose pairwise similarities
-    are all in [min_similarity, max_similarity]; candidates in score order (the first 8). -> (indices, reason)."""
-    n = min(len(sim), 8)
+    are all in [min_similarity, max_similarity]; candidates in score order (at most MAX_INSTANCES).
+    -> (indices, reason)."""
+    n = len(sim)
     if n < min_set_size:
         return [], f"fewer_than_{min_set_size}_instances"
     near_dup = False
@@ -683,7 +714,7 @@ def stage_filter(rt, embedder=None):
             n = len(it["instances"])
             if n >= min_set_size:
                 # the instance alone on one constant colour: only the subject can make two instances differ
-                cuts = [apply_mask(*cutout(it["id"], k), DEFAULT_BACKGROUND) for k in range(min(n, 8))]
+                cuts = [apply_mask(*cutout(it["id"], k), DEFAULT_BACKGROUND) for k in range(n)]
                 f = embedder.images(cuts)
                 sim = (f @ f.T).clamp(-1, 1).numpy()
                 rec["kept"], rec["dropped"] = best_set(sim)
@@ -887,11 +918,8 @@ def stage_write(rt):
 
 
 def _write_text(path, text):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_path(path) as tmp, open(tmp, "w") as f:
         f.write(text)
-    os.replace(tmp, path)
 
 
 def stats() -> dict:
@@ -988,6 +1016,9 @@ RUN = {"prompts": stage_prompts, "collages": stage_collages, "instances": stage_
 def run(stages, rt=None, embedder=None):
     """Run stages in order, all ranks together; stop with a clear message when one passes nothing on.
     embedder: a stand-in for the filter's CLIP (tests, benchmarks)."""
+    if not 1 <= max_instances <= MAX_INSTANCES:
+        raise S3Error(f"max_instances must be 1..{MAX_INSTANCES} (the filter tries every subset of the instances), "
+                      f"not {max_instances}")
     rt = rt or Runtime()
     check_weights([s for s in stages if not (s == "filter" and embedder is not None)])
     for s in stages:

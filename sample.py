@@ -18,7 +18,7 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 import data
-from model.diffusion import SAMPLERS, personalize
+from model.diffusion import DEFAULT_GUIDANCE, SAMPLERS, personalize
 from model.loading import CheckpointError, JeDi, check_jedi, load_jedi, load_sd
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -51,9 +51,10 @@ def sampling_settings(meta: dict, device, *, steps: int | None = None, guidance:
                       sampler: str | None = None, dtype: str | torch.dtype | None = None) -> dict:
     """The one resolver of a run's sampling settings, for sample.py, eval.py and bench/bench_sampling.py: a given
     value wins, else the checkpoint's (train.py's export stores steps, guidance and sampler in its metadata), else
-    50 steps, guidance 5, DDIM; dtype as resolve_dtype. Returns generate()'s keyword arguments."""
+    50 steps, model.diffusion.DEFAULT_GUIDANCE, DDIM; dtype as resolve_dtype. Returns generate()'s keyword
+    arguments."""
     return {"steps": steps or int(meta.get("steps", 50)),
-            "guidance": guidance if guidance is not None else float(meta.get("guidance", 5.0)),
+            "guidance": guidance if guidance is not None else float(meta.get("guidance", DEFAULT_GUIDANCE)),
             "sampler": sampler or meta.get("sampler", "ddim"),
             "dtype": {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, device)]}
 
@@ -143,31 +144,28 @@ def _has_jedi_meta(path: str) -> bool:
 # ----------------------------------------------------------------------------- images
 
 def load_image(path: str, resolution: int) -> torch.Tensor:
-    """Any size or mode (RGBA, grayscale, 16-bit, palette, EXIF-rotated) -> (3, R, R) RGB in [-1, 1],
-    center-cropped to a square and resized."""
-    return image_to_tensor(open_image(path), resolution)
+    """Any size or mode (RGBA, grayscale, 16-bit, palette, EXIF-rotated) -> (3, R, R) RGB in [-1, 1], the very
+    pixels training reads from the same file (data.load_image, then data.fit)."""
+    return image_to_tensor(open_image(path, resolution), resolution)
 
 
-def open_image(path: str) -> Image.Image:
+def open_image(path: str, size: int | None = None) -> Image.Image:
     """Read an image file with the project's one reader (data.load_image: upright, alpha onto white, 16-bit and
-    CMYK handled) as RGB; a missing or unreadable file is a UserError."""
+    CMYK handled) as RGB; size: decode JPEGs at a reduced scale (>= size per side), as training does. A missing
+    or unreadable file is a UserError."""
     if not os.path.isfile(path):
         raise UserError(f"reference image not found: {path}")
     try:
-        return data.load_image(path)
+        return data.load_image(path, size)
     except (UnidentifiedImageError, OSError, data.BadSample) as e:
         raise UserError(f"cannot read {path} as an image ({e.__class__.__name__})") from None
 
 
 def image_to_tensor(img: Image.Image, resolution: int) -> torch.Tensor:
-    """PIL -> center square crop -> (3, R, R) in [-1, 1]."""
-    img = img.convert("RGB")
-    w, h = img.size
-    s = min(w, h)
-    img = img.crop(((w - s) // 2, (h - s) // 2, (w - s) // 2 + s, (h - s) // 2 + s))
-    img = img.resize((resolution, resolution), Image.BICUBIC)
-    x = torch.from_numpy(np.asarray(img, dtype=np.float32)).permute(2, 0, 1)  # (H, W, 3) -> (3, H, W)
-    return x / 127.5 - 1
+    """PIL -> (3, R, R) in [-1, 1] with training's preprocessing (data.fit: the shorter side resized to R, the
+    center square cropped), so a reference is the image the model learnt from, pixel for pixel."""
+    a = torch.tensor(data.fit(img.convert("RGB"), resolution, None))  # (R, R, 3) uint8, a writable copy
+    return a.permute(2, 0, 1).float().div_(127.5).sub_(1.0)  # (R, R, 3) -> (3, R, R); data.SetBatches' scaling
 
 
 def to_pil(x: torch.Tensor) -> Image.Image:
@@ -189,7 +187,7 @@ def make_grid(rows: list[list[Image.Image]], pad: int = 2) -> Image.Image:
 # ----------------------------------------------------------------------------- generation
 
 def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: str | list[str] | None = None,
-             num_sets: int = 1, steps: int = 50, guidance: float = 5.0, text_guidance: float | None = None,
+             num_sets: int = 1, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
              progress: bool = False, dtype: str | torch.dtype | None = None,
              max_batch_sets: int | None = None) -> list[list[Image.Image]]:
@@ -282,7 +280,7 @@ def _sample_sets(model: JeDi, ref_latents, context, null, num_new: int, gens: li
 def _as_tensor(r, resolution):
     if isinstance(r, torch.Tensor):
         return r
-    return image_to_tensor(r if isinstance(r, Image.Image) else open_image(str(r)), resolution)
+    return image_to_tensor(r if isinstance(r, Image.Image) else open_image(str(r), resolution), resolution)
 
 
 # ----------------------------------------------------------------------------- CLI
@@ -298,7 +296,7 @@ def parse_args(argv=None):
     p.add_argument("--num", type=int, default=1, help="independent sets to draw (each: one image per prompt)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance λ of eq. 3 (text and references "
-                   "together; 1 = no guidance; default: the checkpoint's, else 5)")
+                   f"together; 1 = no guidance; default: the checkpoint's, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale: 3 passes, "
                    "ε⁰ + λ(ε(refs, \"\") − ε⁰) + s(ε(refs, text) − ε(refs, \"\")); needs a model trained with "
                    "p_drop_text > 0")

@@ -285,7 +285,7 @@ def build_parts(meta, resume_dir, rt):
     """The models to build: a checkpoint's meta.json wins over the config for everything that shapes them."""
     from safetensors.torch import load_file
 
-    from model.loading import load_sd, strict_load
+    from model.loading import CheckpointError, load_sd, strict_load
     from model.text import build_text_encoder, sd14_text_config
 
     model_space, src = meta.get('space', space), meta.get('sd_path', sd_path)
@@ -297,7 +297,10 @@ def build_parts(meta, resume_dir, rt):
 
     vae, full_unet_sd, text_random = None, None, False
     if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
-        sd = load_sd(src, num_heads=num_heads, ema=True)
+        try:
+            sd = load_sd(src, num_heads=num_heads, ema=True)
+        except (CheckpointError, FileNotFoundError) as e:  # one line naming the file, before any work
+            raise SystemExit(f'sd_path: {str(e).replace(chr(10), " ")}') from None
         # SD-1.x: the conditioner's one encoder (train.py tokenizes and encodes with it itself)
         text_encoder, vae = sd.text.encoders[0], (sd.vae if model_space == 'latent' else None)
         if init_from == 'sd':
@@ -629,12 +632,12 @@ def main(argv):
 
     rt = setup_distributed()
     world, accum = rt.world, max(1, gradient_accumulation_steps // rt.world)  # accum: micro-batches per rank and step
-    if rt.master:
-        os.makedirs(ckpt_root, exist_ok=True)
 
     # --- the models, sharded, with AdamW and EMA; a resume restores all three and the step
     meta = json.load(open(os.path.join(resume_dir, 'meta.json'))) if resume_dir else {}
-    parts = build_parts(meta, resume_dir, rt)
+    parts = build_parts(meta, resume_dir, rt)  # a bad sd_path stops here, before anything is written
+    if rt.master:
+        os.makedirs(ckpt_root, exist_ok=True)
     tokenizer = Tokenizer()
     tokenize = caption_tokenizer(tokenizer)
     null_ids = tokenizer([''])  # (1, 77)

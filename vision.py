@@ -13,6 +13,8 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from model.files import atomic_path
+
 MASK_SUFFIX = ".mask.png"  # x.jpg -> x.mask.png: white (>= 128) is foreground
 DEFAULT_BACKGROUND = (255, 255, 255)
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -37,7 +39,6 @@ def read_mask(path) -> np.ndarray:
 
 
 def write_mask(path, mask: np.ndarray):
-    os.makedirs(os.path.dirname(path), exist_ok=True)
     _save_atomic(Image.fromarray(mask.astype(np.uint8) * 255), path)
 
 
@@ -52,11 +53,10 @@ def apply_mask(img: Image.Image, mask: np.ndarray, background=DEFAULT_BACKGROUND
 
 
 def _save_atomic(img: Image.Image, path):
-    """Write to a temporary name, then rename: an interrupted run never leaves a truncated image that a resumed
-    run would take as done."""
-    tmp = os.path.join(os.path.dirname(path), "." + os.path.basename(path) + ".tmp")
-    img.save(tmp, format="PNG")
-    os.replace(tmp, path)
+    """A PNG written atomically (model.files.atomic_path): an interrupted run never leaves a truncated image that a
+    resumed run would take as done."""
+    with atomic_path(path) as tmp:
+        img.save(tmp, format="PNG")
 
 
 class GroundedSAM:
@@ -189,6 +189,48 @@ def _require_hf_folder(folder, what: str):
                              f"(or {' / '.join(weights[1:])}) next to config.json")
 
 
+def _hf_weight_shapes(folder) -> dict:
+    """name -> shape of a save_pretrained folder's weights, reading no tensor data (safetensors headers, or the
+    .bin memory-mapped)."""
+    import json
+
+    from safetensors import safe_open
+
+    index = os.path.join(folder, "model.safetensors.index.json")
+    files = ([os.path.join(folder, "model.safetensors")] if os.path.isfile(os.path.join(folder, "model.safetensors"))
+             else [os.path.join(folder, f) for f in sorted(set(json.load(open(index))["weight_map"].values()))]
+             if os.path.isfile(index) else [])
+    shapes = {}
+    for f in files:
+        with safe_open(f, framework="pt") as st:
+            shapes.update({k: tuple(st.get_slice(k).get_shape()) for k in st.keys()})
+    if not files:
+        sd = torch.load(os.path.join(folder, "pytorch_model.bin"), map_location="cpu", weights_only=True, mmap=True)
+        shapes = {k: tuple(v.shape) for k, v in sd.items()}
+    return shapes
+
+
+def _check_hf_shapes(cls, folder, what: str, **kwargs):
+    """The folder's config.json built on the meta device and compared with its weights' shapes, so a config that
+    lies (wider or deeper than the weights) is one line before from_pretrained allocates what it claims."""
+    try:
+        config = cls.config_class.from_pretrained(folder, local_files_only=True)
+        with torch.device("meta"):
+            own = cls(config, **kwargs).state_dict()
+        file = _hf_weight_shapes(folder)
+    except Exception as e:
+        raise VisionError(f"{what}: cannot read {folder} ({e.__class__.__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+    prefix = cls.base_model_prefix + "."
+    bare = lambda k: k[len(prefix):] if k.startswith(prefix) else k  # noqa: E731  (saved with or without it)
+    file = {bare(k): v for k, v in file.items()}
+    wrong = [f"{k}: weights {file[bare(k)]} vs config {tuple(v.shape)}" for k, v in own.items()
+             if bare(k) in file and file[bare(k)] != tuple(v.shape)]
+    if wrong:
+        raise VisionError(f"{what}: {folder}/config.json does not match its weights ({len(wrong)} shapes differ, "
+                          f"e.g. {wrong[0]})")
+
+
 def _load_hf(cls, folder, what: str, processor: bool = False, **kwargs):
     """from_pretrained on a local folder only, refusing silently random-initialised weights."""
     if processor:
@@ -200,7 +242,12 @@ def _load_hf(cls, folder, what: str, processor: bool = False, **kwargs):
             raise VisionError(f"{what}: cannot load the preprocessing files from {folder} "
                               f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
     _require_hf_folder(folder, what)
-    model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    _check_hf_shapes(cls, folder, what, **kwargs)
+    try:
+        model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
+    except Exception as e:  # a damaged file or config: transformers' long texts, cut to one line
+        raise VisionError(f"{what}: cannot load {folder} ({e.__class__.__name__}: "
+                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise VisionError(f"{what}: {folder} does not hold {cls.__name__} weights ({len(missing)} tensors missing, "

@@ -62,6 +62,7 @@ import torch.nn.functional as F  # noqa: E402
 from kernels import backend_summary, record_backends  # noqa: E402
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, RowFailed, compile_note, first_line, fmt,  # noqa: E402
                         header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
+from model.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 
 BACKENDS = ("diffusers", "ours", "triton", "sdpa")
 OPTIONS = ("channels_last", "cuda_graphs", "compile", "gn_fp32")
@@ -80,7 +81,7 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed loops per row, median reported (default 5; tiny 1)")
     p.add_argument("--warmup", type=int, default=1, help="untimed loops first (autotune, compile, cudnn picks)")
     p.add_argument("--unet-calls", type=int, default=None, help="UNet calls per UNet-only timing (default 10; tiny 2)")
-    p.add_argument("--guidance", type=float, default=3.0)
+    p.add_argument("--guidance", type=float, default=DEFAULT_GUIDANCE)
     p.add_argument("--sampler", default="ddim", choices=["ddim", "dpmpp_2m"])
     p.add_argument("--backends", default=None,
                    help="research rows of our UNet (default triton,sdpa on CUDA, sdpa on CPU); the first gets the options")

@@ -80,8 +80,13 @@ class Diffusion:
 
 def jedi_input(x_t, reference, mask):
     """UNet input (B·N, 2C+1, h, w) = [x_t, reference ⊙ mask, mask]; mask: (B·N,) with 1 = reference given."""
-    m = mask.to(x_t.dtype).reshape(-1, 1, 1, 1)  # (B·N,) -> (B·N, 1, 1, 1)
-    return torch.cat([x_t, reference * m, m.expand(-1, 1, *x_t.shape[2:])], dim=1)
+    return torch.cat([x_t, jedi_channels(reference, mask)], dim=1)
+
+
+def jedi_channels(reference, mask):
+    """The input channels after x_t: (B·N, C+1, h, w) = [reference ⊙ mask, mask], in the reference's dtype."""
+    m = mask.to(reference.dtype).reshape(-1, 1, 1, 1)  # (B·N,) -> (B·N, 1, 1, 1)
+    return torch.cat([reference * m, m.expand(-1, 1, *reference.shape[2:])], dim=1)
 
 
 def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: int, p_ref: float = 0.5,
@@ -230,9 +235,29 @@ def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: s
     return sample_dpmpp_2m(model_fn, diffusion, x, ts, replace=replace, progress=progress)
 
 
+def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | None = None):
+    """The one batcher of guidance passes: one UNet call over [(extra input channels (B, c, h, w) or None,
+    context (B, L, D)), ...] -> one fp32 output (B, C, h, w) per pass, in order; every pass sees the same x_t,
+    with its extra channels appended. Whole sets of `set_size` images stay together (B is a multiple of it).
+    dtype: the UNet input's (the model's; None: x's own). Only the input is cast: the caller's x_t stays as it is,
+    and the outputs come back fp32 because guidance, s·(cond − uncond), magnifies bf16 error."""
+    x = x if dtype is None else x.to(dtype)
+    inp = torch.cat([x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1) for extra, _ in passes])
+    ctx = torch.cat([c for _, c in passes])  # (k·B, L, D)
+    tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
+    return unet(inp, tt, ctx, set_size=set_size).float().chunk(len(passes))  # (k·B, C', h, w) -> k × (B, C, h, w)
+
+
+# Image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one (the one default: sample.py's
+# resolver and the benchmarks import it). The paper gives no value; λ = 3 is what the toy ships with and was
+# benchmarked at (config/toy.py, docs/toy.md), while λ = 6 over-saturated it (REFERENCE.md). train.py stores its
+# own in every export.
+DEFAULT_GUIDANCE = 3.0
+
+
 def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_new: int, num_sets: int = 1,
-                steps: int = 50, guidance: float = 3.0, text_guidance: float | None = None, sampler: str = "ddim",
-                eta: float = 0.0, generator=None, progress=None, latent_shape=None):
+                steps: int = 50, guidance: float = DEFAULT_GUIDANCE, text_guidance: float | None = None,
+                sampler: str = "ddim", eta: float = 0.0, generator=None, progress=None, latent_shape=None):
     """Generate `num_new` images per set that share the subject of `refs` (personalization as inpainting, §3.3).
 
     refs: (n, C, h, w) clean reference latents, n >= 0 (n = 0: a same-subject set from text alone, Fig. 2b).
@@ -242,50 +267,50 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
     guidance λ (eq. 3): ε̃ = ε⁰ + λ(ε(x_t, x̂, M) − ε⁰), ε⁰ = ε(x_t, 0, M) with text "": two passes in one call.
     text_guidance s_T (beyond the paper, 3 passes): ε⁰ + λ(ε(x̂, "") − ε⁰) + s_T(ε(x̂, text) − ε(x̂, "")); needs a
     model trained with text-only dropout (train.py p_drop_text > 0).
-    Returns (num_sets·N, C, h, w) latents, references in place (exactly the given latents).
+    The UNet runs in the context's dtype (the model's: its text encoder made it); x_t, the references, the guidance
+    combination and the sampler update stay fp32, so bf16 rounding enters once per step, not into the state.
+    Returns (num_sets·N, C, h, w) fp32 latents, references in place (exactly the given latents).
     """
     n = 0 if refs is None else refs.shape[0]
     N = n + num_new
     if latent_shape is None:
         latent_shape = tuple(refs.shape[1:])
-    dev, dtype = context.device, context.dtype
+    dev, unet_dtype = context.device, context.dtype
     mask = torch.zeros(N, device=dev)
     mask[:n] = 1
     mask = mask.repeat(num_sets)  # (S·N,)
-    ref_full = torch.zeros(num_sets, N, *latent_shape, device=dev, dtype=dtype)
+    ref_full = torch.zeros(num_sets, N, *latent_shape, device=dev)  # fp32 state, like x_t
     if n:
-        ref_full[:, :n] = refs.to(dev, dtype)
+        ref_full[:, :n] = refs.to(dev, torch.float32)
     ref_full = ref_full.reshape(num_sets * N, *latent_shape)  # (S, N, C, h, w) -> (S·N, C, h, w)
-    known = mask.bool()
+    known = mask.bool().reshape(-1, 1, 1, 1)  # (S·N,) -> (S·N, 1, 1, 1)
     ctx = context.repeat(num_sets, 1, 1)  # (S·N, L, D)
     null = null_context.expand_as(ctx)
-    zeros = torch.zeros_like(ref_full)
+    given = jedi_channels(ref_full, mask).to(unet_dtype)  # (S·N, C+1, h, w): [x̂ ⊙ M, M], the same every step
+    blank = jedi_channels(torch.zeros_like(ref_full), mask).to(unet_dtype)  # [0, M]: references zeroed, mask kept
 
-    passes = [(ref_full, ctx), (zeros, null)]  # conditional, ε⁰
+    passes = [(given, ctx), (blank, null)]  # conditional, ε⁰
     if text_guidance is not None:
-        passes.append((ref_full, null))  # ε(x̂, "")
+        passes.append((given, null))  # ε(x̂, "")
 
     def model_fn(x, t):
-        k = len(passes)
-        inp = torch.cat([jedi_input(x, r, mask) for r, _ in passes])  # (k·S·N, 2C+1, h, w), whole sets stay together
-        c = torch.cat([c for _, c in passes])
-        tt = torch.full((inp.shape[0],), t, device=dev, dtype=torch.long)
-        out = unet(inp, tt, c, set_size=N).chunk(k)
+        out = _passes(unet, x, t, passes, set_size=N, dtype=unet_dtype)
         # Guidance is linear and every pass sees the same x_t, so guiding the raw output (ε or v) equals guiding ε,
         # and converting once afterwards stays stable where ᾱ_t -> 0 (v-prediction, cosine schedule).
         guided = guide(out[0], out[1], guidance, None if text_guidance is None else (out[2], text_guidance))
-        return diffusion.to_eps_x0(x, tt[: x.shape[0]], guided)
+        tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
+        return diffusion.to_eps_x0(x, tt, guided)
 
     def replace(x, t):
         if not n:
             return x
         tt = torch.full((x.shape[0],), t, device=dev, dtype=torch.long)
-        noise = randn(x.shape, generator, dev, dtype)  # fresh noise every step
-        return torch.where(known.reshape(-1, 1, 1, 1), diffusion.q_sample(ref_full, tt, noise), x)  # (S·N,) -> (S·N,1,1,1)
+        noise = randn(x.shape, generator, dev, x.dtype)  # fresh noise every step
+        return torch.where(known, diffusion.q_sample(ref_full, tt, noise), x)
 
     x = sample(model_fn, diffusion, (num_sets * N, *latent_shape), steps=steps, sampler=sampler, eta=eta,
-               generator=generator, device=dev, dtype=dtype, replace=replace, progress=progress)
-    return torch.where(known.reshape(-1, 1, 1, 1), ref_full, x)  # references exactly as given
+               generator=generator, device=dev, dtype=torch.float32, replace=replace, progress=progress)
+    return torch.where(known, ref_full, x)  # references exactly as given
 
 
 def guide(eps_cond, eps_null, scale: float, text=None):
@@ -299,16 +324,8 @@ def guide(eps_cond, eps_null, scale: float, text=None):
 # ----------------------------------------------------------------------------- plain SD-1.x checkpoints as model_fn's
 # The S³ data engine (s3.py) drives three kinds of single-image SD-1.x UNets through `sample`: text-to-image, the
 # inpainting checkpoints and InstructPix2Pix. Each wrapper below is a model_fn(x_t, t) -> (ε, x0) that evaluates
-# all of its guidance passes in one batched UNet call (set_size=1: no coupled attention) and combines them.
-
-def _passes(unet, x, t: int, passes):
-    """One UNet call over guidance passes [(extra input channels (B, c, h, w) or None, context (B, L, D)), ...]
-    -> one output (B, C, h, w) per pass, in order; every pass sees the same x_t."""
-    inp = torch.cat([x if extra is None else torch.cat([x, extra], dim=1) for extra, _ in passes])  # (k·B, C', h, w)
-    ctx = torch.cat([c for _, c in passes])  # (k·B, L, D)
-    tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
-    return unet(inp, tt, ctx).float().chunk(len(passes))  # guide in fp32: s·(cond − uncond) magnifies bf16 error
-
+# all of its guidance passes in one batched UNet call (`_passes`, as personalize does; set_size=1: no coupled
+# attention) and combines them with guide().
 
 def text_guided(unet, diffusion: Diffusion, context, null_context, guidance: float):
     """Text-to-image with classifier-free guidance: ε(∅) + s·(ε(T) − ε(∅)). context (B, L, D); null (1, L, D)."""

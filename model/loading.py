@@ -18,6 +18,7 @@ import torch.nn as nn
 
 from .conditioning import Cond
 from .diffusion import Diffusion
+from .files import atomic_path
 from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 
 UNET_PREFIX = "model.diffusion_model."
@@ -31,19 +32,29 @@ class CheckpointError(RuntimeError):
 
 # ----------------------------------------------------------------------------- reading files
 
-def read_state_dict(path: str) -> dict:
-    """Tensors of an original `.ckpt` (Lightning dict) or `.safetensors`. Never unpickles code."""
+def _safetensors(path: str, shapes_only: bool = False) -> dict:
+    """All tensors of a .safetensors file, or (shapes_only) meta-device tensors of their shapes: the header alone."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    try:
+        if not shapes_only:
+            return load_file(path)
+        with safe_open(path, framework="pt") as f:
+            return {k: torch.empty(f.get_slice(k).get_shape(), device="meta") for k in f.keys()}
+    except Exception as e:  # safetensors' own error types: truncated file, bad header, not safetensors
+        raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+
+
+def read_state_dict(path: str, shapes_only: bool = False) -> dict:
+    """Tensors of an original `.ckpt` (Lightning dict) or `.safetensors`. Never unpickles code.
+    shapes_only: read no tensor data (safetensors: meta tensors from the header; .ckpt: memory-mapped)."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"checkpoint not found: {path}")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        try:
-            return load_file(path)
-        except Exception as e:  # safetensors' own error types: truncated file, bad header, not safetensors
-            raise CheckpointError(f"{path}: not a readable safetensors file ({_first_line(e)})") from None
+        return _safetensors(path, shapes_only)
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
+        obj = torch.load(path, map_location="cpu", weights_only=True, mmap=shapes_only)
     except pickle.UnpicklingError as e:
         raise CheckpointError(
             f"refusing to load {path}: it is not a plain tensor checkpoint (it would need to run pickled code). "
@@ -325,11 +336,11 @@ class JeDi:
         return x.clamp(-1, 1)
 
 
-def read_original_parts(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
+def read_original_parts(path: str, ema: bool = True, shapes_only: bool = False) -> tuple[dict, dict, dict]:
     """(unet, vae, text) unprefixed state dicts from an original checkpoint or a diffusers folder."""
     if os.path.isdir(path):
-        return _read_diffusers_folder(path)
-    sd = read_state_dict(path)
+        return _read_diffusers_folder(path, shapes_only)
+    sd = read_state_dict(path, shapes_only)
     unet = strip_prefix(sd, UNET_PREFIX)
     if ema and any(k.startswith("model_ema.") for k in sd):
         # "full" checkpoints keep the EMA copy as model_ema.<name without dots>; sd-v1-4.ckpt is EMA-only already
@@ -345,14 +356,12 @@ def read_original_parts(path: str, ema: bool = True) -> tuple[dict, dict, dict]:
     return unet, vae, text
 
 
-def _read_diffusers_folder(path: str) -> tuple[dict, dict, dict]:
-    from safetensors.torch import load_file
-
+def _read_diffusers_folder(path: str, shapes_only: bool = False) -> tuple[dict, dict, dict]:
     def one(sub, names):
         for n in names:
             f = os.path.join(path, sub, n)
             if os.path.isfile(f):
-                return load_file(f)
+                return _safetensors(f, shapes_only)
         raise FileNotFoundError(f"diffusers folder {path}: expected {sub}/{names[0]}")
 
     unet = one("unet", ["diffusion_pytorch_model.safetensors"])
@@ -362,16 +371,30 @@ def _read_diffusers_folder(path: str) -> tuple[dict, dict, dict]:
     return unet_ours, convert_diffusers_vae(vae), {k: v for k, v in text.items() if not k.endswith("position_ids")}
 
 
-def load_unet(unet_sd: dict, num_heads: int = 8, in_channels: int | None = JEDI_IN_CHANNELS,
-              what: str = "UNet") -> UNet:
-    """Build a UNet with sizes inferred from `unet_sd`, inflating the input to `in_channels` (None keeps it)."""
-    if in_channels is not None:
-        unet_sd = inflate_input_channels(unet_sd, in_channels)
+def _sd_parts(path: str, num_heads: int, ema: bool, in_channels: int | None, shapes_only: bool) -> dict:
+    """name -> (module factory, its state dict) of an original SD-1.x checkpoint or diffusers folder, every size
+    inferred from the tensors; every error a CheckpointError whose message starts with the path."""
+    from .conditioner import EncoderSpec, TextConditioner, TextConditionerConfig
+    from .text import convert_original_text_state_dict, text_config_from_state_dict
+    from .vae import AutoencoderKL, vae_config_from_state_dict
+
     try:
-        config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
+        unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema, shapes_only=shapes_only)
     except CheckpointError as e:
-        raise CheckpointError(f"{what}: {e}") from None
-    return build_checked(lambda: UNet(config), unet_sd, what)
+        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+    except (KeyError, ValueError) as e:  # a diffusers folder whose tensors are not SD's
+        raise CheckpointError(f"{path}: not an SD-1.x layout ({_first_line(e)})") from None
+    try:
+        if in_channels is not None:
+            unet_sd = inflate_input_channels(unet_sd, in_channels)
+        unet_config = unet_config_from_state_dict(unet_sd, num_heads=num_heads)
+        vae_config = vae_config_from_state_dict(vae_sd)
+        text_sd = convert_original_text_state_dict(text_sd)
+        text_config = TextConditionerConfig([EncoderSpec(text_config_from_state_dict(text_sd))])  # SD-1.x's
+    except (CheckpointError, KeyError, ValueError) as e:
+        raise CheckpointError(f"{path}: {_first_line(e)}") from None
+    return {"UNet": (lambda: UNet(unet_config), unet_sd), "VAE": (lambda: AutoencoderKL(vae_config), vae_sd),
+            "text encoder": (lambda: TextConditioner(text_config), {f"encoders.0.{k}": v for k, v in text_sd.items()})}
 
 
 def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
@@ -383,28 +406,20 @@ def load_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | 
     in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
     Every error is a CheckpointError whose message starts with the path.
     """
-    from .conditioner import load_text_conditioner, sd1_text_config
-    from .vae import AutoencoderKL, vae_config_from_state_dict
-
-    try:
-        unet_sd, vae_sd, text_sd = read_original_parts(path, ema=ema)
-    except CheckpointError as e:
-        raise CheckpointError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
-    except (KeyError, ValueError) as e:  # a diffusers folder whose tensors are not SD's
-        raise CheckpointError(f"{path}: not an SD-1.x layout ({_first_line(e)})") from None
-    unet = load_unet(unet_sd, num_heads=num_heads, in_channels=in_channels, what=f"{path}: UNet")
-    try:
-        vae_config = vae_config_from_state_dict(vae_sd)
-    except (KeyError, ValueError) as e:
-        raise CheckpointError(f"{path}: {_first_line(e)}") from None
-    vae = build_checked(lambda: AutoencoderKL(vae_config), vae_sd, f"{path}: VAE")
-    try:  # keys and shapes checked on the meta device before the encoder is allocated, as build_checked
-        text = load_text_conditioner(sd1_text_config(), [text_sd])
-    except CheckpointError as e:
-        raise CheckpointError(f"{path}: {e}") from None
+    parts = {name: build_checked(factory, sd, f"{path}: {name}").eval()
+             for name, (factory, sd) in _sd_parts(path, num_heads, ema, in_channels, shapes_only=False).items()}
     # SD-1.x: 512 px, SD's schedule and eps-prediction (Diffusion()'s defaults), no sampling defaults of its own
     meta = dict(resolution=512, diffusion={}, space="latent")
-    return JeDi(unet.eval(), vae.eval(), text, meta).to(device, dtype)
+    return JeDi(parts["UNet"], parts["VAE"], parts["text encoder"], meta).to(device, dtype)
+
+
+def check_sd(path: str, num_heads: int = 8, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS) -> dict:
+    """Everything load_sd checks, reading no tensor data (safetensors headers; a .ckpt memory-mapped): for entry
+    points that must refuse a bad checkpoint before they write anything (s3.py). Returns the UNet config."""
+    parts = _sd_parts(path, num_heads, ema, in_channels, shapes_only=True)
+    for name, (factory, sd) in parts.items():
+        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), sd, f"{path}: {name}")
+    return _meta_build(parts["UNet"][0], f"{path}: UNet").config
 
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
@@ -433,11 +448,10 @@ def save_jedi(path: str, unet: nn.Module, text: nn.Module, vae: nn.Module | None
     meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text.config.to_dict(),
                 vae=vae.config.to_dict() if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
-    tmp = path + ".tmp"
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
-    save_file({k: cast(v.detach()).contiguous().cpu() for k, v in tensors.items()}, tmp,
-              metadata={"jedi": json.dumps(meta)})
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        save_file({k: cast(v.detach()).contiguous().cpu() for k, v in tensors.items()}, tmp,
+                  metadata={"jedi": json.dumps(meta)})
 
 
 # What no tensor can contradict, bounded: a file whose metadata says otherwise is refused before any work.

@@ -141,3 +141,79 @@ def test_eval_py_refuses_before_writing(tmp_path, mini_dataset):
     assert r.returncode != 0
     assert path in r.stderr and "wrong shape" in r.stderr and "ViT-B-32.pt" in r.stderr, r.stderr
     assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- original SD checkpoints
+
+def _sd_with(tmp_path, edit, name="sd.safetensors") -> str:
+    import tiny_weights
+
+    path = tiny_weights.sd_checkpoint(tmp_path / name)
+    with safe_open(path, framework="pt") as f:
+        sd = {k: f.get_tensor(k) for k in f.keys()}
+    edit(sd)
+    save_file(sd, path)
+    return path
+
+
+def test_check_sd_agrees_with_load_sd(tmp_path):
+    from model.loading import check_sd
+
+    good = _sd_with(tmp_path, lambda sd: None)
+    assert check_sd(good, in_channels=None) == load_sd(good, in_channels=None).unet.config
+    k = "first_stage_model.decoder.conv_out.weight"
+    bad = _sd_with(tmp_path, lambda sd: sd.update({k: sd[k][:, :-1].contiguous()}), name="bad.safetensors")  # one wrong shape
+    for load in (load_sd, check_sd):
+        with pytest.raises(CheckpointError, match="wrong shape") as e:
+            load(bad)
+        assert str(e.value).startswith(bad) and "decoder.conv_out.weight" in str(e.value)
+
+
+def test_s3_refuses_a_bad_checkpoint_before_writing(tmp_path, monkeypatch, capsys):
+    """The collages stage checks --sd (names and shapes, no tensor data) with every other path, before any work."""
+    import s3
+
+    bad = _sd_with(tmp_path, lambda sd: sd.pop("first_stage_model.encoder.conv_in.weight"), name="bad.safetensors")
+    monkeypatch.chdir(tmp_path)
+    assert s3.main(["prompts", "--manifest=m", "--num_objects=1", "--prompts_per_object=1"]) == 0
+    before = sorted(p for p in (tmp_path / "m").rglob("*"))
+    capsys.readouterr()
+    assert s3.main(["collages", "--manifest=m", f"--sd={bad}", "--num_objects=1", "--prompts_per_object=1"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and bad in err[0] and "encoder.conv_in.weight" in err[0], err
+    assert sorted(p for p in (tmp_path / "m").rglob("*")) == before
+
+
+def test_train_refuses_a_bad_sd_path_before_writing(tmp_path):
+    bad = _sd_with(tmp_path, lambda sd: sd.pop("model.diffusion_model.out.2.weight"), name="bad.safetensors")
+    out = tmp_path / "run"
+    r = _cli(os.path.join(ROOT, "train.py"), os.path.join(ROOT, "config", "tiny.py"), f"--sd_path={bad}",
+             "--space=latent", f"--out_dir={out}", cwd=tmp_path)
+    assert r.returncode != 0
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"sd_path: {bad}") and "out.2.weight" in last, r.stderr[-2000:]
+    assert not out.exists()
+
+
+# ----------------------------------------------------------------------------- the vision models eval.py and s3.py load
+
+@pytest.mark.parametrize("lie", ["wider config", "malformed config"])
+def test_hf_folder_whose_config_lies_is_one_line(tmp_path, lie):
+    from transformers import ViTConfig, ViTModel
+
+    import vision
+
+    folder = tmp_path / "dino"
+    ViTModel(ViTConfig(image_size=224, patch_size=32, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                       intermediate_size=64), add_pooling_layer=False).save_pretrained(folder)
+    cfg = json.loads((folder / "config.json").read_text())
+    if lie == "wider config":
+        cfg.update(hidden_size=8192, intermediate_size=32768)  # ~1 GB per layer if it were allocated
+        (folder / "config.json").write_text(json.dumps(cfg))
+    else:
+        (folder / "config.json").write_text(json.dumps(cfg)[:-9])
+    with pytest.raises(vision.VisionError) as e:
+        vision.DinoEmbedder(str(folder))
+    msg = str(e.value)
+    assert str(folder) in msg and "\n" not in msg, msg
+    assert ("does not match its weights" if lie == "wider config" else "not a valid JSON") in msg, msg

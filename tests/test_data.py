@@ -489,14 +489,26 @@ def test_cli_count_and_grid(tmp_path, capsys):
     assert data.main(["count", path]) == 0
     assert "sets0: 2 sets" in capsys.readouterr().out
     out = str(tmp_path / "grid.png")
-    assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16"]) == 0
-    w, h = Image.open(out).size
-    assert h == 3 * 16 and w in (32, 48, 64)
+    assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16", "--seed", "2"]) == 0
+    printed = capsys.readouterr().out.splitlines()
+    # row i is the loader's set i (seed 2): its images left to right on grey, and its captions printed
+    sets = [(px, caps) for b in take(data.build_loader("procedural", resolution=16, images_per_batch=12, seed=2), 2)
+            for px, caps in zip(b["pixels"], b["captions"])][:3]
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (3 * 16, 16 * max(len(px) for px, _ in sets), 3)
+    for i, (px, caps) in enumerate(sets):
+        for j in range(grid.shape[1] // 16):
+            tile = grid[16 * i:16 * (i + 1), 16 * j:16 * (j + 1)]
+            want = ((px[j].permute(1, 2, 0) + 1) * 127.5).clamp(0, 255).byte().numpy() if j < len(px) else 128
+            assert (tile == want).all(), (i, j)
+        assert printed[i] == f"row {i}: " + " | ".join(caps)
     assert data.parse_spec("sets:a.jsonl@2,procedural") == [
         {"type": "sets", "path": "a.jsonl", "weight": 2.0}, {"type": "procedural", "split": "train"}]
 
 
 def test_flip_policies(tmp_path):
+    """flip='set' (the default) mirrors each set whole, half of the sets; 'image' mirrors each image on its own coin;
+    'none' never. A flip is the exact horizontal mirror of the unflipped image."""
     lines = []
     for i in range(4):  # left half dark, right half bright: a flip is visible
         paths = []
@@ -508,12 +520,19 @@ def test_flip_policies(tmp_path):
         lines.append(json.dumps({"images": paths, "caption": "x"}))
     (tmp_path / "m.jsonl").write_text("\n".join(lines))
     spec = [{"type": "sets", "path": str(tmp_path / "m.jsonl"), "set_sizes": [4]}]
-    mixed = Counter()
-    for flip in ("none", "set", "image"):
-        for b in take(data.build_loader(spec, resolution=8, images_per_batch=8, flip=flip), 8):
-            flipped = (b["pixels"][:, :, 0, 4, 0] > 0)  # (B, N): left column bright = mirrored
-            for row in flipped.tolist():
-                mixed[flip, len(set(row)) > 1] += 1
-                if flip == "none":
-                    assert not any(row)
-    assert mixed["set", True] == 0 and mixed["image", True] > 0
+    plain = next(data.build_loader(spec, resolution=8, images_per_batch=8, flip="none"))["pixels"][0, 0]
+    flipped, mixed = {}, {}
+    for flip in ("none", "set", "image", None):  # None: build_loader's default
+        kw = {} if flip is None else {"flip": flip}
+        rows = []
+        for b in take(data.build_loader(spec, resolution=8, images_per_batch=8, seed=3, **kw), 32):  # 64 sets
+            for px in b["pixels"]:  # (N, 3, H, W)
+                row = [bool(torch.equal(im, plain.flip(-1))) for im in px]
+                assert all(r or torch.equal(im, plain) for r, im in zip(row, px))  # mirrored or untouched
+                rows.append(row)
+        rows = np.array(rows)  # (sets, N)
+        flipped[flip], mixed[flip] = rows.mean(), np.mean([len(set(r)) > 1 for r in rows])
+    assert flipped["none"] == 0
+    assert 0.25 < flipped["set"] < 0.75 and mixed["set"] == 0  # half of the sets, each whole
+    assert flipped[None] == flipped["set"] and mixed[None] == 0  # the default is 'set'
+    assert 0.3 < flipped["image"] < 0.7 and mixed["image"] > 0.5  # 1 - 2/16 of the sets mix, in expectation

@@ -6,6 +6,7 @@ import os
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from PIL import Image
 
 import eval as jeval
@@ -54,6 +55,65 @@ def picture(fg, bg, size=(48, 40), box=(12, 10, 36, 30)):
 
 
 # ----------------------------------------------------------------------------- metric properties
+
+def center_square(img, short, crop):
+    """The published protocol's geometry, by hand: bicubic resize of the shorter side to `short` (torchvision's
+    size rule: the longer side truncated), then the central crop x crop."""
+    w, h = img.size
+    size = (short, int(short * h / w)) if w <= h else (int(short * w / h), short)
+    img = img.resize(size, Image.BICUBIC)
+    left, top = int(round((size[0] - crop) / 2)), int(round((size[1] - crop) / 2))
+    return img.crop((left, top, left + crop, top + crop))
+
+
+def normalized(img, mean, std):
+    """-> (1, 3, H, W) float32: x / 255, minus mean, over std, per channel."""
+    a = (np.asarray(img, np.float32) / 255 - np.float32(mean)) / np.float32(std)
+    return torch.from_numpy(a).permute(2, 0, 1)[None]
+
+
+def test_embeddings_follow_the_published_protocols(weights, embedders):
+    """DINO and CLIP embeddings of a fixed image (and CLIP-T's text) through the fixed tiny models, against each
+    protocol computed here from its definition. DINO (Caron et al.'s evaluation, DreamBench's DINO): Resize(256,
+    bicubic), CenterCrop(224), ImageNet mean/std, the CLS token after the final LayerNorm. CLIP: OpenAI's
+    preprocessing (bicubic resize of the shorter side to the input size, center crop, OpenAI's mean/std), the
+    class token after ln_post times the visual projection; text: ln_final at the end-of-text token times the text
+    projection. A mean-pooled DINO, another resize or normalisation, or a missing projection fails."""
+    clip, dino = embedders
+    rng = np.random.default_rng(0)
+    ramp = np.linspace(0, 200, 300)[None, :, None] + np.linspace(0, 50, 260)[:, None, None]  # (260, 300, 1)
+    img = Image.fromarray((ramp + rng.integers(0, 56, (260, 300, 3))).astype(np.uint8))  # landscape: crop matters
+    with torch.no_grad():
+        # DINO: the ViT's last block output, its final LayerNorm, the CLS token
+        vit = dino.model
+        x = normalized(center_square(img, 256, 224), (0.485, 0.456, 0.406), (0.229, 0.224, 0.225))
+        states = vit(pixel_values=x, output_hidden_states=True).hidden_states[-1]  # (1, 1 + patches, D)
+        want_dino = F.normalize(vit.layernorm(states)[:, 0], dim=-1)
+        mean_pooled = F.normalize(vit.layernorm(states).mean(1), dim=-1)
+        # CLIP image: the transformer's tokens, ln_post, the class token, the projection
+        model = weights["clip_model"].eval()
+        x = normalized(center_square(img, 32, 32), (0.48145466, 0.4578275, 0.40821073),
+                       (0.26862954, 0.26130258, 0.27577711))
+        seen = []
+        hook = model.visual.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.encode_image(x)
+        hook.remove()
+        want_clip = F.normalize(model.visual.ln_post(seen[0])[:, 0] @ model.visual.proj, dim=-1)
+        # CLIP text: ln_final at the end-of-text token (the highest id), the projection
+        import open_clip
+
+        ids = open_clip.tokenize(["a red toy in the jungle"])  # OpenAI's BPE, 77 tokens, <start> ... <end> 0 ...
+        seen = []
+        hook = model.transformer.register_forward_hook(lambda m, i, o: seen.append(o))
+        model.encode_text(ids)
+        hook.remove()
+        eot = model.ln_final(seen[0])[0, int(ids[0].argmax())]
+        want_text = F.normalize((eot @ model.text_projection)[None], dim=-1)
+    torch.testing.assert_close(dino.images([img]), want_dino, rtol=0, atol=1e-5)
+    assert (mean_pooled - want_dino).abs().max() > 1e-2  # the check tells CLS from mean pooling
+    torch.testing.assert_close(clip.images([img]), want_clip, rtol=0, atol=1e-5)
+    torch.testing.assert_close(clip.texts(["a red toy in the jungle"]), want_text, rtol=0, atol=1e-5)
+
 
 def test_identical_images_score_one_and_scores_symmetric_bounded(embedders):
     clip, dino = embedders
@@ -162,6 +222,16 @@ def test_grounded_sam_tiny_random_weights(tmp_path):
     img, _ = picture((200, 30, 30), (20, 120, 20), size=(80, 48), box=(20, 10, 60, 40))
     mask = seg(img, "Dog")
     assert mask.shape == (48, 80) and mask.dtype == bool
+    # the subject mask is SAM's mask of the single most confident box for "<class>." (lower case)
+    boxes, scores = seg.detect(img, "dog")
+    assert len(scores) > 2 and boxes.shape == (len(scores), 4)
+    best = boxes[[int(np.argmax(scores))]]
+    assert (mask == seg.segment(img, best)[0]).all()
+    assert not all((seg.segment(img, boxes[[i]])[0] == mask).all() for i in range(len(scores)))  # boxes differ
+    # instances: the `limit` most confident, best first, each with its own box's mask
+    inst = seg.instances(img, "dog", limit=2)
+    assert [i["score"] for i in inst] == pytest.approx(sorted(scores.tolist(), reverse=True)[:2])
+    assert (inst[0]["mask"] == mask).all() and inst[0]["box"] == pytest.approx(best[0].tolist())
     seg.box_threshold = 1.01  # nothing passes: "nothing found" is an all-False mask
     assert not seg(img, "dog").any()
 
@@ -342,6 +412,45 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
     assert len(list(out.glob("images/*/*.png"))) == 16
 
 
+def test_rerun_compares_the_checkpoint_file_not_the_flag(mini_dataset, weights, tmp_path, capsys):
+    """A folder made with `--ckpt assets/jedi_toy.safetensors` reruns without --ckpt (which is that same file), and
+    the other way round; another checkpoint is refused, the message naming the default as such."""
+    import sample
+
+    base = ["--dataset", str(mini_dataset), "--clip_model", weights["clip_cfg"], "--clip_weights",
+            weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--num_prompts", "1",
+            "--images_per_prompt", "1", "--subjects", "toy_a"]
+    typed = os.path.relpath(sample.DEFAULT_CKPT)  # e.g. assets/jedi_toy.safetensors from the repository root
+
+    def run(out, *extra):
+        return jeval.main(base + ["--out", str(tmp_path / out), *extra], generate_fn=FakeGenerator(),
+                          load_model_fn=lambda: None)
+    assert run("a", "--ckpt", typed) == 0
+    assert run("a") == 0  # the default is the same file
+    assert run("b") == 0
+    assert run("b", "--ckpt", sample.DEFAULT_CKPT) == 0  # and back, spelt another way
+    capsys.readouterr()
+    other = str(tmp_path / "other.safetensors")
+    assert run("b", "--ckpt", other) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and f"ckpt=the default {typed} (now {other!r})" in errors[0]
+    assert run("a", "--ckpt", other) == 2
+    assert f"ckpt={typed!r} (now {other!r})" in capsys.readouterr().err
+
+
+def test_every_flag_has_help(monkeypatch):
+    import argparse
+
+    flags, real = {}, argparse.ArgumentParser.add_argument
+
+    def spy(self, *a, **kw):
+        flags[a[0]] = kw.get("help")
+        return real(self, *a, **kw)
+    monkeypatch.setattr(argparse.ArgumentParser, "add_argument", spy)
+    jeval.parse_args(["--dataset", "d", "--out", "o", "--clip_weights", "c", "--dino", "x"])
+    assert len(flags) > 20 and [f for f, text in flags.items() if f != "-h" and not text] == []
+
+
 def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_path, capsys):
     """Same seed, same images across runs and subsets; --no_masked needs no masks; num_refs 1 passes one ref."""
     base = ["--dataset", str(mini_dataset), "--clip_model", weights["clip_cfg"], "--clip_weights",
@@ -379,8 +488,9 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path, monkeypatch):
     ckpt = str(tmp_path / "tiny_jedi.safetensors")
     save_jedi(ckpt, unet, text, None, resolution=16, diffusion={"prediction": "eps"}, steps=2, guidance=2.0,
               sampler="dpmpp_2m")
-    calls, real = [], sample.generate
-    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append(kw) or real(*a, **kw))
+    calls, outputs, real = [], [], sample.generate
+    monkeypatch.setattr(sample, "generate", lambda *a, **kw: calls.append(kw) or outputs.append(real(*a, **kw))
+                        or outputs[-1])
     argv = ["--dataset", str(mini_dataset), "--out", str(tmp_path / "out"), "--ckpt", ckpt, "--num_refs", "1",
             "--num_prompts", "1", "--images_per_prompt", "2", "--clip_model", weights["clip_cfg"],
             "--clip_weights", weights["clip_bin"], "--dino", weights["dino"], "--no_masked", "--device", "cpu"]
@@ -391,6 +501,13 @@ def test_runner_through_sample_py(mini_dataset, weights, tmp_path, monkeypatch):
     assert used[0] == {"sampler": "dpmpp_2m", "steps": 2, "guidance": 2.0, "dtype": "fp32"}  # the checkpoint's
     images = sorted((tmp_path / "out/images").glob("*/*.png"))
     assert len(images) == 4 and all(Image.open(p).size == (16, 16) for p in images)
+    # each saved image is generate()'s new image of its set, pixel for pixel (the reference is not what is saved)
+    for subject, sets in zip(["toy_a", "dog_b"], outputs[:2]):
+        for k, images_k in enumerate(sets):
+            saved = np.asarray(Image.open(tmp_path / f"out/images/{subject}/00_{k}.png"))
+            assert len(images_k) == 1 and (saved == np.asarray(images_k[0])).all()
+    assert not (np.asarray(Image.open(tmp_path / "out/images/toy_a/00_0.png"))
+                == np.asarray(Image.open(tmp_path / "out/images/toy_a/00_1.png"))).all()  # 2 sets, 2 images
     res = json.loads((tmp_path / "out/results.json").read_text())
     assert res["overall"]["CLIP-I"]["n"] == 4 and res["settings"]["checkpoint"] == ckpt
     assert res["settings"]["steps"] == 2 and res["settings"]["guidance"] == 2.0  # the checkpoint's defaults

@@ -353,7 +353,12 @@ def test_bench_cpu_smoke(tmp_path):
                        env=_sub_env(), capture_output=True, text=True, timeout=120)
     assert r.returncode == 0, r.stdout + r.stderr
     text = out.read_text()
-    assert "TFLOP/s" in text and "triton" in text.lower()
+    # every table row: triton's and sdpa's TFLOP/s, and their ratio computed from them
+    rows = [line.strip("|").split("|") for line in text.splitlines() if line.startswith("| 1 |")]
+    assert len(rows) == 2, text  # forward and backward
+    for cells in rows:
+        triton, sdpa, ratio = (c.strip() for c in cells[5:8])
+        assert float(triton) > 0 and float(sdpa) > 0 and ratio == f"{float(triton) / float(sdpa):.2f}x", cells
 
 
 def test_cuda_check_cpu_smoke(tmp_path):
@@ -417,12 +422,52 @@ def test_gpu_scripts_fail_fast_without_cuda(tmp_path, script):
     assert time.time() - t < 60
 
 
-def test_committed_dispatch_tables_are_valid():
-    # Every table committed under kernels/dispatch/ loads, and is filed under its own card's name.
+def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch):
+    """Every table committed under kernels/dispatch/ loads, is filed under its card's name, and the dispatcher
+    returns its choices (no table committed: every card gets SDPA). And a table written by the sweep's own writer
+    (bench/kernel_sweep.write, from measured rows) loads back through kernels.dispatch to the fastest backend per
+    shape bucket: the sweep cannot write a table the dispatcher refuses or reads otherwise."""
+    import json
+    import types
+
     from kernels import dispatch
-    for path in sorted(dispatch.TABLE_DIR.glob("*.json")):
-        card, _ = dispatch.load(path)
+    committed = sorted(dispatch.TABLE_DIR.glob("*.json"))
+    dispatch.table_for.cache_clear()
+    for path in committed:
+        card, entries = dispatch.load(path)
         assert path.name == f"{dispatch.card_slug(card)}.json", path
+        assert entries and all(dispatch.lookup(card, *key) == backend for key, backend in entries.items()), path
+    if not committed:  # no measured card: auto is SDPA everywhere, and no stray file stands in for a table
+        assert [p.name for p in dispatch.TABLE_DIR.iterdir() if p.suffix != ".py" and p.name != "__pycache__"] == []
+        assert dispatch.table_for("NVIDIA H100 80GB HBM3") is None
+        assert dispatch.lookup("NVIDIA H100 80GB HBM3", "bf16", 40, 8192, 8192, "fwd") == "sdpa"
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_sweep
+
+    def row(kind, b, lq, lk, d, n, ms):  # ms: {variant: (forward ms, backward ms)}, as the sweep measures them
+        return dict(dtype="bf16", kind=kind, b=b, lq=lq, lk=lk, d=d, n=n, verdict={k: None for k in ms},
+                    ms=ms, no_graph=[])
+    rows = [row("self", 2, 8192, 8192, 40, 2, {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
+            row("cross", 8, 4096, 77, 40, 1, {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
+            row("self", 2, 512, 512, 160, 2, {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)})]  # within the 2 % margin
+    out = tmp_path / "sweep"
+    kernel_sweep.write(types.SimpleNamespace(out=out), ["# test"], rows, [], [], "Test Card 9000", ["bf16"],
+                       {"measure": 1.0}, done=True)
+    written = out / "dispatch" / "test-card-9000.json"
+    assert json.loads(written.read_text())["card"] == "Test Card 9000"
+    monkeypatch.setattr(dispatch, "TABLE_DIR", written.parent)  # as if committed
+    dispatch.table_for.cache_clear()
+    try:
+        want = {(40, 8192, 8192, "fwd"): "triton", (40, 8192, 8192, "train"): "sdpa",  # 4.0 ms vs 3.5 ms
+                (40, 4096, 77, "fwd"): "triton-ws", (40, 4096, 77, "train"): "sdpa",  # 0.8 vs 0.7
+                (160, 512, 512, "fwd"): "sdpa", (160, 512, 512, "train"): "sdpa"}
+        got = {(d, lq, lk, direction): dispatch.lookup("Test Card 9000", "bf16", d, lq, lk, direction)
+               for d, lq, lk, direction in want}
+        assert got == want
+        assert dispatch.lookup("Test Card 9000", "fp16", 40, 8192, 8192, "fwd") == "sdpa"  # not measured
+    finally:
+        dispatch.table_for.cache_clear()
 
 
 def test_backend_summary_groups_calls_by_backend_direction_and_head_dim():

@@ -123,9 +123,10 @@ def test_truncated_and_foreign_files_fail_clearly(tiny_sd, tmp_path):
                tmp_path / "novae.ckpt")
     with pytest.raises(CheckpointError, match="no VAE weights"):
         load_sd(str(tmp_path / "novae.ckpt"), num_heads=2)
-    (tmp_path / "junk.ckpt").write_bytes(b"not a checkpoint at all")
-    with pytest.raises(Exception):
-        load_sd(str(tmp_path / "junk.ckpt"))
+    for name in ("junk.ckpt", "junk.safetensors"):  # a clear error naming the file, never a traceback from inside
+        (tmp_path / name).write_bytes(b"not a checkpoint at all")
+        with pytest.raises(CheckpointError, match=str(tmp_path / name)):
+            load_sd(str(tmp_path / name))
     with pytest.raises(FileNotFoundError):
         load_sd(str(tmp_path / "nope.ckpt"))
 
@@ -147,3 +148,24 @@ def test_jedi_checkpoint_roundtrip(tmp_path):
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no JeDi metadata"):
         load_jedi(str(tmp_path / "plain.safetensors"))
+
+
+def test_a_failed_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    """save_jedi writes through model.files.atomic_path (the one atomic writer, also s3's records and eval's and s3's
+    images): a write that fails half-way leaves the previous file intact and no temporary file behind."""
+    import safetensors.torch
+
+    unet, text = randomize(UNet(UNetConfig(**{**TINY, "context_dim": 64}))), build_text_encoder(TEXT_CFG)
+    path = str(tmp_path / "jedi.safetensors")
+    save_jedi(path, unet, text, None, resolution=32, diffusion={}, step=1)
+    before = open(path, "rb").read()
+    real = safetensors.torch.save_file
+
+    def full_disk(tensors, filename, metadata=None):
+        real(dict(list(tensors.items())[:3]), filename, metadata=metadata)  # a part is written, then the disk is full
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(safetensors.torch, "save_file", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        save_jedi(path, unet, text, None, resolution=32, diffusion={}, step=2)
+    assert open(path, "rb").read() == before and os.listdir(tmp_path) == ["jedi.safetensors"]
+    assert load_jedi(path).meta["step"] == 1

@@ -4,6 +4,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -135,14 +136,25 @@ def _cutout(root, cid, k):
 
 def test_manifest_trains(tiny, tmp_path):
     """data.py loads the final manifest and train.py runs a few steps on it."""
-    spec = "sets:" + os.path.join(tiny["ref"], "sets.jsonl")
-    batch = next(data.build_loader(spec, resolution=16, images_per_batch=4, set_sizes=(2,)))
-    assert batch["pixels"].shape == (2, 2, 3, 16, 16) and len(batch["captions"][0]) == 2
-    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--data_spec={spec}", "--max_iters=2",
-                        f"--out_dir={tmp_path / 'run'}", "--ckpt_interval=0", "--log_interval=1"],
+    manifest = os.path.join(tiny["ref"], "sets.jsonl")
+    sets = [json.loads(line) for line in open(manifest)]
+    loader = data.build_loader("sets:" + manifest, resolution=16, images_per_batch=4, set_sizes=(2,))
+    for batch in (next(loader), next(loader)):
+        assert batch["pixels"].shape == (2, 2, 3, 16, 16)
+        for key, px, caps in zip(batch["keys"], batch["pixels"], batch["captions"]):
+            rec = sets[int(key.split(":")[1])]  # "sets0:<line>"
+            files = {i: data.fit(data.load_image(os.path.join(tiny["ref"], p)), 16, None)
+                     for i, p in enumerate(rec["images"])}
+            for im, cap in zip(px, caps):  # each image is one of the set's, fitted (mirrored with its set or not)
+                got = ((im.permute(1, 2, 0) + 1) * 127.5).round().byte().numpy()
+                match = [i for i, f in files.items() if (got == f).all() or (got == f[:, ::-1]).all()]
+                assert match and cap == rec["captions"][match[0]]
+    p = subprocess.run([sys.executable, "train.py", "config/tiny.py", f"--data_spec=sets:{manifest}",
+                        "--max_iters=2", f"--out_dir={tmp_path / 'run'}", "--ckpt_interval=0", "--log_interval=1"],
                        cwd=ROOT, env=ENV, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
-    assert "step 1" in p.stdout + p.stderr
+    loss = [float(x) for x in re.findall(r"^step [12] \| loss ([\d.]+)", p.stdout, re.M)]
+    assert len(loss) == 2 and all(0 < x < 10 for x in loss) and "bad samples" not in p.stdout, p.stdout
 
 
 # ----------------------------------------------------------------------------- resume and ranks
@@ -291,6 +303,81 @@ def test_filter_keeps_and_drops_by_threshold(tiny, tmp_path):
 
 
 # ----------------------------------------------------------------------------- bad input, prompts
+
+def test_only_an_undecodable_input_is_a_corrupt_drop(tmp_path, monkeypatch):
+    """A garbage or truncated collage or user mask is recorded as a `corrupt` drop (reruns skip it). Any other error
+    while reading an item (a CUDA out-of-memory, an API change, the segmenter failing) stops the stage with that
+    error and writes no record, so the rerun redoes the item."""
+    A, B = dp.Subject("circle", "red", "solid"), dp.Subject("square", "blue", "solid")
+    make_collages(str(tmp_path / "imp"), str(tmp_path / "masks"), {"good": [(A, 1), (A, 2), (A, 3), (A, 4)],
+                                                                   "spoilt": [(B, 1), (B, 2), (B, 3), (B, 4)]})
+    png = (tmp_path / "imp" / "good.png").read_bytes()
+    for name, blob in (("garbage", b"\x89PNG\r\n\x1a\n not really"), ("truncated", png[:len(png) // 2])):
+        (tmp_path / "imp" / f"{name}.png").write_bytes(blob)
+        (tmp_path / "imp" / f"{name}.txt").write_text("a toy")
+    (tmp_path / "masks" / "spoilt.2.mask.png").write_bytes(b"not a png")  # one unreadable user mask
+    importlib.reload(s3)
+    m = tmp_path / "m"
+    s3.configure(["--manifest", str(m), f"--collages_from={tmp_path / 'imp'}", f"--masks_from={tmp_path / 'masks'}",
+                  "--batch_size=1"])
+    real_load, real_mask = s3.load_image, s3.read_mask
+
+    def out_of_memory(path, *a, **kw):
+        if os.path.basename(str(path)) == "good.png":
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+        return real_load(path, *a, **kw)
+    monkeypatch.setattr(s3, "load_image", out_of_memory)
+    with pytest.raises(torch.OutOfMemoryError):
+        s3.run(["collages"])
+    assert not (m / "collages" / "good.json").exists()  # not recorded: the rerun redoes it
+    monkeypatch.setattr(s3, "load_image", real_load)
+    s3.run(["collages"])
+    dropped = {k: r.get("dropped") for k, r in s3.live("collages").items()}
+    assert dropped == {"garbage": "corrupt: UnidentifiedImageError", "good": None, "spoilt": None,
+                       "truncated": "corrupt: OSError"}
+
+    def api_change(path):
+        raise TypeError("read_mask() got an unexpected keyword argument 'mode'")
+    monkeypatch.setattr(s3, "read_mask", api_change)
+    with pytest.raises(TypeError, match="unexpected keyword"):
+        s3.run(["instances"])
+    assert s3._records("instances") == {}
+    monkeypatch.setattr(s3, "read_mask", real_mask)
+    s3.run(["instances"])
+    inst = s3.live("instances")
+    assert len(inst["good"]["instances"]) == 4 and "corrupt" not in inst["good"]["dropped"]
+    assert inst["spoilt"]["dropped"] == {"corrupt": 1} and "UnidentifiedImageError" in inst["spoilt"]["error"]
+
+    class FailingSegmenter:  # the segmenter path: its errors are never the input's
+        def instances(self, image, name, limit):
+            raise torch.OutOfMemoryError("CUDA out of memory")
+    shutil.rmtree(m / "instances")
+    s3.masks_from = ""
+    rt = s3.Runtime()
+    rt.models["gsam"] = FailingSegmenter()
+    with pytest.raises(torch.OutOfMemoryError):
+        s3.stage_instances(rt)
+    assert s3._records("instances") == {}
+
+
+def test_max_instances_is_refused_above_what_the_filter_searches(tmp_path, capsys):
+    """max_instances > 8 was silently cut at 8 by the filter: now a one-line error before any work. User masks
+    beyond max_instances are dropped and counted, as the segmenter's extra detections are never made."""
+    assert main(["instances", "--manifest", str(tmp_path / "m"), "--max_instances=12"]) == 2
+    err = capsys.readouterr().err
+    assert err == "error: max_instances must be 1..8 (the filter tries every subset of the instances), not 12\n"
+    assert not (tmp_path / "m").exists()
+    A = dp.Subject("circle", "red", "solid")
+    make_collages(str(tmp_path / "imp"), str(tmp_path / "masks"), {"c": [(A, 1), (A, 2), (A, 3), (A, 4)]})
+    importlib.reload(s3)
+    s3.configure(["--manifest", str(tmp_path / "m"), f"--collages_from={tmp_path / 'imp'}",
+                  f"--masks_from={tmp_path / 'masks'}", "--max_instances=3"])
+    s3.run(["collages", "instances"])
+    rec = s3.live("instances")["c"]
+    assert len(rec["instances"]) == 3 and rec["dropped"] == {"over_max_instances": 1}
+    assert rec["instances"][-1]["image"] == "c/2.png"  # the first three masks by file name
+
+
 
 def test_every_missing_weight_path_is_reported_before_any_work(tmp_path, capsys):
     out = tmp_path / "nothing"

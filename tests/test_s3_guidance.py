@@ -35,6 +35,11 @@ def pipeline_parts(ref_unet):
     return dict(vae=vae, text_encoder=None, tokenizer=None, unet=ref_unet, scheduler=sched)
 
 
+# Measured 3e-7 to 5e-7 (the UNets agree exactly; the rest is the schedulers' float arithmetic): a wrong constant
+# in the UNet (a GroupNorm eps of 1e-5 for 1e-6 gives 6e-6 at its output) must not fit under the tolerance.
+PARITY_TOL = 2e-6
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -62,7 +67,7 @@ def test_inpainting_matches_diffusers():
     got = sample(fn, Diffusion(), (B, 4, h, h), steps=STEPS, generator=torch.Generator().manual_seed(7))
     err = rel_err(got, want)
     print(f"inpainting vs diffusers: rel err {err:.1e}")
-    assert err < 1e-5
+    assert err < PARITY_TOL
     # the mask and the masked image reach the UNet: another mask, another result
     other = inpaint_guided(ours, Diffusion(), 1 - small, masked_latent, ctx, null, guidance=7.5)
     assert rel_err(sample(other, Diffusion(), (B, 4, h, h), steps=STEPS,
@@ -89,7 +94,7 @@ def test_instruct_pix2pix_matches_diffusers(s_text, s_image):
     got = sample(fn, Diffusion(), (B, 4, h, h), steps=STEPS, generator=torch.Generator().manual_seed(3))
     err = rel_err(got, want)
     print(f"InstructPix2Pix (s_T {s_text}, s_I {s_image}) vs diffusers: rel err {err:.1e}")
-    assert err < 1e-5
+    assert err < PARITY_TOL
 
 
 @torch.no_grad()
@@ -107,4 +112,4 @@ def test_text_guidance_matches_diffusers_text_to_image():
                 num_inference_steps=STEPS, guidance_scale=5.0, output_type="latent").images
     got = sample(text_guided(ours, Diffusion(), ctx, null, guidance=5.0), Diffusion(), (B, 4, h, h), steps=STEPS,
                  generator=torch.Generator().manual_seed(5))
-    assert rel_err(got, want) < 1e-5
+    assert rel_err(got, want) < PARITY_TOL

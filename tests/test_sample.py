@@ -90,6 +90,24 @@ def test_one_image_reader_handles_exif_alpha_depth_and_cmyk(tmp_path):
     assert sample.load_image(str(tmp_path / "wide.png"), 12).shape == (3, 12, 12)
 
 
+def test_references_get_the_pixels_training_reads_from_the_same_file(tmp_path):
+    """One preprocessing (data.fit after data.load_image): a reference through sample.py is the tensor the training
+    loader makes of the same file, bit for bit (a wide JPEG decoded at reduced scale, a tall RGBA PNG)."""
+    rng = np.random.default_rng(1)
+    smooth = lambda h, w: np.stack([*np.meshgrid(np.linspace(0, 255, w), np.linspace(0, 255, h)),  # noqa: E731
+                                    rng.integers(0, 255, (h, w))], -1).astype(np.uint8)  # ramps + noise
+    Image.fromarray(smooth(120, 200)).save(tmp_path / "wide.jpg", quality=90)
+    Image.fromarray(np.concatenate([smooth(90, 50), rng.integers(0, 255, (90, 50, 1), np.uint8)], -1),
+                    "RGBA").save(tmp_path / "tall.png")
+    (tmp_path / "sets.jsonl").write_text('{"images": ["wide.jpg", "tall.png"], "caption": "x"}\n')
+    loader = data.build_loader([dict(type="sets", path=str(tmp_path / "sets.jsonl"))], resolution=16,
+                               images_per_batch=2, set_sizes=(2,), flip="none")
+    trained = next(loader)["pixels"][0]  # (2, 3, 16, 16): the set, in manifest order
+    for name, x in zip(("wide.jpg", "tall.png"), trained):
+        assert torch.equal(sample.load_image(str(tmp_path / name), 16), x), name
+    assert not torch.equal(trained[0], trained[0].flip(-1))  # not trivially symmetric: the crop and flip matter
+
+
 @pytest.mark.parametrize("space", ["latent", "pixel"])
 def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
     args = ["--ckpt", ckpts[space], "--refs", *refs, "--prompt", "a toy on the beach", "a toy in the snow",
@@ -103,12 +121,27 @@ def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
     assert sample.main(args + ["--out", str(tmp_path / "c"), "--seed", "1", "--sampler", "dpmpp_2m"]) == 0
     a, b, c = (np.asarray(Image.open(tmp_path / d / "set0_prompt1.png")) for d in "abc")
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    g = np.asarray(grid)
+    cell = lambda i, j: g[2 + 18 * i : 18 + 18 * i, 2 + 18 * j : 18 + 18 * j]  # noqa: E731  16x16 cells, pad 2
+    for i in range(2):  # each row: the references exactly as read, then that set's images as saved
+        for j, ref in enumerate(refs):
+            assert np.array_equal(cell(i, j), np.asarray(sample.to_pil(sample.load_image(ref, 16))))
+        for j in range(2):
+            assert np.array_equal(cell(i, 3 + j), np.asarray(Image.open(tmp_path / "a" / f"set{i}_prompt{j}.png")))
 
 
-def test_without_references_and_text_guidance(ckpts, tmp_path):
+def test_cli_text_guidance_reaches_the_sampler(ckpts, tmp_path, monkeypatch):
+    """--text_guidance and --guidance arrive at personalize as given (the three-pass arithmetic itself is checked
+    against separately run passes in tests/test_diffusion.py), and the CLI's images are generate()'s."""
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
     assert sample.main(["--ckpt", ckpts["latent"], "--prompt", "a", "b", "c", "--steps", "2", "--text_guidance", "3",
-                        "--out", str(tmp_path / "o")]) == 0
-    assert len([f for f in os.listdir(tmp_path / "o") if f.startswith("set0_")]) == 3
+                        "--guidance", "7", "--out", str(tmp_path / "o")]) == 0
+    assert [(kw["text_guidance"], kw["guidance"], kw["refs"], kw["num_new"]) for kw in seen] == [(3.0, 7.0, None, 3)]
+    cli = np.stack([np.asarray(Image.open(tmp_path / "o" / f"set0_prompt{j}.png")) for j in range(3)])
+    direct = sample.generate(sample.load_model(ckpts["latent"]), [], ["a", "b", "c"], steps=2, text_guidance=3.0,
+                             guidance=7.0, sampler="ddim")
+    assert np.array_equal(cli, np.stack([np.asarray(im) for im in direct[0]]))
 
 
 def test_replacement_returns_the_references_exactly(ckpts, refs):
@@ -121,10 +154,16 @@ def test_replacement_returns_the_references_exactly(ckpts, refs):
     torch.testing.assert_close(m.to_pixels(z[:2]), x.clamp(-1, 1), rtol=0, atol=0)
 
 
-def test_chunking_and_set_size_cap(ckpts, refs):
+def test_chunking_and_set_size_cap(ckpts, refs, monkeypatch):
     m = sample.load_model(ckpts["latent"])
-    sets = sample.generate(m, refs[:1], ["p1", "p2", "p3"], steps=1, max_set_size=2, num_sets=1)
-    assert len(sets[0]) == 3  # three chunks of [ref + 1 prompt]
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw) or real(*a, **kw))
+    sets = sample.generate(m, refs[:2], ["p1", "p2", "p3"], ref_prompt="r", steps=1, max_set_size=4)
+    assert len(sets[0]) == 3 and [kw["num_new"] for kw in seen] == [2, 1]  # chunks [2 refs + 2], [2 refs + 1]
+    want = m.to_latents(torch.stack([sample.load_image(p, 16) for p in refs[:2]]))
+    for kw, chunk in zip(seen, (["p1", "p2"], ["p3"])):  # every chunk: all references, their caption first
+        assert torch.equal(kw["refs"], want)
+        torch.testing.assert_close(kw["context"], m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
     assert len(sample.generate(m, refs[:2], ["p"], ref_prompt=["r1", "r2"], steps=1)[0]) == 1
     with pytest.raises(sample.UserError, match="2 reference prompts for 1"):
         sample.generate(m, refs[:1], ["p"], ref_prompt=["r1", "r2"], steps=1)
@@ -166,9 +205,11 @@ def _arrays(sets):
 
 @pytest.mark.parametrize("space", ["latent", "pixel"])
 def test_bf16_generate_on_cpu_stays_close_to_fp32(ckpts, space):
-    """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2% per op): over a few sampling steps the images move by a
-    fraction of one 8-bit level on average (measured: 0.03-0.3 levels, at most 2). The bound, 2 levels mean and
-    8 at most, is still ~20x below what a broken cast gives: two independent sets differ by 0.16-0.49 (40-125 levels)."""
+    """bf16 keeps 8 mantissa bits (rounding 2^-9 ~ 0.2% per op) in the UNet, text encoder and VAE; the sampler state
+    stays fp32. Over a few steps the images move by a fraction of one 8-bit level on average (measured: pixel space
+    0.01-0.03 levels, at most 1; latent 0.25-0.31, at most 2, the bf16 VAE's share). The bound, 0.5 levels mean
+    and 4 at most, is ~100x below a real difference: two independent sets differ by 40-125 levels. The shipped
+    toy's bound (tests/test_toy_model.py) is the one calibrated on a trained model."""
     ref = torch.rand(3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
     args = dict(num_sets=2, steps=3, guidance=2.0, seed=1)
     fp32 = _arrays(sample.generate(sample.load_model(ckpts[space], dtype="fp32"), [ref], ["a dog", "a cat"], **args))
@@ -176,7 +217,7 @@ def test_bf16_generate_on_cpu_stays_close_to_fp32(ckpts, space):
     assert bf16_model.dtype == torch.bfloat16
     bf16 = _arrays(sample.generate(bf16_model, [ref], ["a dog", "a cat"], **args))
     diff = np.abs(bf16 - fp32)
-    assert 0 < diff.mean() < 2 / 255 and diff.max() <= 8 / 255
+    assert 0 < diff.mean() < 0.5 / 255 and diff.max() <= 4 / 255
     assert np.abs(fp32[:2] - fp32[2:]).mean() > 20 * diff.mean()  # the scale of a real difference
 
 

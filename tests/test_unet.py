@@ -31,6 +31,11 @@ def diffusers_unet(cfg: UNetConfig):
         cross_attention_dim=cfg.context_dim, attention_head_dim=cfg.num_heads)  # diffusers' misnomer: = heads
 
 
+# Ours computes exactly what diffusers computes on CPU (measured rel. error 0.0 at the tiny and the full SD-1.4
+# size, fp32, 1 and 2 threads); SpatialTransformer's GroupNorm at eps 1e-5 instead of 1e-6 already gives 6e-6.
+PARITY_TOL = 1e-6
+
+
 def rel_err(a, b):
     return ((a - b).abs().max() / b.abs().max()).item()
 
@@ -50,7 +55,7 @@ def check_parity(cfg: UNetConfig, hw: int):
         ctx = torch.randn(2, 77, cfg.context_dim)
         err = rel_err(ours(x, t, ctx), ref(x, t, ctx).sample)
         print(f"UNet parity vs diffusers ({cfg.model_channels}ch, in {cfg.in_channels}): rel err {err:.2e}")
-        assert err <= 1e-5
+        assert err <= PARITY_TOL
         # and back: diffusers names -> ours must give the very same tensors and the same inferred config
         back, inferred = convert_diffusers_unet(ref.state_dict(), num_heads=cfg.num_heads)
         own = ours.state_dict()

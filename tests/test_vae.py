@@ -4,7 +4,9 @@ import torch
 
 from model.vae import AutoencoderKL, VAEConfig, vae_config_from_state_dict, vae_from_state_dict
 
-TOL = 1e-5
+# Measured against diffusers (SD-1.4 size, fp32 CPU, 1 and 2 threads): encoder 2.0e-7 to 2.6e-7, decoder 1.8e-6
+# (its attention's softmax in another order). GroupNorm eps 1e-5 instead of 1e-6 gives 3.5e-5 / 7.4e-5.
+ENCODE_TOL, DECODE_TOL = 1e-6, 4e-6
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -72,7 +74,7 @@ def test_parity_with_diffusers_sd14(sd14_pair):
 
     errs = dict(mean=e_mean, std=e_std, latents=e_lat, sampled=e_smp, decode=e_dec, decode_latents=e_dec_lat)
     print("VAE parity rel. errors:", {k: f"{v:.2e}" for k, v in errs.items()})
-    assert all(v <= TOL for v in errs.values()), errs
+    assert max(e_mean, e_std, e_lat, e_smp) <= ENCODE_TOL and max(e_dec, e_dec_lat) <= DECODE_TOL, errs
 
 
 @torch.no_grad()
@@ -84,10 +86,10 @@ def test_parity_detects_layer_mixups(sd14_pair):
     z = torch.randn(1, 4, 4, 4, generator=torch.Generator().manual_seed(3))
     ref_enc, ref_dec = theirs.encode(x).latent_dist.mean, theirs.decode(z).sample
 
-    def errors():
-        return rel_err(ours.encode(x).mean, ref_enc), rel_err(ours.decode(z), ref_dec)
+    def errors():  # each relative to its tolerance
+        return rel_err(ours.encode(x).mean, ref_enc) / ENCODE_TOL, rel_err(ours.decode(z), ref_dec) / DECODE_TOL
 
-    assert max(errors()) <= TOL
+    assert max(errors()) <= 1
     pairs = [("encoder.mid.attn_1.q.weight", "encoder.mid.attn_1.k.weight"),
              ("encoder.down.3.block.1.norm1.bias", "encoder.down.3.block.1.norm2.bias"),
              ("decoder.mid.attn_1.q.weight", "decoder.mid.attn_1.k.weight"),
@@ -98,9 +100,9 @@ def test_parity_detects_layer_mixups(sd14_pair):
         sd[a].copy_(tb), sd[b].copy_(ta)
         err = max(errors())
         sd[a].copy_(ta), sd[b].copy_(tb)
-        print(f"swap {a} <-> {b}: rel. error {err:.2e}")
-        assert err > 1e3 * TOL, (a, b, err)
-    assert max(errors()) <= TOL  # restored
+        print(f"swap {a} <-> {b}: {err:.2e} x the tolerance")
+        assert err > 1e3, (a, b, err)
+    assert max(errors()) <= 1  # restored
 
 
 @torch.no_grad()

@@ -44,7 +44,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import data_procedural as dp  # noqa: E402
-from model.diffusion import personalize  # noqa: E402
+from model.diffusion import DEFAULT_GUIDANCE, personalize  # noqa: E402
 from toy import classifier as tc  # noqa: E402
 
 DEFAULT_OUT = ROOT / "bench" / "results" / "toy_benchmark.md"
@@ -181,7 +181,7 @@ def summarize(per_subject: list[dict]) -> dict:
 
 
 def evaluate(model, classifier, *, subjects: int | None = None, targets: int = 3, num_sets: int = 1, steps: int = 20,
-             sampler: str = "dpmpp_2m", guidance: float = 5.0, text_guidance: float | None = None, seed: int = 0,
+             sampler: str = "dpmpp_2m", guidance: float = DEFAULT_GUIDANCE, text_guidance: float | None = None, seed: int = 0,
              max_set_size: int = 4, ref_framing: str = "close", log=print) -> dict:
     """Run the benchmark on a loaded model bundle (sample.load_model's; also usable mid-training, on the first
     `subjects` held-out subjects). Returns the summary rows ({condition: {metric: (mean, se)}}) with their labels, the per-image
@@ -304,7 +304,7 @@ def parse_args(argv=None):
     p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else "
                    "dpmpp_2m")
     p.add_argument("--guidance", type=float, default=None, help="image guidance λ of the guided conditions "
-                   "(default: the checkpoint's, else 5)")
+                   f"(default: the checkpoint's, else {DEFAULT_GUIDANCE:g})")
     p.add_argument("--text_guidance", type=float, default=None, help="optional separate text scale (sample.py's)")
     p.add_argument("--max_set_size", type=int, default=None, help="images per set (refs + new; default: the "
                    "checkpoint's largest training set size, else 4); more prompts are chunked")
@@ -342,9 +342,9 @@ def main(argv=None) -> int:
         return 2
     ckpt = args.ckpt or sample.DEFAULT_CKPT
     meta = model.meta
-    steps = args.steps or int(meta.get("steps", 20))
-    sampler = args.sampler or meta.get("sampler", "dpmpp_2m")
-    guidance = args.guidance if args.guidance is not None else float(meta.get("guidance", 5.0))
+    settings = sample.sampling_settings(meta, args.device, steps=args.steps, guidance=args.guidance,
+                                        sampler=args.sampler)  # the one resolver: flag, checkpoint, default
+    steps, sampler, guidance = settings["steps"], settings["sampler"], settings["guidance"]
     # the largest set the model was trained on: coupled attention over larger sets is out of distribution
     max_set_size = args.max_set_size or int(meta.get("max_set_size") or max(meta.get("set_sizes") or [4]))
     if max_set_size <= MAX_REFS:
