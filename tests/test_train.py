@@ -214,7 +214,7 @@ def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp
     # the export is the final checkpoint's EMA (UNet and the trained text encoder), not its raw weights
     saved = checkpoint_tensors(f'{out}/ckpt/step_00000033', tmp_path)
     exported = load_file(f'{out}/jedi.safetensors')
-    for part, name in (('unet', 'unet'), ('text_encoder', 'text')):
+    for part, name in (('unet', 'unet'), ('text_encoder', 'text.encoders.0')):  # the conditioner's one encoder
         ema = {k.split(f'.ema.{part}.', 1)[1]: v for k, v in saved.items() if f'.ema.{part}.' in k}
         raw = {k.split(f'.model.{part}.', 1)[1]: v for k, v in saved.items() if f'.model.{part}.' in k}
         assert ema and ema.keys() == raw.keys() == {k[len(name) + 1:] for k in exported if k.startswith(name + '.')}
