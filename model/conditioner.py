@@ -33,10 +33,15 @@ Why encoder 2 is transformers' CLIPTextModelWithProjection and not open_clip's o
   this very class;
 - open_clip's class API moves between releases (TextTransformer gained pool/proj/mask options in 3.x), while the
   original file's key names, all we depend on, have not; open_clip also takes seconds to import.
-The cost is a small, tested converter for the original file's open_clip layout (text.convert_open_clip_text_state
-_dict: fused in_proj -> q/k/v, text_projection transposed) and that the original file does not load by a bare
-prefix strip. Parity against open_clip's own model (tests/test_text_sdxl.py) is within float rounding (fp32 CPU,
-~1e-6): open_clip runs nn.MultiheadAttention, transformers SDPA, which sum in a different order.
+The cost is a small, tested converter for the original file's open_clip layout
+(text.convert_open_clip_text_state_dict: fused in_proj -> q/k/v, text_projection transposed), so the original file
+does not load by a bare prefix strip. Parity against open_clip's own model (tests/test_text_sdxl.py, fp32 CPU):
+penultimate states bit-identical, pooled within 5e-7 (tiny) / 1.7e-6 of 4.6 (full bigG), because open_clip
+computes `x @ P` and nn.Linear `x @ P.T.T`, which round differently.
+
+Where a JeDi checkpoint or loader meets it: `JeDi.text` is a TextConditioner, `save_jedi` stores its config and
+`text.encoders.N.*` tensors (format 2; format 1 files are the SD-1.x conditioner, TextConditionerConfig.from_dict).
+ORIGINAL_TEXT_PREFIXES / DIFFUSERS_TEXT_FOLDERS say where each flavour's encoders sit in the two file layouts.
 
 The pooled vector comes from transformers' own `text_embeds`, i.e. inside the encoder's forward (an FSDP-sharded
 encoder must not have its projection called from outside). Its config therefore has eos_token_id=2: transformers'
