@@ -41,7 +41,8 @@ computes `x @ P` and nn.Linear `x @ P.T.T`, which round differently.
 
 Where a JeDi checkpoint or loader meets it: `JeDi.text` is a TextConditioner, `save_jedi` stores its config and
 `text.encoders.N.*` tensors (format 2; format 1 files are the SD-1.x conditioner, TextConditionerConfig.from_dict).
-ORIGINAL_TEXT_PREFIXES / DIFFUSERS_TEXT_FOLDERS say where each flavour's encoders sit in the two file layouts.
+model.loading reads a base model's encoders (model/layout_original.py's TEXT_PREFIXES, layout_diffusers.py's
+text_encoder/ and text_encoder_2/) and builds the flavour's conditioner with text_conditioner_weights.
 
 The pooled vector comes from transformers' own `text_embeds`, i.e. inside the encoder's forward (an FSDP-sharded
 encoder must not have its projection called from outside). Its config therefore has eos_token_id=2: transformers'
@@ -147,12 +148,6 @@ def sdxl_text_config(clip_l: dict | None = None, bigg: dict | None = None, resol
 
 TEXT_FLAVOURS = {"sd1": sd1_text_config, "sdxl": sdxl_text_config}
 
-# Where each encoder sits in an original single file (prefix stripped before the per-encoder conversion).
-ORIGINAL_TEXT_PREFIXES = {"sd1": ["cond_stage_model.transformer."],
-                          "sdxl": ["conditioner.embedders.0.transformer.", "conditioner.embedders.1.model."]}
-# ... and in a diffusers folder (each holds model.safetensors).
-DIFFUSERS_TEXT_FOLDERS = {"sd1": ["text_encoder"], "sdxl": ["text_encoder", "text_encoder_2"]}
-
 
 @functools.lru_cache(maxsize=None)
 def _tokenizer(style: str) -> Tokenizer:
@@ -165,11 +160,12 @@ class TextConditioner(nn.Module):
     their tokenizers; `config` (TextConditionerConfig) rebuilds it. encoders: existing modules to hold instead of
     new random ones (one per config encoder)."""
 
-    def __init__(self, config: TextConditionerConfig, encoders: list[nn.Module] | None = None):
+    def __init__(self, config: TextConditionerConfig, encoders: list[nn.Module] | None = None, init: bool = True):
         super().__init__()
         self.config = config
-        if encoders is None:
-            encoders = [build_text_encoder(e.clip_config, projection=e.pooled) for e in config.encoders]
+        if encoders is None:  # init=False: uninitialised weights, for a state dict loaded next (empty_text_encoder)
+            build = build_text_encoder if init else empty_text_encoder
+            encoders = [build(e.clip_config, e.pooled) for e in config.encoders]
         if len(encoders) != len(config.encoders):
             raise ValueError(f"text conditioner: {len(config.encoders)} encoders in the config, {len(encoders)} given")
         self.encoders = nn.ModuleList(encoders)
@@ -253,20 +249,21 @@ class TextConditioner(nn.Module):
         return Cond(context, y)
 
 
-def load_text_conditioner(config: TextConditionerConfig, parts: list[dict], num_heads: int | None = None
-                          ) -> TextConditioner:
-    """Build a conditioner of `config`'s flavour sized from the weights, and load each encoder strictly.
+def text_conditioner_weights(config: TextConditionerConfig, parts: list[dict], num_heads: int | None = None
+                             ) -> tuple[TextConditionerConfig, dict]:
+    """(config sized from the weights, the conditioner's state dict) of a flavour's per-encoder weights.
 
     parts: one state dict per encoder, in any layout text.convert_original_text_state_dict accepts (original
-    CompVis/sgm, diffusers, open_clip), its file prefix stripped (ORIGINAL_TEXT_PREFIXES). The shapes give the
-    sizes; config gives what they cannot (layer, tokenizer, pooling, activation, norm eps); heads default to
-    width // 64."""
-    from .loading import CheckpointError, check_state_dict
+    CompVis/sgm, diffusers, open_clip), its file prefix stripped (layout_original.TEXT_PREFIXES); tensors or meta
+    tensors (shapes only). The shapes give the sizes; `config`, the flavour, gives what they cannot (layer, tokenizer,
+    pooling, activation, norm eps); heads default to width // 64. Nothing is built or checked here: the state
+    dict goes to a strict load (load_text_conditioner, model.checkpoint.build_checked)."""
+    from .checkpoint import CheckpointError
 
     if len(parts) != len(config.encoders):
         raise ValueError(f"text conditioner: {len(config.encoders)} encoders but {len(parts)} weight sets")
     what = lambda i: f"text encoder {i + 1}" if len(parts) > 1 else "text encoder"  # noqa: E731
-    specs = []
+    specs, out = [], {}
     for i, (spec, sd) in enumerate(zip(config.encoders, parts)):
         if not sd:
             raise CheckpointError(f"{what(i)}: no weights")
@@ -283,17 +280,19 @@ def load_text_conditioner(config: TextConditionerConfig, parts: list[dict], num_
         except (KeyError, ValueError) as e:
             raise CheckpointError(f"{what(i)}: {str(e).strip(chr(34))}") from None
         specs.append(EncoderSpec(cfg, spec.tokenizer, spec.layer, spec.pooled))
-    config = TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution)
-    with torch.device("meta"):  # keys and shapes checked before any memory is allocated (the sizes came from
-        tc = TextConditioner(config)  # key names: a stray `layers.99999` must be an error, not an allocation)
-    converted = []
-    for i, (spec, sd) in enumerate(zip(specs, parts)):
-        converted.append(convert_original_text_state_dict(sd, spec.pooled))
-        check_state_dict(tc.encoders[i].state_dict(), converted[i], what(i))
-    for i, (spec, sd) in enumerate(zip(specs, converted)):
-        tc.encoders[i] = empty_text_encoder(spec.clip_config, spec.pooled)  # no random init: all is loaded next
-        tc.encoders[i].load_state_dict(sd, strict=True)
-    return tc.eval()
+        out.update({f"encoders.{i}.{k}": v for k, v in convert_original_text_state_dict(sd, spec.pooled).items()})
+    return TextConditionerConfig(specs, config.null, config.micro_conditioning, config.resolution), out
+
+
+def load_text_conditioner(config: TextConditionerConfig, parts: list[dict], num_heads: int | None = None
+                          ) -> TextConditioner:
+    """A conditioner of `config`'s flavour sized from the weights (text_conditioner_weights), loaded strictly: keys
+    and shapes compared on the meta device first (a stray `layers.99999` must be an error, not an allocation),
+    then the encoders given uninitialised memory and loaded (no random init)."""
+    from .checkpoint import build_checked
+
+    config, sd = text_conditioner_weights(config, parts, num_heads)
+    return build_checked(lambda: TextConditioner(config, init=False), sd, "text conditioner").eval()
 
 
 def as_text_conditioner(text: nn.Module) -> TextConditioner:

@@ -6,10 +6,15 @@
 The loss, the samplers, guidance and the FLOP counter pass it through, drop it, repeat it and concatenate it
 without knowing what is inside; only `UNet.forward` opens it (context to every attn2, y to `label_emb`, as
 openaimodel's `forward(x, timesteps, context, y)`). Rows are images, flat over sets `(B·N, ...)` like every tensor.
+Cond is a registered pytree node (children context, y), so tree-walking machinery sees the tensors inside:
+FSDP2's input casting (MixedPrecisionPolicy), torch.compile's guards, activation checkpointing.
+
+SDXL's y is `cat([pooled text (1280), micro_conditioning(...) (1536)])`, sgm's order of the vector embedders.
 """
 from dataclasses import dataclass
 
 import torch
+import torch.utils._pytree as pytree
 
 
 @dataclass(frozen=True)
@@ -18,7 +23,9 @@ class Cond:
     y: torch.Tensor | None = None  # (B, adm_in_channels) vector conditioning, or None for SD-1.x
 
     def __post_init__(self):
-        if self.y is not None and self.y.shape[0] != self.context.shape[0]:
+        # pytree machinery may rebuild a Cond from placeholder leaves: only tensors are checked
+        if isinstance(self.y, torch.Tensor) and isinstance(self.context, torch.Tensor) \
+                and self.y.shape[0] != self.context.shape[0]:
             raise ValueError(f"Cond: context has {self.context.shape[0]} rows but y has {self.y.shape[0]}")
 
     def __len__(self) -> int:
@@ -51,10 +58,18 @@ class Cond:
         return self._map(lambda v: v.repeat_interleave(n, dim=0))
 
     def expand(self, n: int) -> "Cond":
-        """A one-row value (e.g. the null text) as n rows without copying: (1, ...) -> (n, ...)."""
+        """A one-row value (e.g. the null text) as n rows without copying: (1, ...) -> (n, ...); n rows as they are
+        (an SDXL null keeps each image's size features in y)."""
+        if len(self) == n:
+            return self
         if len(self) != 1:
-            raise ValueError(f"Cond.expand: expected one row, got {len(self)}")
+            raise ValueError(f"Cond.expand: expected one row or {n}, got {len(self)}")
         return self._map(lambda v: v.expand(n, *v.shape[1:]))
+
+    def unet_arg(self):
+        """What a UNet call gets: the bare context tensor when there is no y (SD-1.x: the call form every UNet-like
+        callable takes, test spies and the diffusers baseline wrapper included), else the Cond itself."""
+        return self.context if self.y is None else self
 
     def where(self, drop: torch.Tensor, null: "Cond") -> "Cond":
         """Per row: `null` where drop (B,) is True, else self (text dropout, guidance's unconditional rows).
@@ -74,6 +89,11 @@ class Cond:
         if any(y is None for y in ys) and not all(y is None for y in ys):
             raise ValueError("Cond.cat: either every value has y or none has")
         return Cond(torch.cat([c.context for c in conds]), None if ys[0] is None else torch.cat(ys))
+
+
+pytree.register_pytree_node(
+    Cond, lambda c: ([c.context, c.y], None), lambda children, _: Cond(*children),
+    serialized_type_name="model.conditioning.Cond")
 
 
 def as_cond(c) -> Cond:

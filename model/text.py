@@ -145,13 +145,15 @@ def build_text_encoder(config: CLIPTextConfig, projection: bool = False) -> CLIP
 
 def empty_text_encoder(config: CLIPTextConfig, projection: bool = False) -> CLIPTextModel:
     """build_text_encoder without the random initialisation (20 s for bigG on one core), for weights loaded next:
-    built on the meta device, then given uninitialised CPU memory. `position_ids`, a buffer no checkpoint holds in
-    transformers 5 (non-persistent), is rebuilt as the arange it is."""
+    built on the meta device, then given uninitialised memory on the default device (still meta inside
+    `with torch.device("meta")`). `position_ids`, a buffer no checkpoint holds in transformers 5 (non-persistent),
+    is rebuilt as the arange it is."""
     from transformers.models.clip.modeling_clip import CLIPTextEmbeddings
 
+    device = torch.get_default_device()
     with torch.device("meta"):
         model = build_text_encoder(config, projection)
-    model.to_empty(device="cpu")
+    model.to_empty(device=device)
     for m in model.modules():
         if isinstance(m, CLIPTextEmbeddings):
             m.position_ids.copy_(torch.arange(m.position_ids.shape[-1]).expand_as(m.position_ids))  # (1, 77)

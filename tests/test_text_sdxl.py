@@ -17,9 +17,10 @@ from test_unet import randomize
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from model import text
-from model.conditioner import (ORIGINAL_TEXT_PREFIXES, EncoderSpec, TextConditioner, TextConditionerConfig,
+from model.conditioner import (EncoderSpec, TextConditioner, TextConditionerConfig,
                                load_text_conditioner, sd1_text_config, sdxl_text_config)
 from model.conditioning import micro_conditioning
+from model.layout_original import TEXT_PREFIXES
 from model.loading import CheckpointError, strip_prefix
 from model.text import (BOS_ID, EOS_ID, Tokenizer, bigg_text_config, build_text_encoder,
                         convert_original_text_state_dict, encode, load_text_encoder, sd14_text_config,
@@ -28,8 +29,9 @@ from model.text import (BOS_ID, EOS_ID, Tokenizer, bigg_text_config, build_text_
 TINY_L = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=1, intermediate_size=128)
 TINY_G = dict(width=128, heads=2, layers=3)  # open_clip text_cfg; mlp_ratio 4 -> 512
 TINY_P = 96  # bigG's pooled projection width (1280 in the real one)
-PREFIX_L, PREFIX_G = ORIGINAL_TEXT_PREFIXES["sdxl"]
-EXTRA = ["fish &amp;amp; chips", "<b> fish &amp; chips", "x<|endoftext|>y", "a <end_of_text> b", "<START_OF_TEXT>hi", "tab\tand\u3000space"]
+PREFIX_L, PREFIX_G = TEXT_PREFIXES["sdxl"]["0"], TEXT_PREFIXES["sdxl"]["1"]
+EXTRA = ["fish &amp;amp; chips", "<b> fish &amp; chips", "x<|endoftext|>y", "a <end_of_text> b", "<START_OF_TEXT>hi",
+         "tab\tand\u3000space"]
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +80,7 @@ def sdxl_file(bigg_oc, clip_l):
 
 
 def original_parts(sd):
-    return [strip_prefix(sd, p) for p in ORIGINAL_TEXT_PREFIXES["sdxl"]]
+    return [strip_prefix(sd, p) for p in (PREFIX_L, PREFIX_G)]
 
 
 def open_clip_text(model, ids):
@@ -256,7 +258,7 @@ def test_sd1_conditioner_is_todays_path(tok1):
     torch.manual_seed(2)
     encoder = randomize(build_text_encoder(sd14_text_config(**TINY_L))).eval()
     sd = {"cond_stage_model.transformer.text_model." + text._bare_key(k): v for k, v in encoder.state_dict().items()}
-    tc = load_text_conditioner(sd1_text_config(), [strip_prefix(sd, ORIGINAL_TEXT_PREFIXES["sd1"][0])])
+    tc = load_text_conditioner(sd1_text_config(), [strip_prefix(sd, TEXT_PREFIXES["sd1"]["0"])])
     ids = tc.tokenize(PROMPTS[:20])
     assert ids.shape == (20, 1, 77) and torch.equal(ids[:, 0], tok1(PROMPTS[:20]))
     with torch.no_grad():
@@ -288,12 +290,12 @@ def test_loading_errors(sdxl_file, clip_l, sdxl_tc):
     cfg = sdxl_text_config()
     sd = dict(sdxl_file)
     del sd[PREFIX_G + "transformer.resblocks.2.attn.in_proj_bias"]
-    with pytest.raises(CheckpointError, match=r"text encoder 2: .*\n  missing \(3\): text_model.encoder.layers.2."
-                                              r"self_attn.k_proj.bias, .*q_proj.bias, .*v_proj.bias$"):
+    with pytest.raises(CheckpointError, match=r"text conditioner: .*\n  missing \(3\): encoders.1.text_model.encoder."
+                                              r"layers.2.self_attn.k_proj.bias, .*q_proj.bias, .*v_proj.bias$"):
         load_text_conditioner(cfg, original_parts(sd))
     sd = dict(sdxl_file)
     sd[PREFIX_G + "transformer.resblocks.0.attn.q_norm.weight"] = torch.zeros(128)  # not SDXL's bigG
-    with pytest.raises(CheckpointError, match=r"unexpected \(1\): text_model.encoder.layers.0.attn.q_norm.weight"):
+    with pytest.raises(CheckpointError, match=r"unexpected \(1\): encoders.1.text_model.encoder.layers.0.attn.q_norm"):
         load_text_conditioner(cfg, original_parts(sd))
     sd = dict(sdxl_file)
     sd[PREFIX_G + "transformer.resblocks.0.attn.in_proj_weight"] = torch.zeros(128, 128)
@@ -301,7 +303,7 @@ def test_loading_errors(sdxl_file, clip_l, sdxl_tc):
         load_text_conditioner(cfg, original_parts(sd))
     sd = dict(sdxl_file)
     sd[PREFIX_L + "text_model.final_layer_norm.weight"] = torch.zeros(32)
-    with pytest.raises(CheckpointError, match=r"text encoder 1: .*\n  wrong shape \(1\): final_layer_norm.weight"):
+    with pytest.raises(CheckpointError, match=r"text conditioner: .*\n  wrong shape \(1\): encoders.0.final_layer_n"):
         load_text_conditioner(cfg, original_parts(sd))
     with pytest.raises(CheckpointError, match=r"text encoder 2: a text_projection is needed \(for the pooled "
                                               r"vector\), and the weights have none"):
