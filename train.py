@@ -302,7 +302,8 @@ def build_parts(meta, resume_dir, rt):
             sd = load_sd(src, num_heads=num_heads, ema=True)
         except (CheckpointError, FileNotFoundError) as e:  # one line naming the file, before any work
             raise SystemExit(f'sd_path: {str(e).replace(chr(10), " ")}') from None
-        text_encoder, vae = sd.text_encoder, (sd.vae if model_space == 'latent' else None)
+        # SD-1.x: the conditioner's one encoder (train.py tokenizes and encodes with it itself)
+        text_encoder, vae = sd.text.encoders[0], (sd.vae if model_space == 'latent' else None)
         if init_from == 'sd':
             full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
         del sd

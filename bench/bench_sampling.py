@@ -340,7 +340,8 @@ def main(argv=None):
     from flops import unet_flops
     from model.diffusion import jedi_input
     from model.loading import JeDi
-    from model.text import Tokenizer, build_text_encoder, sd14_text_config
+    from model.conditioner import as_text_conditioner
+    from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet
     from model.vae import AutoencoderKL, VAEConfig
 
@@ -385,7 +386,7 @@ def main(argv=None):
         vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
     resolution = hw * vae.downsample_factor
     try:
-        tokenizer = Tokenizer()
+        text = as_text_conditioner(text_encoder)  # builds sample.py's tokenizer
     except ImportError as e:  # the GPU image lacks open_clip_torch / ftfy: bench/README.md says how to carry them
         print(f"bench_sampling: error: sample.py's tokenizer does not import ({first_line(e)}); carry the wheels "
               f"of open_clip_torch, ftfy and wcwidth in bench/wheels/ (bench/README.md)", file=sys.stderr)
@@ -395,7 +396,7 @@ def main(argv=None):
 
     def bundle(unet):
         """The model bundle sample.load_model would return for a checkpoint with these weights (before prepare)."""
-        return JeDi(unet, vae, text_encoder, tokenizer, dict(resolution=resolution, diffusion={}, space="latent"))
+        return JeDi(unet, vae, text, dict(resolution=resolution, diffusion={}, space="latent"))
 
     shared = bundle(base).to(dev, dtype)  # text encoder, VAE and the research rows' UNet: cast once
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -442,7 +443,7 @@ def main(argv=None):
     with torch.no_grad():  # the Δ reference (ours, eager) and the bf16 noise scale (the same in fp32)
         ours_images = generate(build("ours"), args.timed_steps)
         fp32 = sample.prepare_model(JeDi(copy.deepcopy(base).float(), copy.deepcopy(vae).float(),
-                                         copy.deepcopy(text_encoder).float(), tokenizer, shared.meta), dev, dtype="fp32")
+                                         copy.deepcopy(text).float(), shared.meta), dev, dtype="fp32")
         noise = images_delta(generate(fp32, args.timed_steps), ours_images)
         del fp32
     bound = 3 * noise + 1.0

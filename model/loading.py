@@ -7,13 +7,12 @@ sizes are inferred from tensor shapes, and the few facts shapes cannot tell (hea
 come from the model flavour (model/flavours.py), told from the keys present. Safe reading and strict loading are
 model/checkpoint.py's.
 
-    sd = load_sd("sd-v1-4.ckpt")                   # -> JeDi(unet, vae, text_encoder, tokenizer, meta)
+    sd = load_sd("sd-v1-4.ckpt")                   # -> JeDi(unet, vae, text, meta); text: TextConditioner
     sd.unet(x, t, context, set_size=4)             # JeDi UNet, 9 input channels inflated from SD's 4
     parts = read_parts("sd_xl_base_1.0.safetensors")   # Parts(flavour, unet, vae, text, text_layout)
 """
 import json
 import os
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -21,6 +20,7 @@ import torch.nn as nn
 
 from .checkpoint import (CheckpointError, _first_line, _meta_build, build_checked, check_state_dict,  # noqa: F401
                          read_state_dict, strict_load, strip_prefix)
+from .conditioning import Cond
 from .diffusion import Diffusion
 from .files import atomic_path
 from .flavours import FLAVOURS, Flavour  # noqa: F401
@@ -36,13 +36,13 @@ from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 @dataclass(eq=False)
 class JeDi:
     """A loaded model, the one bundle every entry point uses (sample.py, eval.py, train.py, the benchmarks):
-    UNet, VAE (None: the model works in pixel space), text encoder, tokenizer, and the checkpoint's `meta`
-    (resolution, space, diffusion settings, sampling defaults, configs)."""
+    UNet, VAE (None: the model works in pixel space), the text conditioner (model.conditioner.TextConditioner:
+    tokenizers and text encoders, prompts -> Cond), and the checkpoint's `meta` (resolution, space, diffusion
+    settings, sampling defaults, configs)."""
 
     unet: nn.Module
     vae: nn.Module | None
-    text_encoder: nn.Module
-    tokenizer: object
+    text: nn.Module  # TextConditioner
     meta: dict
 
     def __post_init__(self):
@@ -55,17 +55,17 @@ class JeDi:
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype the UNet and text encoder compute in (the VAE may keep fp32 parts: AutoencoderKL.cast)."""
+        """The dtype the UNet and text encoders compute in (the VAE may keep fp32 parts: AutoencoderKL.cast)."""
         return next(self.unet.parameters()).dtype
 
     def to(self, device=None, dtype: torch.dtype | None = None) -> "JeDi":
         """Cast (before moving: the device never holds both copies) and move every module, in place."""
         if dtype is not None:
             self.unet.to(dtype)
-            self.text_encoder.to(dtype)
+            self.text.to(dtype)
             if self.vae is not None:
                 self.vae.cast(dtype)  # fp16 keeps the VAE's overflow-prone parts (SDXL: all of it) in fp32
-        for m in (self.unet, self.text_encoder, self.vae):
+        for m in (self.unet, self.text, self.vae):
             if m is not None and device is not None:
                 m.to(device)
         return self
@@ -85,15 +85,24 @@ class JeDi:
         return self.vae.downsample_factor if self.vae is not None else 1
 
     @torch.no_grad()
-    def encode_text(self, prompts: list[str]) -> torch.Tensor:
-        """(P,) prompts -> (P, 77, D) text states; warns when a prompt is cut at 77 tokens."""
-        from .text import encode
+    def encode(self, prompts: list[str], **sizes) -> Cond:
+        """(P,) prompts -> Cond (P rows); warns when a prompt is cut at 77 tokens. sizes: SDXL's micro-conditioning
+        (original_size, crop_top_left, target_size; TextConditioner.forward)."""
+        return self.text.encode(prompts, **sizes)
 
-        ids, cut = self.tokenizer(prompts, return_truncated=True)
-        for p, c in zip(prompts, cut.tolist()):
-            if c:
-                warnings.warn(f"prompt longer than 77 tokens, truncated: {p[:60]!r}...", stacklevel=2)
-        return encode(self.text_encoder, ids.to(self.device))
+    @torch.no_grad()
+    def null(self, **sizes) -> Cond:
+        """The unconditional text as a one-row Cond: the encoded "" (SD-1.x), zeros (SDXL)."""
+        return self.text.null(**sizes)
+
+    @torch.no_grad()
+    def encode_text(self, prompts: list[str]) -> torch.Tensor:
+        """(P,) prompts -> (P, 77, D) text states, the bare context of a model without vector conditioning (SD-1.x);
+        a model with y (SDXL) needs encode()."""
+        if self.text.y_dim is not None:
+            raise ValueError("this model's text conditioning has a vector part (SDXL's pooled text and sizes): "
+                             "use JeDi.encode(), which returns a Cond")
+        return self.encode(prompts).context
 
     @torch.no_grad()
     def to_latents(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -123,18 +132,20 @@ def read_original_parts(path: str, ema: bool = True, shapes_only: bool = False) 
     return p.unet, p.vae, p.text["0"]
 
 
-def _text_parts(path: str, parts: Parts) -> dict:
-    """The hook where a flavour's text side is built: name -> (module factory, its state dict). SD-1.x: CLIP
-    ViT-L/14 (its last layer). SDXL's two encoders (penultimate layers, pooled projection) are issue 27's text
-    conditioner, not built here yet: a clear error (its UNet and VAE load with load_unet_vae)."""
-    from .text import build_text_encoder, convert_original_text_state_dict, text_config_from_state_dict
+def _text_parts(path: str, parts: Parts, unet_config: UNetConfig) -> dict:
+    """The flavour's text conditioner: name -> (module factory, its state dict), sized from the weights
+    (model.conditioner.text_conditioner_weights). SD-1.x: CLIP ViT-L/14's last layer; SDXL: CLIP ViT-L/14 and
+    OpenCLIP ViT-bigG/14 penultimate layers, bigG's pooled projection, the size features at the flavour's
+    resolution. The encoders are built without random init (the weights are loaded next)."""
+    from .conditioner import TEXT_FLAVOURS, TextConditioner, text_conditioner_weights
 
-    if parts.flavour.text != "sd1":
-        raise CheckpointError("SDXL text conditioner not yet available (its UNet and VAE load: "
-                              "model.loading.load_unet_vae)")
-    text_sd = convert_original_text_state_dict(parts.text["0"])
-    text_config = text_config_from_state_dict(text_sd)
-    return {"text encoder": (lambda: build_text_encoder(text_config), text_sd)}
+    flavour = TEXT_FLAVOURS[parts.flavour.text]
+    config = flavour(resolution=parts.flavour.resolution) if parts.flavour.text == "sdxl" else flavour()
+    config, sd = text_conditioner_weights(config, [parts.text[i] for i in sorted(parts.text)])
+    if (config.context_dim, config.y_dim) != (unet_config.context_dim, unet_config.adm_in_channels):
+        raise CheckpointError(f"the text encoders give context {config.context_dim} and vector {config.y_dim}, the "
+                              f"UNet takes {unet_config.context_dim} and {unet_config.adm_in_channels}")
+    return {"text encoder": (lambda: TextConditioner(config, init=False), sd)}
 
 
 def _sd_parts(path: str, num_heads: int | None, ema: bool, in_channels: int | None, shapes_only: bool,
@@ -157,7 +168,7 @@ def _sd_parts(path: str, num_heads: int | None, ema: bool, in_channels: int | No
                                                 force_upcast=parts.flavour.vae_force_upcast)
         out = {"UNet": (lambda: UNet(unet_config), unet_sd), "VAE": (lambda: AutoencoderKL(vae_config), parts.vae)}
         if text:
-            out.update(_text_parts(path, parts))
+            out.update(_text_parts(path, parts, unet_config))
     except (CheckpointError, KeyError, ValueError) as e:
         raise CheckpointError(f"{path}: {_first_line(e)}") from None
     return parts.flavour, out
@@ -165,8 +176,8 @@ def _sd_parts(path: str, num_heads: int | None, ema: bool, in_channels: int | No
 
 def load_sd(path: str, num_heads: int | None = None, ema: bool = True, in_channels: int | None = JEDI_IN_CHANNELS,
             device="cpu", dtype=torch.float32) -> JeDi:
-    """UNet, VAE, text encoder and tokenizer of a base model: an original `.ckpt`/`.safetensors` or a diffusers
-    folder, its flavour (SD-1.x, SDXL) told from the keys present.
+    """UNet, VAE and text conditioner of a base model: an original `.ckpt`/`.safetensors` or a diffusers folder,
+    its flavour (SD-1.x, SDXL) told from the keys present.
 
     num_heads: attention heads of the UNet where given (> 0); by default the flavour's (8 for SD-1.x, head dim 64
     for SDXL): the one size shapes cannot tell.
@@ -174,13 +185,11 @@ def load_sd(path: str, num_heads: int | None = None, ema: bool = True, in_channe
     in_channels: JeDi's 9 (inflated, zero-initialised extra channels); None keeps the checkpoint's.
     Every error is a CheckpointError whose message starts with the path.
     """
-    from .text import Tokenizer
-
     flavour, factories = _sd_parts(path, num_heads, ema, in_channels, shapes_only=False)
     parts = {name: build_checked(factory, sd, f"{path}: {name}").eval() for name, (factory, sd) in factories.items()}
     # the flavour's resolution; SD's schedule and eps-prediction (Diffusion()'s defaults, SD-1.x and SDXL alike)
     meta = dict(resolution=flavour.resolution, diffusion={}, space="latent")
-    return JeDi(parts["UNet"], parts["VAE"], parts["text encoder"], Tokenizer(), meta).to(device, dtype)
+    return JeDi(parts["UNet"], parts["VAE"], parts["text encoder"], meta).to(device, dtype)
 
 
 def load_unet_vae(path: str, num_heads: int | None = None, ema: bool = True,
@@ -203,21 +212,28 @@ def check_sd(path: str, num_heads: int | None = None, ema: bool = True,
 
 # ----------------------------------------------------------------------------- JeDi checkpoints (one file)
 
-JEDI_FORMAT = 1
+# 2: `text` is a TextConditionerConfig and the tensors `text.encoders.N.*`. 1 (still read): `text` was one
+# CLIPTextConfig and the tensors `text.*` that encoder's, i.e. the SD-1.x conditioner (assets/jedi_toy.safetensors).
+JEDI_FORMAT = 2
+JEDI_FORMATS_READ = (1, 2)
 
 
-def save_jedi(path: str, unet: nn.Module, text_encoder: nn.Module, vae: nn.Module | None = None, *,
+def save_jedi(path: str, unet: nn.Module, text: nn.Module, vae: nn.Module | None = None, *,
               resolution: int, diffusion: dict, dtype: torch.dtype | None = None, **extra) -> None:
     """One safetensors file with everything sample.py needs: `unet.*`, `text.*`, `vae.*` tensors and the
     configs as JSON metadata, so `--ckpt` is all a user passes. Written to a temp name and renamed (atomic).
+    text: the TextConditioner (a bare CLIPTextModel is taken as the SD-1.x conditioner's encoder).
     dtype: store floating tensors in it (e.g. torch.float16 to halve a shipped file); load_jedi casts back."""
     from safetensors.torch import save_file
 
+    from .conditioner import as_text_conditioner
+
+    text = as_text_conditioner(text)
     tensors = {f"unet.{k}": v for k, v in unet.state_dict().items()}
-    tensors.update({f"text.{k}": v for k, v in text_encoder.state_dict().items()})
+    tensors.update({f"text.{k}": v for k, v in text.state_dict().items()})
     if vae is not None:
         tensors.update({f"vae.{k}": v for k, v in vae.state_dict().items()})
-    meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text_encoder.config.to_dict(),
+    meta = dict(format=JEDI_FORMAT, unet=unet.config.to_dict(), text=text.config.to_dict(),
                 vae=vae.config.to_dict() if vae is not None else None, space="latent" if vae is not None else "pixel",
                 resolution=resolution, diffusion=diffusion, **extra)
     cast = lambda v: v.to(dtype) if dtype is not None and v.is_floating_point() else v  # noqa: E731
@@ -264,8 +280,9 @@ def check_jedi_meta(path: str, meta) -> dict:
 
     if not isinstance(meta, dict):
         raise _bad(path, f"metadata is a JSON {type(meta).__name__}, not an object")
-    if meta.get("format") != JEDI_FORMAT:
-        raise _bad(path, f"JeDi checkpoint format {meta.get('format')!r} is not supported ({JEDI_FORMAT})")
+    if meta.get("format") not in JEDI_FORMATS_READ:
+        raise _bad(path, f"JeDi checkpoint format {meta.get('format')!r} is not supported "
+                         f"({', '.join(map(str, JEDI_FORMATS_READ))})")
     for key in ("unet", "text", "vae", "resolution"):
         if key not in meta:
             raise _bad(path, f"metadata lacks {key!r}")
@@ -312,10 +329,18 @@ def check_jedi_meta(path: str, meta) -> dict:
     text = meta["text"]
     if not isinstance(text, dict):
         raise _bad(path, f"metadata text config is {type(text).__name__}, not a JSON object")
-    for name, hi in (("num_hidden_layers", 256), ("hidden_size", 16384), ("intermediate_size", 65536),
-                     ("num_attention_heads", 256), ("vocab_size", 1_000_000), ("max_position_embeddings", 4096)):
-        if name in text:
-            _int_in(path, f"text.{name}", text[name], 1, hi)
+    encoders = text.get("encoders", []) if meta["format"] >= 2 else [dict(config=text)]
+    if not isinstance(encoders, list) or not 1 <= len(encoders) <= 4:
+        raise _bad(path, "metadata text.encoders is not a list of 1 to 4 encoders")
+    for i, e in enumerate(encoders):
+        clip = e.get("config") if isinstance(e, dict) else None
+        if not isinstance(clip, dict):
+            raise _bad(path, f"metadata text encoder {i + 1} has no config object")
+        for name, hi in (("num_hidden_layers", 256), ("hidden_size", 16384), ("intermediate_size", 65536),
+                         ("num_attention_heads", 256), ("vocab_size", 1_000_000), ("max_position_embeddings", 4096),
+                         ("projection_dim", 16384)):
+            if name in clip:
+                _int_in(path, f"text.{name}", clip[name], 1, hi)
     vae = meta["vae"]
     if vae is not None:
         if not isinstance(vae, dict):
@@ -336,18 +361,22 @@ def check_jedi_meta(path: str, meta) -> dict:
 
 
 def _jedi_parts(path: str, meta: dict) -> dict:
-    """name -> (module factory, tensor prefix) of a JeDi checkpoint, from its checked metadata."""
-    from transformers import CLIPTextConfig
-
-    from .text import build_text_encoder
+    """name -> (module factory, its tensors from the file's: a function of {name: tensor or shape}) of a JeDi
+    checkpoint, from its checked metadata."""
+    from .conditioner import TextConditioner, TextConditionerConfig
     from .vae import AutoencoderKL, VAEConfig
 
     ucfg = UNetConfig(**meta["unet"])
-    tcfg = _config(path, CLIPTextConfig, meta["text"], "text")
-    parts = {"UNet": (lambda: UNet(ucfg), "unet."), "text encoder": (lambda: build_text_encoder(tcfg), "text.")}
+    tcfg = _config(path, lambda **d: TextConditionerConfig.from_dict(d), meta["text"], "text")
+    if meta["format"] == 1:  # the one SD-1.x encoder's tensors were `text.*`; the conditioner's `encoders.0.*`
+        text = lambda d: {"encoders.0." + k: v for k, v in strip_prefix(d, "text.").items()}  # noqa: E731
+    else:
+        text = lambda d: strip_prefix(d, "text.")  # noqa: E731
+    parts = {"UNet": (lambda: UNet(ucfg), lambda d: strip_prefix(d, "unet.")),
+             "text encoder": (lambda: TextConditioner(tcfg, init=False), text)}  # weights loaded next
     if meta["vae"] is not None:
         vcfg = _config(path, VAEConfig, meta["vae"], "VAE")
-        parts["VAE"] = (lambda: AutoencoderKL(vcfg), "vae.")
+        parts["VAE"] = (lambda: AutoencoderKL(vcfg), lambda d: strip_prefix(d, "vae."))
     return parts
 
 
@@ -379,9 +408,8 @@ def check_jedi(path: str) -> dict:
     meta = _read_jedi_meta(path)
     with safe_open(path, framework="pt") as f:
         shapes = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    for name, (factory, prefix) in _jedi_parts(path, meta).items():
-        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), strip_prefix(shapes, prefix),
-                         f"{path}: {name}")
+    for name, (factory, select) in _jedi_parts(path, meta).items():
+        check_state_dict(_meta_build(factory, f"{path}: {name}").state_dict(), select(shapes), f"{path}: {name}")
     return meta
 
 
@@ -391,14 +419,12 @@ def load_jedi(path: str, device="cpu", dtype=torch.float32) -> JeDi:
     allocated (they are built on the meta device and compared first: build_checked)."""
     from safetensors import safe_open
 
-    from .text import Tokenizer
-
     meta = _read_jedi_meta(path)
     try:
         with safe_open(path, framework="pt") as f:
             tensors = {k: f.get_tensor(k) for k in f.keys()}
     except Exception as e:
         raise CheckpointError(f"{path}: tensors cannot be read ({_first_line(e)})") from None
-    parts = {name: build_checked(factory, strip_prefix(tensors, prefix), f"{path}: {name}").eval()
-             for name, (factory, prefix) in _jedi_parts(path, meta).items()}
-    return JeDi(parts["UNet"], parts.get("VAE"), parts["text encoder"], Tokenizer(), meta).to(device, dtype)
+    parts = {name: build_checked(factory, select(tensors), f"{path}: {name}").eval()
+             for name, (factory, select) in _jedi_parts(path, meta).items()}
+    return JeDi(parts["UNet"], parts.get("VAE"), parts["text encoder"], meta).to(device, dtype)

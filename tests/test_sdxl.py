@@ -347,11 +347,29 @@ def tiny_sdxl_file(tmp_path_factory):
     vae = randomize(AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)))
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
-    sd["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)
-    sd["conditioner.embedders.1.model.text_projection"] = torch.randn(8, 8)
+    sd.update(tiny_sdxl_text())  # CLIP-L 8 wide + bigG 16 wide = the UNet's context 24; bigG's pooled 16 = POOLED
     path = tmp_path_factory.mktemp("xl") / "sd_xl_tiny.safetensors"
     save_file(sd, str(path))
     return unet, vae, sd, str(path)
+
+
+def tiny_sdxl_text() -> dict:
+    """SDXL's two text encoders, tiny, as the original file stores them: CLIP ViT-L/14's shape in transformers 4
+    names (conditioner.embedders.0.transformer.text_model.*), bigG's in open_clip's (conditioner.embedders.1.model.*,
+    fused in_proj, text_projection, logit_scale)."""
+    from open_clip.model import CLIP
+
+    from model.text import build_text_encoder, sd14_text_config
+
+    clip_l = randomize(build_text_encoder(sd14_text_config(hidden_size=8, num_hidden_layers=2, num_attention_heads=1,
+                                                           intermediate_size=16)))
+    bigg = randomize(CLIP(embed_dim=POOLED, vision_cfg=dict(image_size=16, patch_size=8, width=64, layers=1,
+                                                            head_width=64),
+                          text_cfg=dict(context_length=77, vocab_size=49408, width=16, heads=1, layers=2)))
+    out = {"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip_l.state_dict().items()}
+    out.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.state_dict().items()
+                if not k.startswith("visual.")})
+    return out
 
 
 def test_sdxl_single_file_reads_by_prefix_strip(tiny_sdxl_file):
@@ -367,17 +385,39 @@ def test_sdxl_single_file_reads_by_prefix_strip(tiny_sdxl_file):
     assert v.scale_factor == 0.13025 and all(torch.equal(t, v.state_dict()[k]) for k, t in vae.state_dict().items())
     jedi = load_unet_vae(path)[0]  # JeDi-XL: 9 input channels, inflated
     assert jedi.config.in_channels == 9 and jedi.config.adm_in_channels == unet.config.adm_in_channels
-    with pytest.raises(Exception, match="SDXL text conditioner not yet available"):
-        check_sd(path)  # the names-and-shapes check stops at the same place as load_sd
+    assert check_sd(path) == jedi.config  # the names-and-shapes check, text encoders included
 
 
-def test_sdxl_load_sd_stops_at_the_text_conditioner(tiny_sdxl_file):
-    from model.loading import CheckpointError, load_sd
+def test_sdxl_load_sd_loads_the_text_conditioner(tiny_sdxl_file):
+    """load_sd of an SDXL file: UNet, VAE and the SDXL text conditioner (model/conditioner.py), whose Cond the UNet
+    takes (context 24 = 8 + 16, y = pooled 16 + 6·256)."""
+    from model.conditioner import load_text_conditioner, sdxl_text_config
+    from model.loading import CheckpointError, load_sd, strip_prefix
 
-    path = tiny_sdxl_file[-1]
-    with pytest.raises(CheckpointError, match="SDXL text conditioner not yet available") as e:
-        load_sd(path)
-    assert str(e.value).startswith(path) and "\n" not in str(e.value)
+    unet, _, sd, path = tiny_sdxl_file
+    m = load_sd(path, in_channels=None)
+    assert m.resolution == 1024 and m.text.config.resolution == 1024 and len(m.text.encoders) == 2
+    assert (m.text.context_dim, m.text.y_dim) == (unet.config.context_dim, unet.config.adm_in_channels)
+    ref = load_text_conditioner(sdxl_text_config(), [strip_prefix(sd, "conditioner.embedders.0.transformer."),
+                                                     strip_prefix(sd, "conditioner.embedders.1.model.")])
+    assert all(torch.equal(v, ref.state_dict()[k]) for k, v in m.text.state_dict().items())
+    with torch.no_grad():
+        cond, null = m.encode(["a photo of a dog", ""]), m.null()
+        assert cond.y.shape == (2, unet.config.adm_in_channels) and not null.context.any()
+        out = m.unet(torch.randn(2, 4, 8, 8), torch.tensor([10, 500]), cond)
+    assert out.shape == (2, 4, 8, 8) and torch.isfinite(out).all()
+    with pytest.raises(ValueError, match="use JeDi.encode"):
+        m.encode_text(["a dog"])
+    from safetensors.torch import save_file
+
+    wide = randomize(UNet(UNetConfig(**{**LOAD_XL, "context_dim": 32})))  # a UNet the text side does not fit
+    bad = path.replace(".safetensors", "_wide.safetensors")
+    save_file({k: v for k, v in sd.items() if not k.startswith("model.diffusion_model.")}
+              | {"model.diffusion_model." + k: v for k, v in wide.state_dict().items()}, bad)
+    with pytest.raises(CheckpointError, match=r"text encoders give context 24 and vector 1552, the UNet takes 32 "
+                                              r"and 1552") as e:
+        load_sd(bad)
+    assert str(e.value).startswith(bad) and "\n" not in str(e.value)
 
 
 def test_sdxl_diffusers_folder_reads_the_same(tiny_sdxl_file, tmp_path):
@@ -396,13 +436,20 @@ def test_sdxl_diffusers_folder_reads_the_same(tiny_sdxl_file, tmp_path):
     d_vae = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
                                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4)
     save_file(convert_ldm_vae_checkpoint(sd, dict(d_vae.config)), tmp_path / "vae/diffusion_pytorch_model.safetensors")
-    save_file({"text_model.final_layer_norm.weight": torch.ones(8)}, tmp_path / "text_encoder/model.safetensors")
-    save_file({"text_projection.weight": torch.ones(8, 8)}, tmp_path / "text_encoder_2/model.safetensors")
+    from model.loading import load_sd
+
+    text = load_sd(tiny_sdxl_file[-1], in_channels=None).text  # diffusers stores transformers' own state dicts
+    for i, sub in enumerate(("text_encoder", "text_encoder_2")):
+        save_file({k: v.contiguous() for k, v in text.encoders[i].state_dict().items()},
+                  tmp_path / sub / "model.safetensors")
     parts = read_parts(str(tmp_path))
     assert parts.flavour.name == "sdxl" and parts.text_layout == "diffusers" and set(parts.text) == {"0", "1"}
     assert set(parts.unet) == set(unet.state_dict())
     assert all(torch.equal(parts.unet[k], v) for k, v in unet.state_dict().items())
     assert all(torch.equal(parts.vae[k], v) for k, v in vae.state_dict().items())
+    folder = load_sd(str(tmp_path), in_channels=None).text
+    assert folder.config.to_dict() == text.config.to_dict()
+    assert all(torch.equal(v, text.state_dict()[k]) for k, v in folder.state_dict().items())
 
 
 @pytest.mark.parametrize("damage", ["truncated", "no label_emb", "no VAE"])
