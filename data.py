@@ -14,6 +14,10 @@ Contract with train.py (kept stable)
         batch['step']      the loader step (micro-batch on this rank) this batch belongs to
         batch['sources']   B source names;  batch['keys'] B set ids (for debugging)
         batch['attrs']     B entries: a list of N ground-truth dicts (procedural sets) or None
+        batch['original_size']  LongTensor (B, N, 2): each image's (height, width) in its file, upright, before
+                           the resize and crop (SDXL's micro-conditioning; procedural images: the resolution)
+        batch['crop_top_left']  LongTensor (B, N, 2): (top, left) of the crop in the resized image, measured in the
+                           image as the batch holds it (a mirrored image's left is counted from its new left edge)
     loader.state()         small dict to save in a checkpoint; build_loader(..., state=it) resumes
     loader.bad_samples     {'missing': 3, 'corrupt': 1, ...} skipped bad samples so far (log it);
     loader.num_bad         their total; loader.counts() adds 'skipped_too_small' (normal, see below)
@@ -130,6 +134,7 @@ def load_image(src, size=None):
     EXIF orientation is applied; transparency is composited onto white (how a viewer shows it); 16-bit grayscale
     is scaled by its bit depth (/257), not clipped at 255, and float images by their range; CMYK, palette, LAB
     etc. are converted to RGB. `size` lets JPEGs decode at a reduced scale (>= size per side).
+    The file's own upright (height, width) is kept in `img.info["original_size"]` (fit reports it).
     Raises FileNotFoundError, BadSample("empty") or PIL's errors (OSError, ...) for unreadable files."""
     if isinstance(src, (bytes, bytearray)):
         if len(src) == 0:
@@ -140,13 +145,18 @@ def load_image(src, size=None):
             raise BadSample("empty", src)
         f = src
     with Image.open(f) as img:
+        w, h = img.size  # the file's size, before a reduced-scale decode
+        if img.getexif().get(0x0112, 1) in (5, 6, 7, 8):  # EXIF orientations that turn the image by 90 degrees
+            w, h = h, w
         if size and img.format == "JPEG":
             img.draft("RGB", (size, size))  # DCT scaling: a 512px JPEG decodes 4-8x faster at 64px
         img.load()  # decode now, inside the caller's try: truncated files raise here
         if img.width == 0 or img.height == 0:
             raise BadSample("empty", "zero-size image")
         img = ImageOps.exif_transpose(img)  # a copy, upright (a phone photo's pixels are stored sideways)
-    return _to_rgb(img)
+    img = _to_rgb(img)
+    img.info["original_size"] = (h, w)  # what fit() reports: the draft decode above may have shrunk the pixels
+    return img
 
 
 def _to_rgb(img):
@@ -163,10 +173,12 @@ def _to_rgb(img):
     return img.convert("RGB")  # CMYK (Adobe's inverted JPEGs included: PIL undoes it), P, L, YCbCr, LAB, 1
 
 
-def fit(img, resolution, rng=None, crop="center"):
+def fit(img, resolution, rng=None, crop="center", geometry=False):
     """Resize the shorter side to `resolution`, crop a square -> uint8 (resolution, resolution, 3): the one
-    preprocessing of an image, for training sets and sample.py's references alike. rng: for crop='random' only."""
+    preprocessing of an image, for training sets and sample.py's references alike. rng: for crop='random' only.
+    geometry=True: -> (pixels, Geometry), where the pixels came from (SDXL's size and crop conditioning)."""
     w, h = img.size
+    original = img.info.get("original_size", (h, w))  # load_image's: the file's size, before a reduced decode
     s = resolution / min(w, h)
     nw, nh = max(resolution, round(w * s)), max(resolution, round(h * s))
     if (nw, nh) != (w, h):
@@ -175,7 +187,34 @@ def fit(img, resolution, rng=None, crop="center"):
         x, y = int(rng.integers(nw - resolution + 1)), int(rng.integers(nh - resolution + 1))
     else:
         x, y = (nw - resolution) // 2, (nh - resolution) // 2
-    return np.asarray(img.crop((x, y, x + resolution, y + resolution)), dtype=np.uint8)
+    out = np.asarray(img.crop((x, y, x + resolution, y + resolution)), dtype=np.uint8)
+    if not geometry:
+        return out
+    return out, Geometry(*original, y, x, nw - resolution - x)
+
+
+class Geometry(tuple):
+    """Where a training image came from, as SDXL conditions on it (sgm's original_size_as_tuple, crop_coords_top_left):
+    (original height, original width, crop top, crop left, crop left once mirrored), in pixels; crop coordinates
+    in the resized image (shorter side = resolution), as sgm's and diffusers' SDXL loaders report them."""
+    __slots__ = ()
+
+    def __new__(cls, h, w, top, left, left_mirrored):
+        return super().__new__(cls, (int(h), int(w), int(top), int(left), int(left_mirrored)))
+
+    @classmethod
+    def whole(cls, resolution):
+        """An image made at the resolution (procedural sets): nothing resized, nothing cropped."""
+        return cls(resolution, resolution, 0, 0, 0)
+
+    def sizes(self, mirrored=False):
+        """-> ((h, w), (top, left)) of the image as the batch holds it."""
+        return self[:2], (self[2], self[4] if mirrored else self[3])
+
+
+def _fitted(pairs):
+    """[(pixels, Geometry), ...] of fit(geometry=True) -> ([pixels, ...], [Geometry, ...])."""
+    return [p for p, _ in pairs], [g for _, g in pairs]
 
 
 def _spread(total, n, rng):
@@ -318,7 +357,8 @@ class SetSource:
         if caps is None:
             cap = rec["caption"] if "caption" in rec else _read_text(self._path(rec["caption_file"]))
             caps = [cap] * n
-        return [fit(im, resolution, rng, crop) for im in imgs], caps, None, f"{self.name}:{index}"
+        return (*_fitted([fit(im, resolution, rng, crop, geometry=True) for im in imgs]), caps, None,
+                f"{self.name}:{index}")
 
 
 def _scan_folder(kind, root):
@@ -361,7 +401,7 @@ class ProceduralSource:
             self.subjects[index], n, resolution=resolution, rng=rng,
             same_pose=kind < self.same_pose, video=self.same_pose <= kind < self.same_pose + self.video,
             closeup=self.closeup if kind >= self.same_pose else 0.0)
-        return images, captions, attrs, self.subjects[index].id
+        return images, [Geometry.whole(resolution)] * n, captions, attrs, self.subjects[index].id
 
 
 # ----------------------------------------------------------------------------- WebDataset (streaming)
@@ -417,7 +457,8 @@ class WebDatasetSource:
             if "txt" not in sample and "caption" not in meta:  # e.g. the last sample of a truncated shard
                 raise BadSample("missing", f"{key}: no caption")
             cap = sample["txt"].decode() if "txt" in sample else meta["caption"]
-            return [fit(load_image(sample[ext], resolution), resolution, rng, crop)], [cap], None, key
+            return (*_fitted([fit(load_image(sample[ext], resolution), resolution, rng, crop, geometry=True)]), [cap],
+                    None, key)
         members = sorted((int(_SET_MEMBER.match(k).group(1)), k) for k in sample if _SET_MEMBER.match(k))
         if len(members) < n:
             raise BadSample("too_small", f"{key}: {len(members)} images < {n}")
@@ -433,8 +474,8 @@ class WebDatasetSource:
                 caps.append(sample["txt"].decode() if "txt" in sample else meta["caption"])
             else:
                 raise BadSample("missing", f"{key}: no caption for image {idx}")
-        imgs = [fit(load_image(sample[members[i][1]], resolution), resolution, rng, crop) for i in pick]
-        return imgs, caps, None, key
+        imgs = [fit(load_image(sample[members[i][1]], resolution), resolution, rng, crop, geometry=True) for i in pick]
+        return (*_fitted(imgs), caps, None, key)
 
 
 def _stable_hash(s):
@@ -643,6 +684,7 @@ class SetBatches(torch.utils.data.IterableDataset):
             B = len(ks)
             pixels = np.empty((B, N, self.resolution, self.resolution, 3), np.uint8)  # (B, N, H, W, C)
             captions, attrs, keys, names = [], [], [], []
+            sizes = np.empty((B, N, 4), np.int64)  # (B, N, [h, w, top, left]): each image's SDXL size conditioning
             for j, k in enumerate(ks):
                 src, rng = self.sources[k], np.random.default_rng([self.seed, self.rank, step, j, 7])
                 if src.streaming and k not in streams:
@@ -651,21 +693,25 @@ class SetBatches(torch.utils.data.IterableDataset):
                     for _ in range(consumed[k] + skips[src.name]):  # resume: skip what this lane already read
                         next(streams[k])
                     fast_forward[0] = False
-                imgs, caps, att, key = fetch(k, N, rng, step)
-                imgs = np.stack(imgs)  # (N, H, W, 3)
+                imgs, geoms, caps, att, key = fetch(k, N, rng, step)
+                imgs, mirrored = np.stack(imgs), np.zeros(N, bool)  # (N, H, W, 3)
                 if src.allow_flip and self.flip == "set" and rng.random() < 0.5:
-                    imgs = imgs[:, :, ::-1]
+                    imgs, mirrored[:] = imgs[:, :, ::-1], True
                 elif src.allow_flip and self.flip == "image":
-                    flip = rng.random(N) < 0.5
-                    imgs[flip] = imgs[flip][:, :, ::-1]
+                    mirrored = rng.random(N) < 0.5
+                    imgs[mirrored] = imgs[mirrored][:, :, ::-1]
                 pixels[j] = imgs
+                for i, (g, m) in enumerate(zip(geoms, mirrored)):
+                    sizes[j, i] = [c for pair in g.sizes(m) for c in pair]
                 captions.append(list(caps))
                 attrs.append(att)
                 keys.append(key)
                 names.append(src.name)
             x = torch.from_numpy(pixels).permute(0, 1, 4, 2, 3)  # (B, N, 3, H, W)
+            sizes = torch.from_numpy(sizes)
             yield {"pixels": x.float().div_(127.5).sub_(1.0), "captions": captions, "set_size": N, "step": step,
                    "sources": names, "keys": keys, "attrs": attrs,
+                   "original_size": sizes[..., :2], "crop_top_left": sizes[..., 2:],
                    "_lane": lane, "_skips": dict(skips), "_stats": dict(stats)}
             step += 1
 
