@@ -61,8 +61,9 @@ def sampling_settings(meta: dict, device, *, steps: int | None = None, guidance:
 
 def load_model(ckpt: str | None = None, device="cpu", num_heads: int | None = None, *, dtype="auto",
                compile: str | None = None) -> JeDi:
-    """A JeDi checkpoint (train.py's export) or, for experiments, an original SD-1.x checkpoint (its reference
-    channels start at zero, so it ignores references until trained). None: the shipped toy model.
+    """A JeDi checkpoint (train.py's export; SD-1.x or SDXL base) or, for experiments, an original SD-1.x or SDXL
+    checkpoint (its reference channels start at zero, so it ignores references until trained). None: the shipped
+    toy model.
     dtype: the weights' dtype (cast once, here); compile: see compile_unet (None: eager)."""
     path = ckpt or DEFAULT_CKPT
     if not os.path.exists(path):
@@ -220,13 +221,14 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
     if len(ref_prompts) != n:
         raise UserError(f"{len(ref_prompts)} reference prompts for {n} references")
     ref_latents = model.to_latents(torch.stack(refs)) if n else None
-    null = model.encode_text([""])
+    sizes = text_sizes(model)
+    null = model.null(**sizes)  # one row
     gens = [torch.Generator(device=model.device).manual_seed(set_seed(seed, s)) for s in range(num_sets)]
     out = [[] for _ in range(num_sets)]
     group = min(num_sets, max_batch_sets or num_sets)
     for start in range(0, len(prompts), room):
         chunk = prompts[start : start + room]
-        context = model.encode_text(ref_prompts + chunk)  # (n + K, 77, D)
+        context = model.encode(ref_prompts + chunk, **sizes)  # Cond: (n + K, 77, D) states [+ (n + K, adm) y]
         first = 0
         while first < num_sets:
             sets = range(first, min(first + group, num_sets))
@@ -248,6 +250,14 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
                 out[s].extend(to_pil(p) for p in images)
             first += len(sets)
     return out
+
+
+def text_sizes(model: JeDi) -> dict:
+    """SDXL's micro-conditioning for every image of a set, references and new images alike: an uncropped image at
+    the model's resolution (original and target size R x R, crop top-left 0, 0), what sgm and diffusers sample
+    with at their resolution. The text conditioner ignores them when it has no size features (SD-1.x)."""
+    R = model.resolution
+    return dict(original_size=(R, R), crop_top_left=(0, 0), target_size=(R, R))
 
 
 SET_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: seeds of different (seed, set) pairs stay apart
@@ -305,7 +315,7 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--ckpt", default=None, help="JeDi checkpoint (.safetensors from train.py); default: the toy "
-                   "model in assets/. An original SD-1.x .ckpt/.safetensors/diffusers folder also loads (text only)")
+                   "model in assets/. An original SD-1.x/SDXL .ckpt/.safetensors/diffusers folder also loads (text only)")
     p.add_argument("--out", default="samples", help="output folder: one PNG per image and grid.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: "
                    "cuda when available)")

@@ -59,7 +59,7 @@ from model.unet import UNet, UNetConfig
 # I/O
 out_dir: str = 'out'  # checkpoints, logs and the export go here
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
-sd_path: str = ''  # SD-1.x .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text encoder
+sd_path: str = ''  # SD-1.x or SDXL .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text
 num_heads: int = 0  # UNet heads of the base checkpoint (shapes cannot tell); 0: its flavour's (SD-1.x 8, SDXL dim 64)
 log_interval: int = 10  # steps between log lines
 ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM)
@@ -85,7 +85,7 @@ unet_config: dict = dict(model_channels=320, channel_mult=(1, 2, 4, 4), attentio
                          num_res_blocks=2, num_heads=8)
 # scratch without sd_path: overrides of sd14_text_config for a small random text encoder
 text_config: dict = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=2, intermediate_size=128)
-train_text_encoder: bool = False  # also train the text encoder (SD-1.4 and the paper keep it frozen)
+train_text_encoder: bool = False  # also train the text encoder (SD-1.x only; SD-1.4 and the paper keep it frozen)
 # diffusion and the JeDi loss (model/diffusion.py)
 schedule: str = 'scaled_linear'  # 'scaled_linear' (SD) | 'linear' | 'cosine'
 prediction: str = 'eps'  # 'eps' | 'v'
@@ -174,9 +174,10 @@ def loss_settings():
 
 
 class Trainee(nn.Module):
-    """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss
-    (model.diffusion.jedi_loss with the given settings). context/null_context: tensors or model.conditioning.Cond
-    (a pytree node, so FSDP2's input cast reaches its context and y)."""
+    """What FSDP's root wraps: the UNet, plus the text encoder when it is trained (SD-1.x's one encoder; ids
+    (B·N, 77)). forward() returns the JeDi loss (model.diffusion.jedi_loss with the given settings).
+    context/null_context: tensors or model.conditioning.Cond (a pytree node, so FSDP2's input cast reaches its
+    context and y); SDXL's null has one row per image, each with that image's size features."""
 
     def __init__(self, unet, text_encoder=None, null_ids=None, *, p_ref, p_drop, p_drop_text, ref_loss_weight):
         super().__init__()
@@ -269,7 +270,8 @@ class Parts:
     sd_path: str  # the SD checkpoint the VAE and text encoder come from; '' for a random text encoder
     ucfg: UNetConfig
     diffusion: Diffusion
-    text_encoder: nn.Module  # frozen (replicated, compute dtype) or trained (then sharded inside Trainee)
+    text: nn.Module  # model.conditioner.TextConditioner: frozen (replicated, compute dtype), or its one encoder
+    #                  trained (then sharded inside Trainee)
     vae: nn.Module | None  # frozen; None in pixel space
     frozen_text: bool
     text_random: bool  # a random text encoder: saved with every checkpoint so that resumes match
@@ -286,6 +288,7 @@ def build_parts(meta, resume_dir, rt):
     """The models to build: a checkpoint's meta.json wins over the config for everything that shapes them."""
     from safetensors.torch import load_file
 
+    from model.conditioner import as_text_conditioner
     from model.loading import CheckpointError, load_sd, strict_load
     from model.text import build_text_encoder, sd14_text_config
 
@@ -302,8 +305,10 @@ def build_parts(meta, resume_dir, rt):
             sd = load_sd(src, num_heads=num_heads, ema=True)
         except (CheckpointError, FileNotFoundError) as e:  # one line naming the file, before any work
             raise SystemExit(f'sd_path: {str(e).replace(chr(10), " ")}') from None
-        # SD-1.x: the conditioner's one encoder (train.py tokenizes and encodes with it itself)
-        text_encoder, vae = sd.text.encoders[0], (sd.vae if model_space == 'latent' else None)
+        text, vae = sd.text, (sd.vae if model_space == 'latent' else None)  # SD-1.x: one encoder; SDXL: two
+        if not frozen_text and (len(text.encoders) > 1 or text.y_dim is not None):
+            raise SystemExit('train_text_encoder=True is for SD-1.x (one text encoder, no pooled vector); SDXL\'s '
+                             'two encoders stay frozen, as in the paper')
         if init_from == 'sd':
             full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
         del sd
@@ -313,19 +318,20 @@ def build_parts(meta, resume_dir, rt):
         text_encoder, text_random = build_text_encoder(tcfg), True
         if resume_dir and frozen_text:
             strict_load(text_encoder, load_file(os.path.join(resume_dir, 'text_encoder.safetensors')), 'text encoder')
+        text = as_text_conditioner(text_encoder)  # the SD-1.x conditioner around it
     if init_from != 'sd':
         channels = 4 if model_space == 'latent' else 3
         ucfg = UNetConfig(**meta['unet_config']) if resume_dir else UNetConfig(
             **{**unet_config, 'in_channels': 2 * channels + 1, 'out_channels': channels,
-               'context_dim': text_encoder.config.hidden_size})
+               'context_dim': text.context_dim, 'adm_in_channels': text.y_dim})
         if init_from == 'scratch':
             torch.manual_seed(seed)
             full_unet_sd = UNet(ucfg).state_dict()  # the same seeded init on every rank
-    for m in (vae, text_encoder if frozen_text else None):
+    for m in (vae, text if frozen_text else None):
         if m is not None:
             freeze(m, rt.dev, rt.compute_dtype)
     diffusion = Diffusion(schedule=meta.get('schedule', schedule), prediction=meta.get('prediction', prediction))
-    return Parts(model_space, src, ucfg, diffusion, text_encoder, vae, frozen_text, text_random,
+    return Parts(model_space, src, ucfg, diffusion, text, vae, frozen_text, text_random,
                  meta.get('text_config', text_config), full_unet_sd)
 
 
@@ -376,7 +382,7 @@ def build_model(parts, null_ids, rt):
         unet = UNet(parts.ucfg)
     if channels_last:
         use_channels_last(unet)
-    trained_text = None if parts.frozen_text else parts.text_encoder.train().requires_grad_(True)
+    trained_text = None if parts.frozen_text else parts.text.encoders[0].train().requires_grad_(True)
     model = parallelize(Trainee(unet, trained_text, null_ids, **loss_settings()), rt.mesh, rt.compute_dtype,
                         compile, activation_checkpointing)
     unet.to_empty(device=rt.dev)
@@ -402,29 +408,53 @@ def build_optimizer(model):
 
 # ----------------------------------------------------------------------------- one step
 
-def prepare(batch, generator, vae, text_encoder, tokenize, dev, compute_dtype):
-    """A loader batch -> (x0 (B·N, C, h, w) latents or pixels, ids (B·N, 77), text states or None). The frozen VAE
-    and text encoder run here, outside the trained model; text_encoder=None when the text encoder is trained."""
-    from model.text import encode
+def image_sizes(batch, resolution):
+    """SDXL's micro-conditioning of every image of a loader batch, flat over sets: original_size (B·N, 2) and
+    crop_top_left (B·N, 2) as data.py reports them, target_size the training resolution (as sgm trains).
+    TextConditioner's keyword arguments; a conditioner without micro-conditioning (SD-1.x) ignores them."""
+    return dict(original_size=batch['original_size'].flatten(0, 1), crop_top_left=batch['crop_top_left'].flatten(0, 1),
+                target_size=(resolution, resolution))  # (B, N, 2) -> (B·N, 2)
+
+
+def prepare(batch, generator, vae, text, tokenize, dev, compute_dtype):
+    """A loader batch -> (x0 (B·N, C, h, w) latents or pixels, ids (B·N, E, 77) or (B·N, 77), the text conditioning
+    (a Cond, each image with its own sizes) or None). The frozen VAE and text conditioner (or a bare SD-1.x text
+    encoder) run here, outside the trained model; text=None when the text encoder is trained."""
+    from model.conditioner import as_text_conditioner
 
     px = batch['pixels'].flatten(0, 1).to(dev, non_blocking=True)  # (B, N, 3, H, W) -> (B·N, 3, H, W)
-    ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, 77)
+    ids = torch.stack([tokenize(c) for caps in batch['captions'] for c in caps]).to(dev)  # (B·N, [E,] 77)
     with torch.no_grad():
         x0 = px if vae is None else vae.encode_latents(px.to(compute_dtype), sample=True, generator=generator).float()
-        context = encode(text_encoder, ids) if text_encoder is not None else None
+        context = None if text is None else as_text_conditioner(text)(ids, **image_sizes(batch, px.shape[-1]))
     return x0, ids, context
 
 
 def caption_tokenizer(tokenizer):
-    """caption -> (77,) ids, cached: captions repeat (every image of a set, every epoch)."""
-    return functools.lru_cache(maxsize=100_000)(lambda caption: tokenizer(caption)[0])
+    """caption -> its ids, cached: captions repeat (every image of a set, every epoch). tokenizer: a
+    TextConditioner ((E, 77): one row per encoder) or a model.text.Tokenizer ((77,))."""
+    tok = tokenizer.tokenize if hasattr(tokenizer, 'tokenize') else tokenizer
+    return functools.lru_cache(maxsize=100_000)(lambda caption: tok([caption])[0])
+
+
+def null_text(text, sizes=None):
+    """The unconditional text for a micro-batch: SDXL's zeros with each image's own size features (B·N rows, so
+    a dropped image keeps its sizes), or SD-1.x's encoded "" (one row, the same for every batch: pass sizes=None
+    once and reuse it)."""
+    with torch.no_grad():
+        return text.null(**(sizes or {}))
 
 
 def micro_batch(batch, step, micro, parts, tokenize, null_context, rt):
-    """-> (model inputs, set size N, generator) for micro-batch `micro` of `step`, latents and text states made now."""
+    """-> (model inputs, set size N, generator) for micro-batch `micro` of `step`, latents and text states made now.
+    null_context: the reused SD-1.x null, or None: made per batch from the images' sizes (SDXL)."""
     g = step_generator(0 if overfit_one_batch else step, rt.rank, micro, rt.dev)
-    x0, ids, context = prepare(batch, g, parts.vae, parts.text_encoder if parts.frozen_text else None, tokenize,
+    x0, ids, context = prepare(batch, g, parts.vae, parts.text if parts.frozen_text else None, tokenize,
                                rt.dev, rt.compute_dtype)
+    if null_context is None:
+        null_context = null_text(parts.text, image_sizes(batch, batch['pixels'].shape[-1]))
+    if not parts.frozen_text:
+        ids = ids[:, 0]  # (B·N, 1, 77) -> (B·N, 77): the trained SD-1.x encoder's ids
     return dict(x0=x0, context=context, null_context=null_context, ids=ids), batch['pixels'].shape[1], g
 
 
@@ -490,7 +520,7 @@ def save_checkpoint(state, step, parts, loader, rt):
     dist.barrier()
     if rt.master:
         if parts.text_random and parts.frozen_text:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in parts.text_encoder.state_dict().items()},
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in parts.text.encoders[0].state_dict().items()},
                       os.path.join(tmp, 'text_encoder.safetensors'))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
             json.dump(dict(step=step, world_size=rt.world, space=parts.space, sd_path=parts.sd_path,
@@ -511,9 +541,14 @@ def save_checkpoint(state, step, parts, loader, rt):
 
 
 def export(model, ema, step, parts, rt):
-    """Consolidated EMA weights (+ fp32 text encoder and VAE) for sample.py, written by rank 0."""
+    """Consolidated EMA weights (+ fp32 text conditioner and VAE) for sample.py, written by rank 0: one file with the
+    base model's metadata (UNet config with SDXL's adm_in_channels, the text conditioner's config, VAE scale and
+    force_upcast), so sample.py and eval.py need no flag for SDXL. The conditioner's default image size becomes the
+    training resolution (what sampling conditions on when not told otherwise)."""
+    import dataclasses
+
+    from model.conditioner import TextConditioner
     from model.loading import save_jedi, strict_load, strip_prefix
-    from model.text import build_text_encoder
     from model.vae import AutoencoderKL
 
     path = export_path or os.path.join(out_dir, 'jedi.safetensors')
@@ -527,11 +562,16 @@ def export(model, ema, step, parts, rt):
             ema_unet = UNet(parts.ucfg)
         ema_unet = ema_unet.to_empty(device='cpu')
         strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
-        # fp32 CPU copies of the text encoder (EMA when trained) and the VAE: the frozen ones may be bf16 on GPU
-        text_sd = strip_prefix(full, 'text_encoder.') if model.text_encoder is not None else \
-            {k: v.float().cpu() for k, v in parts.text_encoder.state_dict().items()}
-        out_text = build_text_encoder(parts.text_encoder.config)
-        strict_load(out_text, text_sd, 'text encoder')
+        # fp32 CPU copies of the text conditioner (its encoder's EMA when trained) and the VAE: the frozen ones may be
+        # bf16 on GPU
+        text_sd = {k: v.float().cpu() for k, v in parts.text.state_dict().items()}
+        if model.text_encoder is not None:
+            text_sd = {f'encoders.0.{k}': v for k, v in strip_prefix(full, 'text_encoder.').items()}
+        tcfg = parts.text.config
+        if tcfg.micro_conditioning:
+            tcfg = dataclasses.replace(tcfg, resolution=resolution)
+        out_text = TextConditioner(tcfg, init=False)  # uninitialised memory, filled next
+        strict_load(out_text, text_sd, 'text conditioner')
         out_vae = None
         if parts.vae is not None:
             out_vae = AutoencoderKL(parts.vae.config)
@@ -552,8 +592,9 @@ def build_eval_batch(parts, tokenize, rt):
 
     eval_loader = data.build_loader(eval_data_spec or data_spec, resolution=resolution, images_per_batch=2 * eval_sets,
                                     rank=rt.rank, world_size=rt.world, seed=seed + 7919, set_sizes=(2,), num_workers=0)
-    return prepare(next(eval_loader), torch.Generator(rt.dev).manual_seed(seed + rt.rank), parts.vae,
-                   parts.text_encoder if parts.frozen_text else None, tokenize, rt.dev, rt.compute_dtype)
+    x0, ids, context = prepare(next(eval_loader), torch.Generator(rt.dev).manual_seed(seed + rt.rank), parts.vae,
+                               parts.text if parts.frozen_text else None, tokenize, rt.dev, rt.compute_dtype)
+    return x0, ids if parts.frozen_text else ids[:, 0], context  # a trained encoder takes (B·N, 77)
 
 
 @torch.no_grad()
@@ -629,7 +670,6 @@ def main(argv):
     if init_from != 'resume' and not export_only and latest_checkpoint(ckpt_root):  # never mix two runs' checkpoints
         raise SystemExit(f'{ckpt_root} holds checkpoints of another run: pass --init_from=resume or a new out_dir')
     import data
-    from model.text import Tokenizer, encode
 
     rt = setup_distributed()
     world, accum = rt.world, max(1, gradient_accumulation_steps // rt.world)  # accum: micro-batches per rank and step
@@ -639,10 +679,10 @@ def main(argv):
     parts = build_parts(meta, resume_dir, rt)  # a bad sd_path stops here, before anything is written
     if rt.master:
         os.makedirs(ckpt_root, exist_ok=True)
-    tokenizer = Tokenizer()
-    tokenize = caption_tokenizer(tokenizer)
-    null_ids = tokenizer([''])  # (1, 77)
-    null_context = encode(parts.text_encoder, null_ids).detach() if parts.frozen_text else None  # (1, 77, D) for ""
+    tokenize = caption_tokenizer(parts.text)
+    null_ids = parts.text.tokenize([''])[:, 0]  # (1, 77): "" for a trained (SD-1.x) encoder
+    # SD-1.x's null is the encoded "", made once; SDXL's carries each image's sizes, so it is made per batch
+    null_context = null_text(parts.text) if parts.frozen_text and not parts.text.config.micro_conditioning else None
     model = build_model(parts, null_ids, rt)
     params, optimizer, ema = build_optimizer(model)
     state = TrainState(model, optimizer, ema)

@@ -1,6 +1,7 @@
 """Tiny random-weight models written to disk the way the real ones are distributed, for the S³ engine's tests and
-`bench/bench_s3.py --tiny`: SD-1.x checkpoints in the original layout (4, 9 or 8 UNet input channels), a
-transformers Grounding-DINO and SAM folder, and an open_clip architecture .json + state dict."""
+`bench/bench_s3.py --tiny`: SD-1.x checkpoints in the original layout (4, 9 or 8 UNet input channels), an SDXL
+single file in Stability's layout, a transformers Grounding-DINO and SAM folder, and an open_clip architecture
+.json + state dict."""
 import json
 import os
 
@@ -32,6 +33,49 @@ def sd_checkpoint(path, in_channels=4, seed=0):
     sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
     sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
     sd.update({"cond_stage_model.transformer.text_model." + k: v for k, v in text.state_dict().items()})
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    return str(path)
+
+
+# SDXL's topology at a tiny size: three levels, attention at factors 2 and 4 with per-level depth, linear proj, head
+# dim 64 (the flavour's, so load_sd needs no head count: 1 and 2 heads), label_emb on pooled text + 6·256 size
+# features; CLIP-L 8 wide + bigG 16 wide = context 24, bigG's pooled projection 16.
+SDXL_POOLED = 16
+SDXL_UNET = dict(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=1,
+                 num_head_channels=64, transformer_depth=(0, 1, 2), context_dim=24, use_linear_proj=True,
+                 adm_in_channels=SDXL_POOLED + 6 * 256)
+SDXL_CLIP_L = dict(hidden_size=8, num_hidden_layers=2, num_attention_heads=1, intermediate_size=16)
+SDXL_BIGG = dict(context_length=77, vocab_size=49408, width=16, heads=1, layers=2)
+
+
+def _randomize(module, generator, std=0.05):
+    """Every parameter random (zero-initialised output layers and norms too), so a mix-up cannot hide."""
+    with torch.no_grad():
+        for name, p in module.named_parameters():
+            base = 1.0 if name.endswith("weight") and p.ndim == 1 else 0.0  # norm scales around 1
+            p.copy_(base + std * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def sdxl_checkpoint(path, seed=0, in_channels=4):
+    """A tiny SDXL single file (.safetensors) as Stability ships sd_xl_base_1.0: `model.diffusion_model.*`,
+    `first_stage_model.*` (VAE, downsampling 2), `conditioner.embedders.0.transformer.text_model.*` (CLIP ViT-L/14's
+    shape, transformers 4 names with position_ids), `conditioner.embedders.1.model.*` (OpenCLIP bigG's text tower
+    in open_clip names: fused in_proj, text_projection, logit_scale; no visual.*). Random weights."""
+    from open_clip.model import CLIP
+
+    g = torch.Generator().manual_seed(seed)
+    unet = _randomize(UNet(UNetConfig(in_channels=in_channels, **SDXL_UNET)), g)
+    vae = _randomize(AutoencoderKL(VAEConfig(**VAE)), g)
+    clip_l = _randomize(build_text_encoder(sd14_text_config(**SDXL_CLIP_L)), g)
+    bigg = _randomize(CLIP(embed_dim=SDXL_POOLED, vision_cfg=dict(image_size=16, patch_size=8, width=64, layers=1,
+                                                                  head_width=64), text_cfg=SDXL_BIGG), g)
+    sd = {"model.diffusion_model." + k: v for k, v in unet.state_dict().items()}
+    sd.update({"first_stage_model." + k: v for k, v in vae.state_dict().items()})
+    sd.update({"conditioner.embedders.0.transformer.text_model." + k: v for k, v in clip_l.state_dict().items()})
+    sd["conditioner.embedders.0.transformer.text_model.embeddings.position_ids"] = torch.arange(77)[None]
+    sd.update({"conditioner.embedders.1.model." + k: v for k, v in bigg.state_dict().items()
+               if not k.startswith("visual.")})
     save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
     return str(path)
 
