@@ -451,10 +451,10 @@ def micro_batch(batch, step, micro, parts, tokenize, null_context, rt):
     g = step_generator(0 if overfit_one_batch else step, rt.rank, micro, rt.dev)
     x0, ids, context = prepare(batch, g, parts.vae, parts.text if parts.frozen_text else None, tokenize,
                                rt.dev, rt.compute_dtype)
-    if null_context is None:
+    if not parts.frozen_text:  # the trained SD-1.x encoder makes the text and its null inside the model
+        ids = ids[:, 0]  # (B·N, 1, 77) -> (B·N, 77)
+    elif null_context is None:
         null_context = null_text(parts.text, image_sizes(batch, batch['pixels'].shape[-1]))
-    if not parts.frozen_text:
-        ids = ids[:, 0]  # (B·N, 1, 77) -> (B·N, 77): the trained SD-1.x encoder's ids
     return dict(x0=x0, context=context, null_context=null_context, ids=ids), batch['pixels'].shape[1], g
 
 
