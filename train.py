@@ -277,6 +277,9 @@ class Parts:
     text_random: bool  # a random text encoder: saved with every checkpoint so that resumes match
     text_config: dict
     full_unet_sd: dict | None  # the UNet's initial weights (scratch, sd); None on resume: the checkpoint has them
+    # rank 0's fp32 CPU weights of the frozen text conditioner and VAE from sd_path, kept when they compute in
+    # another dtype: the export holds the base model's own weights, not their bf16 rounding (None: use the modules)
+    frozen_fp32: dict | None = None
 
 
 def freeze(module, dev, compute_dtype):
@@ -299,7 +302,7 @@ def build_parts(meta, resume_dir, rt):
     if init_from == 'sd' and model_space == 'pixel':
         raise SystemExit('init_from=sd works in latent space only')
 
-    vae, full_unet_sd, text_random = None, None, False
+    vae, full_unet_sd, text_random, frozen_fp32 = None, None, False, None
     if src:  # frozen VAE and text encoder from the SD checkpoint (the UNet too when init_from=sd)
         try:
             sd = load_sd(src, num_heads=num_heads, ema=True)
@@ -311,6 +314,8 @@ def build_parts(meta, resume_dir, rt):
                              'two encoders stay frozen, as in the paper')
         if init_from == 'sd':
             full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
+        if rt.master and rt.compute_dtype != torch.float32:  # references only: freeze() below makes new tensors
+            frozen_fp32 = dict(text=sd.text.state_dict(), vae=vae.state_dict() if vae is not None else None)
         del sd
     else:  # pixel space without SD: a small random text encoder, saved with every checkpoint so resumes match
         tcfg = sd14_text_config(**meta.get('text_config', text_config))
@@ -332,7 +337,7 @@ def build_parts(meta, resume_dir, rt):
             freeze(m, rt.dev, rt.compute_dtype)
     diffusion = Diffusion(schedule=meta.get('schedule', schedule), prediction=meta.get('prediction', prediction))
     return Parts(model_space, src, ucfg, diffusion, text, vae, frozen_text, text_random,
-                 meta.get('text_config', text_config), full_unet_sd)
+                 meta.get('text_config', text_config), full_unet_sd, frozen_fp32)
 
 
 def use_channels_last(unet):
@@ -564,7 +569,9 @@ def export(model, ema, step, parts, rt):
         strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
         # fp32 CPU copies of the text conditioner (its encoder's EMA when trained) and the VAE: the frozen ones may be
         # bf16 on GPU
-        text_sd = {k: v.float().cpu() for k, v in parts.text.state_dict().items()}
+        frozen = parts.frozen_fp32 or dict(text=parts.text.state_dict(),
+                                           vae=parts.vae.state_dict() if parts.vae is not None else None)
+        text_sd = {k: v.float().cpu() for k, v in frozen['text'].items()}
         if model.text_encoder is not None:
             text_sd = {f'encoders.0.{k}': v for k, v in strip_prefix(full, 'text_encoder.').items()}
         tcfg = parts.text.config
@@ -575,7 +582,7 @@ def export(model, ema, step, parts, rt):
         out_vae = None
         if parts.vae is not None:
             out_vae = AutoencoderKL(parts.vae.config)
-            out_vae.load_state_dict({k: v.float().cpu() for k, v in parts.vae.state_dict().items()})
+            out_vae.load_state_dict({k: v.float().cpu() for k, v in frozen['vae'].items()})
         d = parts.diffusion
         save_jedi(path, ema_unet, out_text, out_vae, resolution=resolution,
                   diffusion=dict(schedule=d.schedule, num_timesteps=d.num_timesteps, beta_start=d.beta_start,

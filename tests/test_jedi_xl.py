@@ -140,8 +140,9 @@ def test_micro_conditioning_reaches_the_unet_per_image_also_when_the_text_is_dro
 # ----------------------------------------------------------------------------- the whole path
 
 def test_load_sample_train_export_load_sample(xl, tmp_path):
-    """lr 0: the JeDi-XL export is the base exactly (zero reference/mask channels, coupled attn1 a no-op on a set
-    whose images ignore each other only when N = 1: so compared at N = 1 and 2 against the base's own UNet)."""
+    """lr 0, bf16 compute: the JeDi-XL export is the base exactly: its UNet, given zero reference and mask
+    channels, is the base UNet bit for bit (sets of 1 and 2), and the frozen text conditioner and VAE are the base's
+    fp32 weights, not their bf16 copies."""
     import sample
     from model.conditioning import Cond
     from model.loading import load_jedi, load_sd
@@ -153,7 +154,7 @@ def test_load_sample_train_export_load_sample(xl, tmp_path):
 
     out = str(tmp_path / "run")
     log = run(out, xl_args(xl, '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True',
-                           '--p_drop=0.5', '--peak_flops=1e9'))
+                           '--p_drop=0.5', '--peak_flops=1e9', '--dtype=bfloat16'))  # the GPU's compute dtype
     assert sorted(losses(log)) == [1, 2] and ' MFU ' in log, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     meta = jedi.meta
