@@ -14,6 +14,7 @@ import torch
 from PIL import Image
 from safetensors.torch import load_file
 
+from tests.test_eval import mini_dataset, weights  # noqa: F401  (fixtures)
 from tests.test_train import (ENV, ROOT, TORCHRUN, assert_same_tensors, checkpoint_tensors, losses, run,
                               saved_steps)
 from tests.tiny_weights import SDXL_POOLED, sdxl_checkpoint
@@ -27,6 +28,16 @@ RES = 16  # pixels; the tiny VAE downsamples by 2: latents 8 x 8, UNet levels 8,
 @pytest.fixture(scope="module")
 def xl(tmp_path_factory):
     return sdxl_checkpoint(tmp_path_factory.mktemp("xl") / "sd_xl_tiny.safetensors", seed=3)
+
+
+@pytest.fixture(scope="module")
+def xl_run(xl, tmp_path_factory):
+    """train.py from the SDXL file, lr 0 (so the export must be the base), bf16 compute as on a GPU, activation
+    checkpointing, text dropout, MFU logged: -> (its log, its out_dir with jedi.safetensors)."""
+    out = str(tmp_path_factory.mktemp("xl_run") / "run")
+    log = run(out, xl_args(xl, '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True',
+                           '--p_drop=0.5', '--peak_flops=1e9', '--dtype=bfloat16'))
+    return log, out
 
 
 def xl_args(xl, *extra):
@@ -139,7 +150,7 @@ def test_micro_conditioning_reaches_the_unet_per_image_also_when_the_text_is_dro
 
 # ----------------------------------------------------------------------------- the whole path
 
-def test_load_sample_train_export_load_sample(xl, tmp_path):
+def test_load_sample_train_export_load_sample(xl, xl_run, tmp_path):
     """lr 0, bf16 compute: the JeDi-XL export is the base exactly: its UNet, given zero reference and mask
     channels, is the base UNet bit for bit (sets of 1 and 2), and the frozen text conditioner and VAE are the base's
     fp32 weights, not their bf16 copies."""
@@ -152,9 +163,7 @@ def test_load_sample_train_export_load_sample(xl, tmp_path):
     (images,) = sample.generate(base, [], ["a toy", "the toy outside"], steps=2, seed=1)
     assert [im.size for im in images] == [(RES, RES)] * 2
 
-    out = str(tmp_path / "run")
-    log = run(out, xl_args(xl, '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True',
-                           '--p_drop=0.5', '--peak_flops=1e9', '--dtype=bfloat16'))  # the GPU's compute dtype
+    log, out = xl_run
     assert sorted(losses(log)) == [1, 2] and ' MFU ' in log, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     meta = jedi.meta
@@ -204,6 +213,23 @@ def test_exact_resume_and_training_on_a_sets_manifest(xl, tmp_path):
     assert_same_tensors(a, b)
     base = load_sd_unet(xl)
     assert not torch.equal(a['unet.out.2.weight'], base['out.2.weight'])  # it trained
+
+
+def test_eval_py_runs_on_the_jedi_xl_export(xl_run, mini_dataset, weights, tmp_path):
+    """eval.py with the export as --ckpt and no other model flag: it generates (sample.load_model, generate) and
+    scores every image."""
+    import eval as jeval
+
+    _, out = xl_run
+    argv = ["--dataset", str(mini_dataset), "--out", str(tmp_path / "eval"), "--ckpt", f"{out}/jedi.safetensors",
+            "--num_refs", "1", "--num_prompts", "1", "--images_per_prompt", "1", "--steps", "2",
+            "--clip_model", weights["clip_cfg"], "--clip_weights", weights["clip_bin"], "--dino", weights["dino"],
+            "--no_masked", "--device", "cpu"]
+    assert jeval.main(argv) == 0
+    images = sorted((tmp_path / "eval/images").glob("*/*.png"))
+    assert len(images) == 2 and all(Image.open(p).size == (RES, RES) for p in images)
+    res = json.loads((tmp_path / "eval/results.json").read_text())
+    assert res["overall"]["CLIP-I"]["n"] == 2 and res["settings"]["checkpoint"] == f"{out}/jedi.safetensors"
 
 
 def load_sd_unet(xl):
