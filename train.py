@@ -3,6 +3,7 @@
     python train.py config/tiny.py                                   # one process (CPU or one GPU)
     python train.py config/tiny.py --max_iters=100 --learning_rate=3e-4
     torchrun --standalone --nproc_per_node=8 train.py config/jedi_sd14.py
+    torchrun --standalone --nproc_per_node=8 train.py config/jedi_sdxl.py       # JeDi-XL (docs/sdxl.md)
     torchrun --nnodes=4 --nproc_per_node=8 --rdzv_backend=c10d --rdzv_endpoint=$HOST:29500 train.py config/jedi_sd14.py
     python train.py config/tiny.py --init_from=resume --export_only=True   # EMA weights -> {out_dir}/jedi.safetensors
 
@@ -20,7 +21,11 @@ Parallelism (here only; model/ has none): every UNet block (`unet.blocks`), the 
 `fully_shard` units; params are bf16 for compute and gradients reduced in fp32 on GPU, plain fp32 on CPU (gloo).
 Activation checkpointing and torch.compile are applied per block before sharding. The UNet is built on the meta
 device, sharded, materialised with to_empty and filled from a full state dict (init) or a checkpoint (resume).
-The frozen VAE and text encoder are replicated, unsharded, gradient-free, in `dtype` on GPU.
+The frozen VAE and text conditioner are replicated, unsharded, gradient-free, in `dtype` on GPU.
+
+Base models: SD-1.x or SDXL (told from sd_path; model.conditioner.TextConditioner holds the text side). SDXL's y
+carries each image's own size and crop (data.py reports them) and survives text dropout: its null is built per
+batch with the images' sizes.
 
 Checkpoints: {out_dir}/ckpt/step_XXXXXXXX/ with torch.distributed.checkpoint shards (model, AdamW, EMA), meta.json
 and each rank's data-loader state; written to .tmp_step_XXXXXXXX and renamed when complete, so a half-written one
