@@ -39,6 +39,7 @@ shape is started only if the --max-seconds budget should still cover it.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -59,8 +60,6 @@ SDPAS = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 DTYPES = ("fp16", "bf16")
 MARGIN = 0.98  # a Triton variant enters the dispatch table only if it takes <= 98 % of sdpa's time
 SETS, IMAGES = 2, 8  # self-attention batch: 2 sets (one set with classifier-free guidance); cross: 8 images (2 x 4)
-SD1_TARGETS = ((40, 8192), (80, 2048))  # issue 28's yardsticks, (D, least L): D 40 L >= 8192, D 80 L >= 2048; and D 160
-# at L 512, the short sequences where SDPA led most
 
 
 class Shape(NamedTuple):
@@ -89,6 +88,7 @@ def parse_models(text):
     return out
 
 
+@functools.lru_cache(maxsize=None)
 def attention_levels(name, px):
     """The model's attention shapes per image at px x px, recorded from one forward of its full-size UNet on the
     meta device (flops.py's shape-only stub: no compute, no memory): (self [(HW, H, D)], cross [(HW, Lk, H, D)]),
@@ -105,7 +105,7 @@ def attention_levels(name, px):
         level, seen = ((lq, h, d), self_) if lq == lk else ((lq, lk, h, d), cross)
         if level not in seen:
             seen.append(level)
-    return self_, cross
+    return tuple(self_), tuple(cross)
 
 
 def shapes(models=(("sd1", 512),), set_sizes=(1, 2, 3, 4), smoke=False):
@@ -127,9 +127,9 @@ def shapes(models=(("sd1", 512),), set_sizes=(1, 2, 3, 4), smoke=False):
             continue
         for i, (hw, h, d) in enumerate(self_):
             for n in set_sizes:
-                yardstick = name == "sd1" and (any(d == d0 and n * hw >= l0 for d0, l0 in SD1_TARGETS)
-                                               or (d == 160 and n * hw == 512))
-                add(("self", SETS, n * hw, n * hw, h, d), f"{tag} N={n}", yardstick or (i == 0 and n >= 2))
+                lq = n * hw  # issue 28's SD-1.x yardsticks: D 40 at L >= 8192, D 80 at L >= 2048, D 160 at L 512
+                yardstick = (d == 40 and lq >= 8192) or (d == 80 and lq >= 2048) or (d == 160 and lq == 512)
+                add(("self", SETS, lq, lq, h, d), f"{tag} N={n}", yardstick or (i == 0 and n >= 2))
         for hw, lk, h, d in cross:
             add(("cross", IMAGES, hw, lk, h, d), tag)
     out = [Shape(*key, tuple(uses)) for key, uses in found.items()]
