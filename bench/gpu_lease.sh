@@ -45,7 +45,7 @@ require_carried  # the tokenizer (toy, e2e) and diffusers (the baseline) must im
 at() { echo $(( $1 * BUDGET / 540 )); }  # seconds of the 540 s plan -> this run's budget
 # The models whose attention shapes the kernel step measures: SD-1.x and SDXL at JeDi-XL's training resolution
 # (config/jedi_sdxl.py's `resolution`; tests/test_gpu_lease.py checks the two agree). SDXL's six D 64 shapes add
-# ~15 s to the step's ~50 s (bench/README.md), inside its 105 s.
+# ~16 s to the sweep's ~45 s, ~60 s of the 95 s it gets (estimate: docs/kernel.md §5), so nothing else is cut.
 MODELS=sd1,sdxl@512
 if (( SMOKE )); then
   TAG=cpu-smoke
