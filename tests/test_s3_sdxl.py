@@ -304,3 +304,9 @@ def test_settings_refuse_mixing_sd1_and_sdxl_collages(xl, tmp_path):
     configure(flags({**base, "sd": w["sd"]}))
     with pytest.raises(s3.S3Error, match=r"model='sd1' \(now 'sdxl'\)"):
         s3.run(["collages"])
+
+
+def test_sdxl_config_is_the_papers_collage_setting():
+    configure([os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "config", "s3_sdxl.py")])
+    assert (s3.collage_resolution, s3.collage_suffix, s3.dtype) == (1024, "photos of the same", "bfloat16")
+    assert s3.sd.endswith("sd_xl_base_1.0.safetensors") and s3.batch_size > 1
