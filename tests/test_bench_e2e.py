@@ -172,8 +172,10 @@ def test_sampling_xl_tiny_cpu(tmp_path):
     for name, row in rows.items():
         assert float(row["s/set"]) > 0 and float(row["Δ vs ours"]) < 0.1 and "FAILED" not in row["note"], name
     assert rows["ours"]["× baseline"].endswith("×") and rows["diffusers"]["attention"] == "diffusers' own"
-    r = _run("bench/bench_sampling.py", "--xl", "--check-args")
-    assert r.returncode == 0 and "rows: diffusers, ours" in r.stdout, r.stdout + r.stderr
+    import bench_sampling as bs
+
+    a = bs.parse_args(["--xl"])
+    assert a.steps == 30 and a.variants[:2] == ["diffusers", "ours"]  # issue 27's set of 4, 30 steps
 
 
 def test_training_xl_tiny_cpu(tmp_path):
@@ -191,10 +193,12 @@ def test_training_xl_tiny_cpu(tmp_path):
         assert not row["note"], row
     assert float(rows["diffusers+ac"]["loss"]) == pytest.approx(float(rows["sdpa+ac"]["loss"]), rel=2e-3)
     assert rows["diffusers+ac"]["attention"] == "diffusers' own" and rows["sdpa+ac"]["attention"].startswith("sdpa")
-    r = _run("bench/bench_training.py", "--xl", "--variants", "sdpa+data", "--check-args")
-    assert r.returncode != 0 and "no +data rows with --xl" in r.stderr, r.stderr
-    r = _run("bench/bench_training.py", "--xl", "--compile", "--check-args")
-    assert r.returncode == 0 and "rows: diffusers+ac, " in r.stdout and "diffusers+ac+compile" in r.stdout, r.stdout
+    import bench_training as bt
+
+    with pytest.raises(SystemExit, match="no \\+data rows with --xl"):
+        bt.parse_args(["--xl", "--variants", "sdpa+data"])
+    a = bt.parse_args(["--xl", "--compile"])
+    assert a.sets == 1 and a.variants[0] == "diffusers+ac" and "diffusers+ac+compile" in a.variants
 
 
 def test_diffusers_sdxl_baseline_is_jedi_xl():
