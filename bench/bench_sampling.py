@@ -85,8 +85,8 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="markdown report (also printed)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet, 16x16 latents, 2 steps: runs on CPU (CI rot check)")
-    p.add_argument("--xl", action="store_true", help="JeDi-XL rows: the SDXL base with JeDi's input, 1024 px, 30 steps, "
-                   "against diffusers' SDXL UNet with the same weights (see above)")
+    p.add_argument("--xl", action="store_true", help="JeDi-XL rows: the SDXL base with JeDi's input, 1024 px, 30 "
+                   "steps, against diffusers' SDXL UNet with the same weights (see above)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps reported (default 50, --xl 30; tiny 2)")
     p.add_argument("--timed-steps", type=int, default=None,
                    help="steps actually run per timed loop, scaled to --steps (default: all of them)")

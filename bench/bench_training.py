@@ -33,8 +33,8 @@ is +ac.
 --xl: JeDi-XL, the SDXL base UNet (2.57B) with JeDi's 9 input channels, at 1024 px (128x128 latents), random text
 conditioning of SDXL's shapes (context (B·N, 77, 2048), y (B·N, 2816): pooled text + size features); default 1
 set of 4 per step (the fp32 master weights, gradients, AdamW state and EMA of 2.6B parameters take ~48 GiB on one
-device), rows diffusers+ac, ours +ac (and +compile rows with --compile). No +data rows: train.py's SDXL data path
-is not in this branch.
+device), rows diffusers+ac then each backend +ac (+ac+compile rows with --compile). No +data rows: train.py's SDXL
+data path (the SDXL conditioner in train.prepare) is not in this branch.
     python bench/bench_training.py --xl --out bench/results/<date>-<card>/bench_training_xl.md --compile
 
 MFU = model FLOPs per step / step time / the card's dense bf16 peak (flops.py, the one FLOP counter: H100 SXM 989
