@@ -55,7 +55,7 @@ seed: int = 0  # base of every random draw: each item is seeded from (seed, stag
 device: str = 'auto'  # 'auto' (cuda:LOCAL_RANK if available) | 'cpu' | 'cuda'
 dtype: str = 'auto'  # 'auto' | 'bfloat16': bf16 autocast on CUDA (CPU always runs float32) | 'float32'
 batch_size: int = 8  # work items per batch (prompts, collages or sets); one batched UNet call per step
-num_heads: int = 0  # UNet heads of the SD checkpoints (shapes cannot tell); 0: the flavour's (SD-1.x 8, SDXL dim 64)
+num_heads: int = 0  # UNet heads of SD-1.x checkpoints (shapes cannot tell); 0: 8. SDXL's: always head dim 64
 sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # prompts
 objects: str = ''  # a text file of object names, one per line ('' = the built-in OBJECTS)
@@ -315,8 +315,15 @@ FLAVOURS = {"sd": ("sd1", "sdxl"), "inpaint": ("sd1", "sdxl"), "ip2p": ("sd1",)}
 
 
 def _flavour_of(config) -> str:
-    """A base UNet's flavour from its config: SDXL has the vector input (label_emb)."""
+    """A base UNet's flavour from its config: SDXL has the vector input (label_emb), the loader's rule."""
     return "sdxl" if config.adm_in_channels is not None else "sd1"
+
+
+def _model_flavour(path) -> str:
+    """The flavour of a base checkpoint (file or diffusers folder) from its keys, reading no tensor data."""
+    from model.loading import read_parts
+
+    return read_parts(path, shapes_only=True).flavour.name
 
 
 def _check_model(key, path, what, config, channels):
@@ -336,7 +343,7 @@ def _load_sd(rt, key, path, channels, what):
 
     if key not in rt.models:
         try:
-            m = load_sd(path, num_heads=num_heads or None, in_channels=None, device=rt.device)
+            m = load_sd(path, num_heads=_num_heads(path), in_channels=None, device=rt.device)
         except (CheckpointError, FileNotFoundError) as e:
             raise S3Error(f"{what} {path}: {e}") from None
         bad = _check_model(key, path, what, m.unet.config, channels)
@@ -344,6 +351,18 @@ def _load_sd(rt, key, path, channels, what):
             raise S3Error(bad)
         rt.models[key] = m
     return rt.models[key]
+
+
+def _num_heads(path) -> int | None:
+    """The `num_heads` setting for an SD-1.x checkpoint; None for SDXL, whose head dim 64 the flavour fixes (a head
+    count meant for the SD-1.x inpainting model of the same run must not reshape an SDXL base's attention)."""
+    from model.loading import CheckpointError
+
+    try:
+        sdxl = _model_flavour(path) == "sdxl"
+    except (CheckpointError, OSError, KeyError, ValueError):  # unreadable: the loader says why, in one line
+        sdxl = False
+    return None if sdxl else (num_heads or None)
 
 
 def sizes(pixels: int) -> dict:
@@ -362,7 +381,7 @@ def needed_weights(stages) -> list:
             raise MissingWeights(f"{what} not found: expected {p!r} (a .ckpt / .safetensors file or a diffusers "
                                  f"folder)" if p else f"{what}: no path given")
         try:  # names and shapes only: a wrong or damaged checkpoint is refused before any work
-            config = check_sd(p, num_heads=num_heads or None, in_channels=None)
+            config = check_sd(p, num_heads=_num_heads(p), in_channels=None)
         except CheckpointError as e:
             raise MissingWeights(f"{what}: {str(e).replace(chr(10), ' ')}") from None
         bad = _check_model(key, p, what, config, channels)
@@ -1028,13 +1047,6 @@ STAGE_SETTINGS = {
 # be two datasets. A settings file written before the key existed was made with SD-1.x, the only model then.
 MODEL_SETTING = {"collages": "sd", "backgrounds": "inpaint"}
 LEGACY_SETTINGS = {"model": "sd1"}
-
-
-def _model_flavour(path) -> str:
-    """The flavour of a base checkpoint (file or diffusers folder) from its keys, reading no tensor data."""
-    from model.loading import read_parts
-
-    return read_parts(path, shapes_only=True).flavour.name
 
 
 def check_settings(rt, stage):

@@ -275,6 +275,12 @@ def test_check_weights_with_sdxl_files(xl, tmp_path, capsys):
     assert f"--inpaint) {w['sd']}: its UNet takes 4 input channels, expected 9" in err
     assert f"--ip2p) {w['sd']}: its UNet takes 4 input channels, expected 8" in err
     assert not out.exists()
+    # num_heads is SD-1.x's (its inpainting or InstructPix2Pix model in the same run): SDXL keeps head dim 64
+    configure(flags({**w, **TINY, "manifest": out, "num_heads": 2}))
+    xl_model = s3._load_sd(s3.Runtime(), "sd", w["sd"], 4, "--sd")
+    assert xl_model.unet.config.num_head_channels == 64
+    sd1 = s3._load_sd(s3.Runtime(), "ip2p", w["ip2p"], 8, "--ip2p")
+    assert sd1.unet.config.num_heads == 2 and sd1.unet.config.num_head_channels <= 0
     # an SDXL model with InstructPix2Pix's 8 channels is still refused: that stage runs SD-1.x only
     ip2p_xl = sdxl_checkpoint(tmp_path / "ip2p_xl.safetensors", 8, seed=6)
     configure(flags({**w, **TINY, "manifest": out, "ip2p": ip2p_xl, "stylize_p": 0.5}))
