@@ -193,10 +193,25 @@ def test_bad_inputs_give_one_line_errors_and_no_files(ckpts, refs, tmp_path, cap
     bad(["--ckpt", str(tmp_path / "trunc.safetensors"), "--prompt", "x"], capsys, tmp_path, "trunc.safetensors")
 
 
-def test_long_prompt_warns_and_truncates(ckpts, tmp_path):
+def test_long_prompt_warns_and_truncates(ckpts, tmp_path, monkeypatch):
+    """A 120-token prompt is cut to its first 75 tokens, as SD's CLIPTokenizer(truncation=True) cuts it: through the
+    CLI, the sampler gets the text states of the prompt written out to exactly those 75 tokens (and so its images),
+    not those of its end or of a shorter start."""
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw["context"]) or real(*a, **kw))
+
+    def run(prompt, name):
+        assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", prompt, "--steps", "1",
+                            "--out", str(tmp_path / name)]) == 0
+        return seen[-1], np.asarray(Image.open(tmp_path / name / "set0_prompt0.png"))
+
     with pytest.warns(UserWarning, match="truncated"):
-        assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", "a dog " * 60, "--steps", "1",
-                            "--out", str(tmp_path / "o")]) == 0
+        long, long_image = run("a dog " * 30 + "a cat " * 30, "long")  # 60 + 60 tokens
+    first_75 = "a dog " * 30 + "a cat " * 7 + "a"  # 60 + 14 + 1 tokens: fits, no warning
+    assert sample.load_model(ckpts["pixel"]).tokenizer.count_tokens(first_75) == 77
+    want, want_image = run(first_75, "first_75")
+    assert torch.equal(long, want) and np.array_equal(long_image, want_image)
+    assert (long - run("a dog " * 30, "first_60")[0]).abs().max() > 0.1  # where the cut falls shows
 
 
 def _arrays(sets):
