@@ -361,12 +361,39 @@ def test_bench_cpu_smoke(tmp_path):
         assert float(triton) > 0 and float(sdpa) > 0 and ratio == f"{float(triton) / float(sdpa):.2f}x", cells
 
 
+# bench/check_attention_cuda.py run with flash_attention's output 1% off (its gradients follow): the check must fail it.
+OFF_BY_ONE_PERCENT = """import runpy, sys
+from kernels import flash_attn
+real = flash_attn.flash_attention
+flash_attn.flash_attention = lambda *a, **kw: real(*a, **kw) * 1.01
+sys.argv = ["check_attention_cuda.py", "--cpu-smoke", "--out", sys.argv[1]]
+runpy.run_path("bench/check_attention_cuda.py", run_name="__main__")
+"""
+
+
 def test_cuda_check_cpu_smoke(tmp_path):
-    out = tmp_path / "check.md"
-    r = subprocess.run([sys.executable, "bench/check_attention_cuda.py", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
-                       env=_sub_env(), capture_output=True, text=True, timeout=120)
+    """The GPU correctness check's whole path on CPU: every case gets a row of four errors within the rule's bar, and
+    the same check fails a kernel 1% off (a check that cannot fail would pass any kernel on the GPU)."""
+    def check(*cmd):
+        out = tmp_path / "check.md"
+        r = subprocess.run([sys.executable, *cmd, str(out)], cwd=ROOT, env=_sub_env(), capture_output=True,
+                           text=True, timeout=120)
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+                if line.startswith("| 1 |")]
+        return r, rows, out.read_text()
+
+    r, rows, text = check("bench/check_attention_cuda.py", "--cpu-smoke", "--out")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 failing rows" in out.read_text()
+    assert [row[:6] for row in rows] == [["1", "40", "77", "40", "fp16", "triton"],
+                                         ["1", "50", "50", "80", "fp32", "triton strided"]], text
+    for row in rows:  # triton's error / SDPA's in the same dtype, for out, dq, dk, dv
+        errors = [[float(x) for x in cell.split(" / ")] for cell in row[6:10]]
+        assert row[10] == "ok" and all(0 < t < 1e-2 and 0 < s < 1e-2 for t, s in errors), row
+    assert "- 0 failing rows" in text
+    r, rows, text = check("-c", OFF_BY_ONE_PERCENT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [row[10] for row in rows] == ["FAIL", "FAIL"]
+    assert all(row[6].endswith("FAIL") for row in rows) and "- 2 failing rows" in text, text
 
 
 def test_kernels_compile_for_sm90():
