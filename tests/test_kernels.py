@@ -3,8 +3,10 @@
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (slow: shapes are kept small).
 Inputs are fresh random tensors each run; the seed is in every failure message.
 """
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -248,8 +250,6 @@ def table_dir(tmp_path, monkeypatch):
 
 
 def test_dispatch_table_lookup(table_dir, monkeypatch):
-    import json
-
     from kernels import dispatch
     (table_dir / "test-card-9000.json").write_text(json.dumps(_table(
         [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, backend="triton-ws")])))
@@ -284,8 +284,6 @@ BAD_TABLES = [
 
 @pytest.mark.parametrize("table,message", BAD_TABLES, ids=[m.split(".*")[-1].strip("\\'") for _, m in BAD_TABLES])
 def test_malformed_dispatch_table(table_dir, table, message):
-    import json
-
     from kernels import dispatch
     path = table_dir / "test-card-9000.json"
     path.write_text(json.dumps(table))
@@ -420,6 +418,27 @@ def test_kernel_sweep_cpu_smoke(tmp_path):
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
         {("fp16", 40, 32, 32), ("fp16", 40, 16, 16)}  # the self- and cross-attention buckets
     assert "git:" in (tmp_path / "SUMMARY.md").read_text()
+    # every timed cell is 4*B*H*Lq*Lk*D FLOPs (backward 2.5x) over the time the dispatch table records for its
+    # bucket (one shape per bucket here): forward over the forward's ms, backward over (train - forward) ms
+    heads = int(re.search(r"- (\d+) heads", text)[1])
+    ms = {(e["lq"], e["direction"]): e["ms"] for e in json.loads(
+        (tmp_path / "dispatch" / "cpu-interpreter-smoke.json").read_text())["entries"]}
+    for direction in ("forward", "backward"):
+        table = text.split(f"### fp16 {direction}")[1].split("###")[0]
+        head = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+        rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+                for line in table.splitlines()[4:] if line.startswith("| ")]
+        assert [r["kind"] for r in rows] == ["self", "cross"]
+        for r in rows:
+            b, lq, lk, d = (int(r[k]) for k in ("B", "Lq", "Lk", "D"))
+            flop = 4 * b * heads * lq * lk * d * (2.5 if direction == "backward" else 1)
+            bucket = 1 << (lq - 1).bit_length()
+            for name in ("triton", "sdpa"):
+                fwd, train = ms[bucket, "fwd"][name], ms[bucket, "train"][name]
+                want = flop / ((train - fwd if direction == "backward" else fwd) * 1e-3) / 1e12
+                assert float(r[name]) == pytest.approx(want, rel=2e-3), (direction, r, want)
+            ours = max(float(r[k]) for k in ("triton", "triton-atomic"))  # triton-noalign is an A/B switch
+            assert r["best ours / best sdpa"] == f"{ours / float(r['sdpa']):.2f}x"
 
 
 def test_kernel_sweep_rejects_a_wrong_variant():
@@ -454,7 +473,6 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     returns its choices (no table committed: every card gets SDPA). And a table written by the sweep's own writer
     (bench/kernel_sweep.write, from measured rows) loads back through kernels.dispatch to the fastest backend per
     shape bucket: the sweep cannot write a table the dispatcher refuses or reads otherwise."""
-    import json
     import types
 
     from kernels import dispatch
