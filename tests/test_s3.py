@@ -411,15 +411,36 @@ def test_template_prompts_deterministic_and_objects_file(tmp_path):
         s3.configure(["--batch_size=two"])
 
 
-def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys):
+def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys, monkeypatch):
+    """bench/bench_s3.py --tiny: a row per stage whose items are what the stage made in the manifest folder and whose
+    rate is items over its batch-loop time; sets/s is the sets written over the summed batch-loop times."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_s3
+    import tempfile
 
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix="": str(tmp_path / "work"))  # keep its manifest to read
     assert bench_s3.main(["--tiny", "--prompts=2", "--batch_size=2", "--out", str(tmp_path / "b.md")]) == 0
     table = (tmp_path / "b.md").read_text()
-    for stage in s3.STAGES:
-        assert f"| {stage} |" in table
-    assert "sets/s (all stages)" in table and "(2 sets of 4" in table
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in table.splitlines() if line.startswith("| "))}
+    del rows["stage"]
+    assert list(rows) == list(s3.STAGES)
+    m = str(tmp_path / "work" / "m")
+    sets = [json.loads(line) for line in open(os.path.join(m, "sets.jsonl"))]
+    made = {"prompts": len(s3.prompt_items()), "collages": len(s3.live("collages")),
+            "instances": len(s3.live("instances")), "filter": len(s3.live("filter")),
+            "backgrounds": len(s3.live("backgrounds")), "stylize": len(s3.live("stylize")),
+            "write": len([f for f in os.listdir(os.path.join(m, "sets")) if f.endswith(".jsonl")])}  # shards
+    assert made["prompts"] == made["collages"] == 2 and len(sets) == 2  # thresholds open: every collage a set
+    for stage, (items, secs, rate, wall) in rows.items():
+        assert int(items) == made[stage], (stage, items)
+        assert abs(int(items) / float(rate) - float(secs)) <= 0.0051 and float(secs) <= float(wall) + 0.01, stage
+    total = sum(float(secs) for _, secs, _, _ in rows.values())
+    summary = re.search(r"collages/s per process: ([\d.]+); sets/s \(all stages\): ([\d.]+) \((\d+) sets of (\d+)",
+                        table)
+    assert float(summary[1]) == pytest.approx(float(rows["collages"][2]), abs=0.01)
+    assert int(summary[3]) == len(sets) and int(summary[4]) == s3.max_set_size == 4
+    assert len(sets) / float(summary[2]) == pytest.approx(total, abs=0.005 * len(rows) + 1e-3)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             bench_s3.main([])
