@@ -459,6 +459,16 @@ def test_llm_prompts_from_a_local_causal_lm(tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 4  # seeded per (object, prompt): same seed, same prompts
     assert all(r["prompt"].startswith(f"a photo of a {r['object']}") and r["prompt"].isprintable() for r in runs[0])
     assert len({r["prompt"] for r in runs[0]}) == 4
+    assert not {r["prompt"] for r in runs[0]} & {p for r in runs[0] for p in s3.template_prompts(r["object"], 2)}
+    # an object's prompts do not depend on which objects came before it (ranks share objects in any split): the
+    # second object alone gets the prompts it got second in line
+    second = s3.object_names()[1]  # run b's order, as stage_prompts goes through them
+    (tmp_path / "second.txt").write_text(second + "\n")
+    importlib.reload(s3)
+    s3.configure([f"--llm={llm}", f"--objects={tmp_path / 'second.txt'}", "--prompts_per_object=2",
+                  "--llm_max_new_tokens=8", f"--manifest={tmp_path / 'alone'}"])
+    s3.run(["prompts"])
+    assert [r["prompt"] for r in s3.prompt_items()] == [r["prompt"] for r in runs[0] if r["object"] == second]
     importlib.reload(s3)
     s3.configure([f"--llm={tmp_path / 'nowhere'}", f"--manifest={tmp_path / 'c'}"])
     with pytest.raises(s3.MissingWeights, match="nowhere/config.json"):
