@@ -152,7 +152,26 @@ def test_trajectory_tool_records_every_step(tmp_path):
     assert all(torch.isfinite(x0).all() for _, x0 in record)
     again = tt.trajectory(model, tt.PROMPTS[:2], steps=4, guidance=2.0, seed=3)
     assert all(torch.equal(a, b) for (_, a), (_, b) in zip(record, again))  # seeded
+    # oracle: the x0 that personalize (the sampler sample.py runs) predicts at each step of the same text-only DDIM
+    # run, one prompt (a set of 1), the same seed and guidance
+    from model.diffusion import personalize
+
+    prompt, seen, real = "a toy on the beach, on the left", [], model.diffusion.to_eps_x0
+    model.diffusion.to_eps_x0 = lambda x, t, out: seen.append((int(t[0]), real(x, t, out)[1])) or real(x, t, out)
+    personalize(model.unet, model.diffusion, refs=None, context=model.encode_text([prompt]),
+                null_context=model.encode_text([""]), num_new=1, steps=4, guidance=2.0, sampler="ddim",
+                generator=torch.Generator().manual_seed(3), latent_shape=(3, 32, 32))
+    del model.diffusion.to_eps_x0
+    record = tt.trajectory(model, [prompt], steps=4, guidance=2.0, seed=3)
+    assert [t for t, _ in record] == [t for t, _ in seen]
+    for (t, x0), (_, want) in zip(record, seen):
+        torch.testing.assert_close(x0, want, rtol=0, atol=1e-5, msg=f"t = {t}")
+    # the CLI's grid: one row per prompt, a column per --every-th step, each the x0 there as 8-bit pixels
     out = tmp_path / "t.png"
     assert tt.main(["--ckpt", str(tmp_path / "tiny.safetensors"), "--steps", "4", "--every", "2", "--scale", "1",
-                    "--prompt", "a toy on the beach, on the left", "--out", str(out)]) == 0
-    assert Image.open(out).size == (2 * 32, 32)  # 2 of the 4 steps, one prompt
+                    "--guidance", "2", "--seed", "3", "--prompt", prompt, "--out", str(out)]) == 0
+    grid = np.asarray(Image.open(out))
+    assert grid.shape == (32, 2 * 32, 3)  # 2 of the 4 steps, one prompt
+    for j, (_, x0) in enumerate(record[::2]):
+        want = ((x0[0].clamp(-1, 1).permute(1, 2, 0).numpy() + 1) * 127.5).round().clip(0, 255)
+        assert np.abs(grid[:, 32 * j:32 * (j + 1)] - want).max() <= 1, j
