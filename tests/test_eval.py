@@ -345,7 +345,7 @@ class FakeSegmenter:
         return m
 
 
-def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
+def test_runner_writes_tables_and_resumes(mini_dataset, weights, embedders, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", str(mini_dataset), "--out", str(out), "--num_refs", "3", "--steps", "7",
             "--clip_model", weights["clip_cfg"], "--clip_weights", weights["clip_bin"], "--dino", weights["dino"],
@@ -389,6 +389,24 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
     assert res["overall"]["MDINO"]["mean"] > res["overall"]["DINO"]["mean"]
     prompts = {r["prompt"] for r in res["images"]}
     assert prompts == {"a toy in the jungle", "a red toy", "a dog wearing a santa hat", "a cube shaped dog"}
+    # every image's five scores by hand: its embedding against each of the subject's real images (all of them, as
+    # DreamBench scores), averaged; CLIP-T against its prompt; masked: the references' mask files and the
+    # segmenter's box, background filled, before embedding
+    clip, dino = embedders
+    box = np.zeros((40, 40), bool)
+    box[8:30, 8:30] = True  # FakeSegmenter's mask
+    for rec in res["images"]:
+        refs = sorted((mini_dataset / rec["subject"]).glob("*.jpg"))
+        ref_images = [jeval.load_image(p) for p in refs]
+        ref_masked = [jeval.apply_mask(im, np.asarray(Image.open(str(p)[:-4] + ".mask.png")) >= 128)
+                      for im, p in zip(ref_images, refs)]
+        gen = jeval.load_image(out / rec["path"])
+        want = {"CLIP-T": (clip.images([gen]) @ clip.texts([rec["prompt"]]).T).item()}
+        for m, emb, ims, g in (("CLIP-I", clip, ref_images, gen), ("DINO", dino, ref_images, gen),
+                               ("MCLIP-I", clip, ref_masked, jeval.apply_mask(gen, box)),
+                               ("MDINO", dino, ref_masked, jeval.apply_mask(gen, box))):
+            want[m] = (emb.images([g]) @ emb.images(ims).T).mean().item()
+        assert {m: rec[m] for m in jeval.METRICS} == pytest.approx(want, abs=1e-5), rec["path"]
     md = (out / "results.md").read_text()
     assert "| toy_a | toy | 8 |" in md and "**overall**" in md and "tiny-clip-eval" in md
     assert "refs: 6 from mask files" in md and "images: 16 from fake-seg" in md  # the mask source, with the table
