@@ -485,9 +485,13 @@ def test_a_source_of_only_bad_files_stops_with_a_clear_error(tmp_path):
 
 
 def test_cli_count_and_grid(tmp_path, capsys):
-    path = write_manifest(str(tmp_path), [2, 3])
-    assert data.main(["count", path]) == 0
-    assert "sets0: 2 sets" in capsys.readouterr().out
+    # count: what was written, per source (a manifest, a folder of single images, WebDataset shards read through)
+    path = write_manifest(str(tmp_path), [2, 3, 4, 2, 3])
+    for i in range(4):
+        save(str(tmp_path / "singles" / f"im{i}.jpg"), color(i))
+    shards = write_shards(str(tmp_path), 3, 6, sets=True)  # 18 sets over 3 shards
+    assert data.main(["count", f"sets:{path},images:{tmp_path / 'singles'},sets:{shards}"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["sets0: 5 sets", "images1: 4 images", "sets2: 18 sets"]
     out = str(tmp_path / "grid.png")
     assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16", "--seed", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()
