@@ -94,6 +94,13 @@ def test_every_stage_end_to_end(tiny):
         f"shard-0000{i}.{e}" for i in (0, 1) for e in ("jsonl", "png")]
     for f in ("sets.jsonl", "sets/shard-00000.jsonl", "sets/shard-00001.jsonl"):
         assert data.validate_manifest(os.path.join(ref, f)) == []
+    # the shards are sets.jsonl cut in order into 5 + 3, each set once (their paths relative to sets/)
+    shard_sets = [json.loads(line) for f in ("shard-00000.jsonl", "shard-00001.jsonl")
+                  for line in open(os.path.join(ref, "sets", f))]
+    assert [{**s, "images": [p[3:] for p in s["images"]]} for s in shard_sets] == sets
+    assert all(p.startswith("../") for s in shard_sets for p in s["images"])
+    assert stats["write"] == {"sets": 8, "images": sum(len(s["images"]) for s in sets), "shards": 2}
+    assert all(s["caption"] == s["captions"][0] for s in sets) and len({s["id"] for s in sets}) == 8
     assert not [p for p in tree(ref) if p.endswith(".tmp")]
     check_subject_kept(ref)  # random SAM masks: few pixels are fully opaque, the real check is below
 
