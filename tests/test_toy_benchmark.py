@@ -121,6 +121,28 @@ def test_benchmark_end_to_end_is_deterministic(tmp_path, capsys):
     assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()  # the very same images
     upper = next(line for line in a.splitlines() if tb.CALIBRATION[0][1] in line)
     assert upper.split("|")[4].strip().startswith(("1.000", "0.9"))  # the generator's own renders read correctly
+    # each generated condition's subject fidelity and text alignment, by hand from the images in the example grid
+    # (rows: subjects; groups: 3 references, then 1 ref, 3 refs, no image guidance, text only; 1 px border, 4 px
+    # between groups, drawn 2x): the classifier's reading against the subject's attributes and the targets' contexts
+    classifier, _ = tc.load(tc.WEIGHTS)
+    grid = np.asarray(Image.open(tmp_path / "a.png"))[::2, ::2]  # undo the 2x nearest zoom
+    table = {cells[0].strip(" *"): cells for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                                        for line in a.split("Subject fidelity")[0].splitlines()
+                                                        if line.startswith("| "))}
+    for g, (key, label, _, _) in enumerate(tb.conditions(2.0)):
+        fidelity, text = [], []
+        for i, subject in enumerate(tb.heldout_order()[:2]):
+            contexts = tb.make_case(i, subject, targets=2, num_sets=1, resolution=32, seed=0)["contexts"]
+            left = 3 * 34 + 4 + g * (2 * 34 + 4)
+            tiles = [grid[34 * i + 1:34 * i + 33, left + 34 * j + 1:left + 34 * j + 33] for j in range(2)]
+            read = tc.predict(classifier, torch.tensor(np.stack(tiles)).permute(0, 3, 1, 2).float() / 127.5 - 1)
+            fidelity.append(np.mean([[tc.HEADS[h][int(read[h][j])] == subject.attrs()[h] for h in tc.SUBJECT_HEADS]
+                                     for j in range(2)]))
+            text.append(np.mean([[tc.HEADS["background"][int(read["background"][j])] == contexts[j][0],
+                                  tc.HEADS["position"][int(read["position"][j])] == contexts[j][1]] for j in range(2)]))
+        cells = table[label]
+        assert float(cells[3].split(" ± ")[0]) == pytest.approx(np.mean(fidelity), abs=6e-4), (label, fidelity)
+        assert float(cells[6].split(" ± ")[0]) == pytest.approx(np.mean(text), abs=6e-4), (label, text)
 
 
 def test_refgain_subject_masks_and_table():
