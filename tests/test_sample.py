@@ -114,7 +114,13 @@ def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
             "--num", "2", "--steps", "2"]
     assert sample.main(args + ["--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 5 and all(os.path.isfile(p) for p in printed)
+    assert printed == [str(tmp_path / "a" / f) for f in ("set0_prompt0.png", "set0_prompt1.png", "set1_prompt0.png",
+                                                         "set1_prompt1.png", "grid.png")]
+    # set 0 of --num 2 is what --num 1 draws (each set its own noise); set 1 is another sample
+    assert sample.main([*args[:-4], "--num", "1", *args[-2:], "--out", str(tmp_path / "one")]) == 0
+    one, s0, s1 = (np.asarray(Image.open(tmp_path / d / f), float) for d, f in (
+        ("one", "set0_prompt0.png"), ("a", "set0_prompt0.png"), ("a", "set1_prompt0.png")))
+    assert np.array_equal(one, s0) and np.abs(s0 - s1).mean() > 1
     grid = Image.open(tmp_path / "a" / "grid.png")
     assert grid.size == (5 * 18 + 2, 2 * 18 + 2)  # rows: sets; columns: 3 refs | 2 generated
     assert sample.main(args + ["--out", str(tmp_path / "b")]) == 0
