@@ -104,6 +104,7 @@ def attention_flops(b, lq, lk, h, d) -> float:
 
 def _meta_forward(cfg, latent_hw, set_size, num_sets, context_len):
     """-> (images, a no-argument call of our UNet on meta tensors of that shape): costs no memory or time."""
+    from model.conditioning import Cond
     from model.unet import UNet
 
     with torch.device("meta"):
@@ -111,7 +112,8 @@ def _meta_forward(cfg, latent_hw, set_size, num_sets, context_len):
     n = num_sets * set_size
     x = torch.empty(n, cfg.in_channels, latent_hw, latent_hw, device="meta")  # (B·N, C, h, w)
     ctx = torch.empty(n, context_len, cfg.context_dim, device="meta")  # (B·N, 77, D)
-    return n, lambda: net(x, torch.zeros(n, dtype=torch.long, device="meta"), ctx, set_size=set_size)
+    y = None if cfg.adm_in_channels is None else torch.empty(n, cfg.adm_in_channels, device="meta")  # SDXL (B·N, 2816)
+    return n, lambda: net(x, torch.zeros(n, dtype=torch.long, device="meta"), Cond(ctx, y), set_size=set_size)
 
 
 def unet_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, context_len: int = 77) -> UNetFlops:
@@ -146,10 +148,32 @@ def counted_sdpa_flops(cfg, latent_hw: int, set_size: int, num_sets: int = 1, co
     return float(counter.get_total_flops())
 
 
-if __name__ == "__main__":  # python flops.py: the numbers for the benchmark shapes
-    from model.unet import UNetConfig
+def parameter_count(cfg) -> int:
+    """Parameters of our UNet with this config (built on meta: no memory)."""
+    from model.unet import UNet
+
+    with torch.device("meta"):
+        return sum(p.numel() for p in UNet(cfg).parameters())
+
+
+if __name__ == "__main__":  # python flops.py: the numbers for the benchmark shapes and the JeDi-XL configs
+    from dataclasses import replace
+
+    from model.flavours import FLAVOURS
+    from model.unet import JEDI_IN_CHANNELS, UNetConfig
 
     for n, sets in ((4, 2), (4, 4)):
         f = unet_flops(UNetConfig(), 64, n, sets)
         print(f"SD-1.4 JeDi UNet, 64x64 latents, {sets} sets of {n}: forward {f.forward / 1e12:.2f} TFLOP "
               f"(attention {f.attention / 1e12:.2f}), {f.per_image() / 1e12:.3f} TFLOP per image")
+    xl = FLAVOURS["sdxl"].unet
+    jedi_xl = replace(xl, in_channels=JEDI_IN_CHANNELS)
+    print(f"SDXL UNet: {parameter_count(xl):,} parameters; JeDi-XL (9 input channels): {parameter_count(jedi_xl):,}")
+    f = unet_flops(xl, 128, 1, 1)
+    print(f"SDXL UNet, 1024 px (128x128 latents), one image: forward {f.forward / 1e12:.2f} TFLOP "
+          f"(attention {f.attention / 1e12:.2f})")
+    for px in (512, 1024):
+        f = unet_flops(jedi_xl, px // 8, 4, 1)
+        print(f"JeDi-XL UNet, {px} px ({px // 8}x{px // 8} latents), one set of 4: forward {f.forward / 1e12:.2f} "
+              f"TFLOP (attention {f.attention / 1e12:.2f}), train step {f.train_step / 1e12:.2f} TFLOP, "
+              f"{f.per_image() / 1e12:.3f} TFLOP forward per image")

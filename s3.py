@@ -54,7 +54,7 @@ seed: int = 0  # base of every random draw: each item is seeded from (seed, stag
 device: str = 'auto'  # 'auto' (cuda:LOCAL_RANK if available) | 'cpu' | 'cuda'
 dtype: str = 'auto'  # 'auto' | 'bfloat16': bf16 autocast on CUDA (CPU always runs float32) | 'float32'
 batch_size: int = 8  # work items per batch (prompts, collages or sets); one batched UNet call per step
-num_heads: int = 8  # UNet heads of the SD-1.x checkpoints (the one size their shapes cannot tell)
+num_heads: int = 0  # UNet heads of the SD checkpoints (shapes cannot tell); 0: their flavour's (SD-1.x 8)
 sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # prompts
 objects: str = ''  # a text file of object names, one per line ('' = the built-in OBJECTS)

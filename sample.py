@@ -59,7 +59,7 @@ def sampling_settings(meta: dict, device, *, steps: int | None = None, guidance:
             "dtype": {v: k for k, v in DTYPES.items()}[resolve_dtype(dtype, device)]}
 
 
-def load_model(ckpt: str | None = None, device="cpu", num_heads: int = 8, *, dtype="auto",
+def load_model(ckpt: str | None = None, device="cpu", num_heads: int | None = None, *, dtype="auto",
                compile: str | None = None) -> JeDi:
     """A JeDi checkpoint (train.py's export) or, for experiments, an original SD-1.x checkpoint (its reference
     channels start at zero, so it ignores references until trained). None: the shipped toy model.

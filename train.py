@@ -60,7 +60,7 @@ from model.unet import UNet, UNetConfig
 out_dir: str = 'out'  # checkpoints, logs and the export go here
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
 sd_path: str = ''  # SD-1.x .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text encoder
-num_heads: int = 8  # UNet heads of the SD checkpoint (the one size its shapes cannot tell)
+num_heads: int = 0  # UNet heads of the base checkpoint (shapes cannot tell); 0: its flavour's (SD-1.x 8, SDXL dim 64)
 log_interval: int = 10  # steps between log lines
 ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM)
 keep_checkpoints: int = 3  # the newest N checkpoints are kept, older ones deleted
@@ -175,7 +175,8 @@ def loss_settings():
 
 class Trainee(nn.Module):
     """What FSDP's root wraps: the UNet, plus the text encoder when it is trained. forward() returns the JeDi loss
-    (model.diffusion.jedi_loss with the given settings)."""
+    (model.diffusion.jedi_loss with the given settings). context/null_context: tensors or model.conditioning.Cond
+    (a pytree node, so FSDP2's input cast reaches its context and y)."""
 
     def __init__(self, unet, text_encoder=None, null_ids=None, *, p_ref, p_drop, p_drop_text, ref_loss_weight):
         super().__init__()
@@ -301,7 +302,8 @@ def build_parts(meta, resume_dir, rt):
             sd = load_sd(src, num_heads=num_heads, ema=True)
         except (CheckpointError, FileNotFoundError) as e:  # one line naming the file, before any work
             raise SystemExit(f'sd_path: {str(e).replace(chr(10), " ")}') from None
-        text_encoder, vae = sd.text_encoder, (sd.vae if model_space == 'latent' else None)
+        # SD-1.x: the conditioner's one encoder (train.py tokenizes and encodes with it itself)
+        text_encoder, vae = sd.text.encoders[0], (sd.vae if model_space == 'latent' else None)
         if init_from == 'sd':
             full_unet_sd, ucfg = sd.unet.state_dict(), sd.unet.config
         del sd
@@ -560,7 +562,7 @@ def reference_gain(model, eval_batch, diffusion, rt):
     x0, ids, context = eval_batch
     if context is None:  # the text encoder is trained: its current weights
         context = model.text_encoder(input_ids=ids).last_hidden_state
-    context = context.to(rt.compute_dtype)
+    context = context.to(rt.compute_dtype)  # a tensor or a Cond (context and y)
 
     def unet(x, t, c, set_size):  # the eval batch is fp32; the model computes in compute_dtype
         return model.unet(x.to(rt.compute_dtype), t, c, set_size=set_size)

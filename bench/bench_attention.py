@@ -5,9 +5,10 @@
 
 Shapes: SD-1.4's self-attention layers, coupled over a set of N images: L = N*HW tokens, 8 heads, head dim
 tied to the resolution as SD ties them (HW 4096 -> D 40, 1024 -> 80, 256 -> 160, 64 -> 160); batch 2 sets
-and 4 (classifier-free guidance doubles it). FLOPs: forward 4*B*H*L*L*D, backward 2.5x that, true D (the
-padded columns Triton computes do not count). Times are triton.testing.do_bench medians (ms), each backend
-measured in the same process; backward = torch.autograd.grad of a retained graph (no .grad accumulation).
+and 4 (classifier-free guidance doubles it). FLOPs (flops.py): forward 4*B*H*L*L*D, backward
+flops.ATTENTION_BACKWARD_FACTOR (2.5) x that, true D (the padded columns Triton computes do not count).
+Times are triton.testing.do_bench medians (ms), each backend measured in the same process; backward =
+torch.autograd.grad of a retained graph (no .grad accumulation).
 """
 import argparse
 import datetime
@@ -39,8 +40,8 @@ def parse_args():
 
 
 def flops(b, l_q, l_k, d, bwd):
-    f = 4.0 * b * HEADS * l_q * l_k * d
-    return 2.5 * f if bwd else f
+    from flops import ATTENTION_BACKWARD_FACTOR, attention_flops
+    return attention_flops(b, l_q, l_k, HEADS, d) * (ATTENTION_BACKWARD_FACTOR if bwd else 1.0)
 
 
 def backends(torch, on_cuda):
@@ -98,7 +99,8 @@ def table(rows, names, bwd):
     sdpa = [n for n in names if n.startswith("sdpa")]
     tri = [n for n in names if n.startswith("triton")]
     head = ["B", "N", "HW", "L", "D"] + names + [f"{t} / best sdpa" for t in tri]
-    lines = [f"### {kind} (TFLOP/s{', backward = 2.5x forward FLOPs' if bwd else ''})", "",
+    from flops import ATTENTION_BACKWARD_FACTOR
+    lines = [f"### {kind} (TFLOP/s{f', backward = {ATTENTION_BACKWARD_FACTOR}x forward FLOPs' if bwd else ''})", "",
              "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         tf = {n: r["tflops"][n][1 if bwd else 0] for n in names}
@@ -121,6 +123,8 @@ def main():
     import triton
     import triton.testing
 
+    from flops import ATTENTION_BACKWARD_FACTOR
+
     on_cuda = not args.cpu_smoke
     dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}[args.dtype]
     if on_cuda:
@@ -139,7 +143,7 @@ def main():
             f"triton {triton.__version__}, python {platform.python_version()}",
             f"- date: {datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds')}",
             f"- command: `{' '.join([os.path.basename(sys.executable)] + sys.argv)}`",
-            f"- heads {HEADS}; L = N*HW; forward FLOPs 4*B*H*L*L*D, backward 2.5x (true D); "
+            f"- heads {HEADS}; L = N*HW; forward FLOPs 4*B*H*L*L*D, backward {ATTENTION_BACKWARD_FACTOR}x (true D); "
             f"{'do_bench median' if on_cuda else 'one wall-clock run (smoke only, meaningless numbers)'}", ""]
     print("\n".join(meta), flush=True)
 

@@ -42,7 +42,8 @@ def full_size_models(folder, device):
                               SamModel, SamProcessor)
 
     from model.loading import JeDi
-    from model.text import Tokenizer, build_text_encoder, sd14_text_config
+    from model.conditioner import as_text_conditioner
+    from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet, UNetConfig
     from model.vae import AutoencoderKL, VAEConfig
 
@@ -51,7 +52,7 @@ def full_size_models(folder, device):
         unet = redraw_zero_layers(UNet(UNetConfig(in_channels=channels)))
         vae, text = AutoencoderKL(VAEConfig()), build_text_encoder(sd14_text_config())
         unet, vae, text = (m.to(device).eval() for m in (unet, vae, text))
-        bundles[key] = JeDi(unet, vae, text, Tokenizer(), dict(resolution=512, diffusion={}, space="latent"))
+        bundles[key] = JeDi(unet, vae, as_text_conditioner(text), dict(resolution=512, diffusion={}, space="latent"))
     gd, sam = os.path.join(folder, "grounding-dino"), os.path.join(folder, "sam")
     os.makedirs(gd)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", ".", "a", "of", "photo"] + [f"w{i}" for i in range(200)]

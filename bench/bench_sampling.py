@@ -61,7 +61,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from kernels import backend_summary, record_backends  # noqa: E402
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, RowFailed, compile_note, first_line, fmt,  # noqa: E402
-                        header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
+                        header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config,
+                        use_dispatch_dir)
 from model.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 
 BACKENDS = ("diffusers", "ours", "triton", "sdpa")
@@ -91,7 +92,9 @@ def parse_args(argv=None):
     p.add_argument("--variants", default=None, help="explicit comma-separated rows, e.g. diffusers,triton+cuda_graphs")
     p.add_argument("--max-seconds", type=float, default=float("inf"),
                    help="time budget: a row starts only if it should end inside it (judged by the longest row of its "
-                        "kind so far, else ~15 s, ~100 s with compile); skipped rows are listed")
+                        "kind so far, else ~20 s, ~60 s with compile); skipped rows are listed")
+    p.add_argument("--dispatch-dir", default=None,
+                   help="read the attention dispatch tables from here instead of kernels/dispatch/ (a sweep's output)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
@@ -337,7 +340,8 @@ def main(argv=None):
     from flops import unet_flops
     from model.diffusion import jedi_input
     from model.loading import JeDi
-    from model.text import Tokenizer, build_text_encoder, sd14_text_config
+    from model.conditioner import as_text_conditioner
+    from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet
     from model.vae import AutoencoderKL, VAEConfig
 
@@ -364,6 +368,7 @@ def main(argv=None):
                  f"cudnn.benchmark on; random weights, identical in every row (the baseline's are converted from ours)",
              "- × baseline = diffusers s/set ÷ row s/set; Δ vs ours = mean |image − ours eager image| in 8-bit levels, "
              "same seed; peak GiB = max allocated during the row, the shared weights included"]
+    notes.append(use_dispatch_dir(args.dispatch_dir))
     if not on_cuda:
         notes.append("- no CUDA: Triton rows, CUDA graphs and memory figures are CUDA-only (rows say so)")
     columns = ["variant", "s/set", "it/s", "UNet ms", "UNet TFLOP/s", "× baseline", "Δ vs ours", "peak GiB",
@@ -381,7 +386,7 @@ def main(argv=None):
         vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
     resolution = hw * vae.downsample_factor
     try:
-        tokenizer = Tokenizer()
+        text = as_text_conditioner(text_encoder)  # builds sample.py's tokenizer
     except ImportError as e:  # the GPU image lacks open_clip_torch / ftfy: bench/README.md says how to carry them
         print(f"bench_sampling: error: sample.py's tokenizer does not import ({first_line(e)}); carry the wheels "
               f"of open_clip_torch, ftfy and wcwidth in bench/wheels/ (bench/README.md)", file=sys.stderr)
@@ -391,7 +396,7 @@ def main(argv=None):
 
     def bundle(unet):
         """The model bundle sample.load_model would return for a checkpoint with these weights (before prepare)."""
-        return JeDi(unet, vae, text_encoder, tokenizer, dict(resolution=resolution, diffusion={}, space="latent"))
+        return JeDi(unet, vae, text, dict(resolution=resolution, diffusion={}, space="latent"))
 
     shared = bundle(base).to(dev, dtype)  # text encoder, VAE and the research rows' UNet: cast once
     g = torch.Generator(device="cpu").manual_seed(args.seed)
@@ -438,7 +443,7 @@ def main(argv=None):
     with torch.no_grad():  # the Δ reference (ours, eager) and the bf16 noise scale (the same in fp32)
         ours_images = generate(build("ours"), args.timed_steps)
         fp32 = sample.prepare_model(JeDi(copy.deepcopy(base).float(), copy.deepcopy(vae).float(),
-                                         copy.deepcopy(text_encoder).float(), tokenizer, shared.meta), dev, dtype="fp32")
+                                         copy.deepcopy(text).float(), shared.meta), dev, dtype="fp32")
         noise = images_delta(generate(fp32, args.timed_steps), ours_images)
         del fp32
     bound = 3 * noise + 1.0
@@ -512,7 +517,8 @@ def main(argv=None):
             raise RowFailed(row)
         return row
 
-    budget = Budget(args.max_seconds, guess=20, compile_guess=100)  # guesses for an H100, full size
+    # guesses for an H100/H200 at full size (H200 2026-11-27: a compile row's set-up took 40-50 s)
+    budget = Budget(args.max_seconds, guess=20, compile_guess=60)
     baseline = {}
 
     def speedup(variant, row):  # every row against the diffusers baseline (the first row)

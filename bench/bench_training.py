@@ -12,7 +12,8 @@ norm, as train.py's logging does. World size 1: train.setup_distributed without 
 Only the weights differ: random, made on the device (train.py builds on meta and loads a full state dict).
 
 Rows (a variant is "+"-joined tokens: attention backend, then options):
-    auto | triton | sdpa attention backend (kernels.attention, JEDI_ATTN; auto = the card's measured dispatch table)
+    auto | triton | sdpa attention backend (kernels.attention, JEDI_ATTN; auto = the card's dispatch table,
+                         kernels/dispatch/ or --dispatch-dir; SDPA without one)
     +ac                  activation checkpointing of every block (train.py's activation_checkpointing=True)
     +compile             torch.compile of every block (train.py's compile=True)
     +channels_last       NHWC activations from the first convolution on (train.py's channels_last=True)
@@ -59,7 +60,7 @@ import torch.distributed as dist  # noqa: E402
 
 from kernels import backend_summary, record_backends  # noqa: E402
 from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, fmt, header,  # noqa: E402
-                        redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config)
+                        redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config, use_dispatch_dir)
 
 BACKENDS = ("auto", "triton", "sdpa")
 OPTIONS = ("ac", "compile", "channels_last", "data")
@@ -83,6 +84,8 @@ def parse_args(argv=None):
                    help="time budget: a row starts only if it should end inside it (judged by the longest row of its "
                         "kind so far, else ~20 s, ~60 s with compile), and a row still running when it runs out is "
                         "stopped and reported as not finished; skipped rows are listed")
+    p.add_argument("--dispatch-dir", default=None,
+                   help="read the attention dispatch tables from here instead of kernels/dispatch/ (a sweep's output)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
@@ -228,7 +231,8 @@ def main(argv=None):
     notes = ["", f"- model FLOPs per step: {step_flops / 1e12:.4g} TFLOP (3 × UNet forward, flops.py); {peak_note}",
              f"- step = train.py's: loss fwd+bwd, grad clip {train.grad_clip}, fused AdamW, EMA, one host sync; "
              f"median of {args.steps} steps after {args.warmup} warm-up; random latents and text states except in "
-             f"+data rows (JPEG decode + resize + VAE/text encode in front of the step)"]
+             f"+data rows (JPEG decode + resize + VAE/text encode in front of the step)",
+             use_dispatch_dir(args.dispatch_dir)]
     columns = ["variant", "step ms", "sets/s", "images/s", "peak GiB", "TFLOP/s", "MFU", "load ms", "encode ms",
                "first step s", "setup s", "loss", "attention", "note"]
     report = Report(args.out, header(title) + notes, columns)

@@ -45,6 +45,25 @@ def redraw_zero_layers(module: nn.Module) -> nn.Module:
     return module
 
 
+def use_dispatch_dir(path) -> str:
+    """--dispatch-dir: "auto" attention reads its per-card tables from `path` instead of kernels/dispatch/ (e.g. the
+    one bench/kernel_sweep.py just wrote, to measure what the card gets once it is committed). The card's table is
+    validated here (a malformed one stops the script). -> the report line saying which table "auto" uses."""
+    import kernels.dispatch as kd
+    if path is not None:
+        if not Path(path).is_dir():
+            raise SystemExit(f"--dispatch-dir: {path} is not a directory")
+        kd.TABLE_DIR = Path(path)
+        kd.table_for.cache_clear()
+    if not torch.cuda.is_available():
+        return "- attention: auto is SDPA for CPU tensors (no dispatch table is read)"
+    name = torch.cuda.get_device_name()
+    table = kd.TABLE_DIR / f"{kd.card_slug(name)}.json"
+    if kd.table_for(name) is None:
+        return f"- attention: auto is SDPA everywhere: no dispatch table for {name} in {kd.TABLE_DIR}"
+    return f"- attention: auto per shape from the dispatch table {table}"
+
+
 def versions() -> str:
     parts = [f"python {platform.python_version()}", f"torch {torch.__version__}"]
     if torch.version.cuda:

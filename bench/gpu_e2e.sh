@@ -5,8 +5,9 @@
 #    CUDA graphs) against the diffusers-built baseline, 512 px, set of 4 (1 ref + 3 new), 50 DDIM steps, guidance.
 # 2. bench_training: one training step at 512 px, N = 4, eager and compiled (bench/bench_training.py's own rows).
 # Writes OUTDIR/bench_sampling.md, OUTDIR/bench_training.md, a log per step and OUTDIR/SUMMARY.md (card, date,
-# command, versions, git commit, each step's exit status and seconds). Installs nothing (bench/gpu_env.sh: a
-# diffusers wheel carried in bench/wheels/ is unpacked if the machine has none). Exit status: 2 without CUDA,
+# command, versions, git commit, each step's exit status and seconds). Installs nothing (bench/gpu_env.sh: the
+# wheels of bench/gpu_wheels.txt carried in bench/wheels/ are unpacked where the machine lacks them).
+# Exit status: 2 without CUDA or without the carried packages,
 # else 0 only if both steps passed. Env: E2E_BUDGET_S (default 290): wall-clock budget of the whole script.
 set -uo pipefail
 
@@ -17,7 +18,8 @@ if [[ -z "$OUT" ]]; then
 fi
 ARGS="$*"
 GPU_SCRIPT=gpu_e2e
-source "$(dirname "$0")/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), diffusers
+source "$(dirname "$0")/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), carried wheels
+require_carried  # the tokenizer and diffusers must import (exit 2, before any GPU time)
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -37,8 +39,8 @@ STEPS=(
   summary_header
   echo "- budget: ${E2E_BUDGET_S:-290} s"
   echo
-  echo "| step | exit | seconds |"
-  echo "|---|---|---|"
+  echo "| step | exit | seconds | limit s |"
+  echo "|---|---|---|---|"
 } > "$OUT/SUMMARY.md"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # GPU suite: whoever next has a CUDA GPU runs this first.  Usage: bash bench/gpu_suite.sh OUTDIR
 #   e.g. bash bench/gpu_suite.sh bench/results/$(date +%F)-h100
-# Installs nothing (bench/gpu_env.sh: python, CUDA preflight, a diffusers wheel carried in bench/wheels/ unpacked if
-# the machine has none; bench/README.md says how to carry it). Budget: < 8 minutes on one H100.
+# Installs nothing (bench/gpu_env.sh: python, CUDA preflight, the wheels of bench/gpu_wheels.txt carried in
+# bench/wheels/ unpacked where the machine lacks them; bench/README.md says how to carry them).
+# Budget: < 8 minutes on one H100.
 # Every step writes OUTDIR/<step>.log (+ its own outputs); OUTDIR/SUMMARY.md gets card, date, command,
 # versions and each step's exit status and wall time. Exit status: 0 only if every step passed.
 # Env: SUITE_BUDGET_S (default 465): the whole suite's wall-clock budget; each step's limit is cut to what is left
@@ -15,7 +16,8 @@ if [[ -z "$OUT" ]]; then
   exit 2
 fi
 GPU_SCRIPT=gpu_suite
-source "$(dirname "$0")/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), diffusers
+source "$(dirname "$0")/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), carried wheels
+require_carried  # the tokenizer and diffusers must import (exit 2, before any GPU time)
 
 mkdir -p "$OUT"
 OUT=$(cd "$OUT" && pwd)
@@ -43,8 +45,8 @@ STEPS=(
   summary_header
   echo "- budget: ${SUITE_BUDGET_S:-465} s${SUITE_STEPS:+; steps: $SUITE_STEPS}"
   echo
-  echo "| step | exit | seconds |"
-  echo "|---|---|---|"
+  echo "| step | exit | seconds | limit s |"
+  echo "|---|---|---|---|"
 } > "$OUT/SUMMARY.md"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1 || true
 

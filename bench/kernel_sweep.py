@@ -1,7 +1,8 @@
 """Attention kernel sweep: every variant x JeDi's shapes, correctness first, then TFLOP/s and the dispatch table.
 
     bash bench/gpu_kernel_sweep.sh OUTDIR                  # the entry point on a GPU (exit 2 without CUDA)
-    python bench/kernel_sweep.py --out OUTDIR [--dtypes fp16,bf16] [--max-seconds 270] [--workers 6]
+    python bench/kernel_sweep.py --out OUTDIR [--dtypes fp16,bf16] [--set-sizes 1,2,3,4] [--variants ...]
+                                 [--max-seconds 270] [--workers 6]
     python bench/kernel_sweep.py --cpu-smoke --out OUTDIR  # no GPU: tiny shapes under TRITON_INTERPRET=1
 
 Shapes (8 heads): SD-1.4's self-attention coupled over N = 1..4 images, L = N*HW for HW 4096 / 1024 / 256 / 64
@@ -11,7 +12,9 @@ Variants: ours -- triton (autotuned, pointer loads), triton-tma (forward K/V thr
 triton-ws (TMA + warp-specialized forward loop), triton-atomic (one backward kernel, atomic fp32 dQ),
 triton-noalign (the pre-fix scalar loads; D 40 self-attention only: at D 80 / 160 it compiles to the same
 code) -- and PyTorch's SDPA: its default choice (what the "sdpa" backend runs) and each of cudnn / flash /
-efficient forced.
+efficient forced. bench/gpu_lease.sh runs the cut that decides JeDi's dispatch table: bf16 (what sample.py and
+train.py run on CUDA), N = 2 and 4 (their length buckets cover N = 3 too), the variants the table chooses from
+plus cuDNN (the issue's yardstick).
 
 Order of work:
 1. warm-up (GPU): `--workers` processes compile every Triton kernel the sweep will run, in parallel, into
@@ -20,13 +23,16 @@ Order of work:
    2 x (default SDPA's own error in that dtype) + eps, every kernel buffer pre-filled with NaN -- and only the
    variants that pass are timed: a CUDA graph of many calls (launch overhead removed: it would dominate the
    ~20 us of D 160 at L 512), median of 5 replays; backward = (forward + backward) - forward;
-3. writes OUTDIR/kernel_sweep.md (TFLOP/s; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x, true D),
+3. writes OUTDIR/kernel_sweep.md (TFLOP/s; FLOPs 4*B*H*Lq*Lk*D forward, backward
+   flops.ATTENTION_BACKWARD_FACTOR (2.5) x that, true D),
    OUTDIR/dispatch/<card>.json (the format kernels/dispatch reads; copy it to kernels/dispatch/ to commit it)
    and OUTDIR/SUMMARY.md (card, date, command, versions, git commit, seconds per phase, anything skipped).
 The dispatch table picks, per (dtype, head dim, Lq bucket, Lk bucket), the backend with the least summed time
 over the bucket's shapes among our variants (not triton-noalign) and default sdpa: "fwd" by forward time,
 "train" by forward + backward; ours must beat sdpa by 2 % (timing noise does not flip a choice). A shape is
 started only if the --max-seconds budget should still cover it.
+--cpu-smoke also makes every warp-specialized launch fail as a compile failure would on a GPU, so the fallback
+(flash_attn._WS_FAILED) and its report run in CI; and it exits 1 if any variant fails the check or cannot run.
 """
 import argparse
 import datetime
@@ -51,12 +57,12 @@ DTYPES = ("fp16", "bf16")
 MARGIN = 0.98  # a Triton variant enters the dispatch table only if it takes <= 98 % of sdpa's time
 
 
-def shapes(smoke=False):
+def shapes(smoke=False, set_sizes=(1, 2, 3, 4)):
     """[(kind, B, Lq, Lk, D, N)], the issue's target shapes first (D 40 at L >= 8192, D 80 at L >= 2048,
-    D 160 at L 512), so a budget cut drops the least decisive ones."""
+    D 160 at L 512), so a budget cut drops the least decisive ones. set_sizes: the N of the self-attention shapes."""
     if smoke:
         return [("self", 1, 32, 32, 40, 2), ("cross", 1, 16, 13, 40, 1)]
-    out = [("self", 2, n * hw, n * hw, d, n) for hw, d in LEVELS for n in (1, 2, 3, 4)]
+    out = [("self", 2, n * hw, n * hw, d, n) for hw, d in LEVELS for n in set_sizes]
     out += [("cross", 8, hw, 77, d, 1) for hw, d in LEVELS]
 
     def rank(s):
@@ -66,11 +72,25 @@ def shapes(smoke=False):
     return sorted(out, key=rank)
 
 
-def variants_for(kind, d, smoke=False):
-    ours = [v for v in OURS if v != "triton-noalign" or (kind == "self" and d == 40)]
-    if smoke:  # under the interpreter TMA / warp specialization are the same Python: save the CI seconds
-        return [v for v in ours if v not in ("triton-tma", "triton-ws")] + ["sdpa"]
-    return ours + list(SDPAS)
+def variants_for(kind, d, smoke=False, only=OURS + SDPAS):
+    """The variants timed at a shape: `only` (--variants), triton-noalign at D 40 self-attention alone."""
+    ours = [v for v in OURS if v in only and (v != "triton-noalign" or (kind == "self" and d == 40))]
+    if smoke:  # under the interpreter TMA is the same Python as triton: save the CI seconds; triton-ws stays for
+        return [v for v in ours if v != "triton-tma"] + ["sdpa"]  # its fallback (simulate_ws_failure)
+    return ours + [v for v in SDPAS if v in only]
+
+
+def simulate_ws_failure(flash_attn):
+    """--cpu-smoke: every warp-specialized forward launch raises as Triton does when the pass fails to compile
+    (documented on sm_90 at D 40), so flash_attn's fallback (_WS_FAILED, a warning, the plain loop) and this
+    script's report of it run in CI exactly as on the GPU."""
+    real = flash_attn._launch
+
+    def launch(kernel, grid_rows, bh, *args, **meta):
+        if meta.get("WS"):
+            raise RuntimeError("PassManager::run failed (simulated by kernel_sweep --cpu-smoke)")
+        return real(kernel, grid_rows, bh, *args, **meta)
+    flash_attn._launch = launch
 
 
 def make_fn(torch, name):
@@ -221,7 +241,7 @@ def warm_up(args, work):
     """Compile in `--workers` parallel processes (compilation is CPU-bound and single-threaded per process)."""
     groups = {}  # jobs that share compiled binaries (dtype, variant, head dim, tail masks) go to one worker
     for dname, s in work:
-        for name in variants_for(s[0], s[4], args.cpu_smoke):
+        for name in variants_for(s[0], s[4], args.cpu_smoke, args.variants):
             if name in OURS:
                 groups.setdefault((dname, name, s[4], s[0]), []).append((dname, name, s))
     if args.cpu_smoke:  # one small job: the smoke checks the plumbing, not the (absent) compiler
@@ -249,8 +269,8 @@ def warm_up(args, work):
 
 
 def tflops(b, lq, lk, d, ms, bwd):
-    from flops import attention_flops
-    f = attention_flops(b, lq, lk, HEADS, d) * (2.5 if bwd else 1.0)
+    from flops import ATTENTION_BACKWARD_FACTOR, attention_flops
+    f = attention_flops(b, lq, lk, HEADS, d) * (ATTENTION_BACKWARD_FACTOR if bwd else 1.0)
     return f / (ms * 1e-3) / 1e12
 
 
@@ -288,9 +308,11 @@ def fmt(x):
 
 
 def tables(rows, dname, names):
+    from flops import ATTENTION_BACKWARD_FACTOR
     out = []
     for bwd in (False, True):
-        title = "backward (TFLOP/s, 2.5x forward FLOPs; (fwd+bwd) - fwd)" if bwd else "forward (TFLOP/s)"
+        title = (f"backward (TFLOP/s, {ATTENTION_BACKWARD_FACTOR}x forward FLOPs; (fwd+bwd) - fwd)" if bwd else
+                 "forward (TFLOP/s)")
         head = ["kind", "B", "N", "Lq", "Lk", "D"] + names + ["best ours / best sdpa"]
         out += [f"### {dname} {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in (r for r in rows if r["dtype"] == dname):
@@ -335,7 +357,8 @@ def write(args, meta, rows, skipped, logs, card, dts, phases, done):
     from kernels import flash_attn
     if flash_attn._WS_FAILED:
         lines += ["### triton-ws fell back to the plain loop (warp_specialize did not compile)", ""]
-        lines += [f"- D {d} {dt} aligned {al}" for d, dt, al in sorted(flash_attn._WS_FAILED, key=str)] + [""]
+        lines += [f"- D {d} {str(dt).removeprefix('torch.')} aligned {al} TMA {tma}"  # flash_attn's key
+                  for d, dt, al, tma in sorted(flash_attn._WS_FAILED, key=str)] + [""]
     picks = [f"- {kname[1:]} {key}: {cfg}" for kname in ("_fwd", "_dkdv", "_dq")
              for key, cfg in getattr(getattr(flash_attn, kname), "cache", {}).items()]
     if picks:
@@ -348,7 +371,9 @@ def write(args, meta, rows, skipped, logs, card, dts, phases, done):
              "entries": [e for dname in dts for e in dispatch_entries(rows, dname)]}
     kd.validate(table, "the sweep's own dispatch table")  # never write a table kernels/ would refuse
     (args.out / "dispatch").mkdir(exist_ok=True)
-    (args.out / "dispatch" / f"{kd.card_slug(card)}.json").write_text(json.dumps(table, indent=1) + "\n")
+    path = args.out / "dispatch" / f"{kd.card_slug(card)}.json"
+    path.with_suffix(".tmp").write_text(json.dumps(table, indent=1) + "\n")
+    path.with_suffix(".tmp").replace(path)  # whole or absent: a timeout mid-write leaves no half table to read
 
     summary = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()]
     summary += [f"- phases (s): {', '.join(f'{k} {v:.0f}' for k, v in phases.items())}",
@@ -381,12 +406,21 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--set-sizes", default="1,2,3,4", help="images per set N of the self-attention shapes")
+    p.add_argument("--variants", default=",".join(OURS + SDPAS), help="comma list of what to time (sdpa always)")
     p.add_argument("--max-seconds", type=float, default=270.0, help="wall-clock budget of this script")
     p.add_argument("--workers", type=int, default=6, help="parallel compile processes of the warm-up")
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: tiny shapes under the interpreter")
     p.add_argument("--warm-jobs", default=None, help=argparse.SUPPRESS)  # internal: one warm-up worker
     p.add_argument("--warm-device", default="cuda", help=argparse.SUPPRESS)
     args = p.parse_args()
+    args.variants = tuple(x for x in args.variants.split(",") if x) + ("sdpa",)  # sdpa: every table's fallback
+    try:
+        args.set_sizes = tuple(int(n) for n in args.set_sizes.split(","))
+    except ValueError:
+        p.error(f"--set-sizes: expected a comma list of integers, got {args.set_sizes!r}")
+    if not all(1 <= n <= 8 for n in args.set_sizes):
+        p.error(f"--set-sizes: each N must be 1..8, got {args.set_sizes}")
     t_start = time.time()
     args.deadline = t_start + args.max_seconds
     if args.warm_jobs is not None:
@@ -401,15 +435,22 @@ def main():
               file=sys.stderr)
         return 2
     import warnings
+
+    from flops import ATTENTION_BACKWARD_FACTOR
     warnings.filterwarnings("ignore")  # SDPA warns for each forced backend that rejects a shape: "fails" says it
     dts = [x for x in args.dtypes.split(",") if x]
     if any(x not in DTYPES for x in dts):
         p.error(f"--dtypes: expected a comma list of {DTYPES}, got {args.dtypes!r}")
+    if any(x not in OURS + SDPAS for x in args.variants):
+        p.error(f"--variants: expected a comma list of {OURS + SDPAS}, got {','.join(args.variants)!r}")
     device = "cpu" if args.cpu_smoke else "cuda"
     card = "CPU interpreter smoke" if args.cpu_smoke else torch.cuda.get_device_name()
     timer = wall_ms if args.cpu_smoke else graph_ms
     torch.backends.cuda.matmul.allow_tf32 = False
-    work = [(dname, s) for s in shapes(args.cpu_smoke) for dname in dts]
+    work = [(dname, s) for s in shapes(args.cpu_smoke, args.set_sizes) for dname in dts]
+    if args.cpu_smoke:
+        from kernels import flash_attn
+        simulate_ws_failure(flash_attn)
     phases, logs = {}, []
     if args.workers > 0:
         if args.cpu_smoke:
@@ -418,7 +459,7 @@ def main():
         phases["warm-up compile"] = time.time() - t_start
     how = "wall clock, one call (smoke: meaningless)" if args.cpu_smoke else "CUDA graph of many calls, median of 5"
     meta = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()] + [
-        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward 2.5x (true D); {how}",
+        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward {ATTENTION_BACKWARD_FACTOR}x (true D); {how}",
         "- cells: TFLOP/s; wrong = failed the correctness check (never timed); fails = could not run; "
         "n/a = not timed (budget)", ""]
 
@@ -430,7 +471,7 @@ def main():
         if time.time() + 1.5 * per_shape > args.deadline:
             skipped.append(f"{dname} {kind} B {b} Lq {lq} Lk {lk} D {d}")
             continue
-        names = variants_for(kind, d, args.cpu_smoke)
+        names = variants_for(kind, d, args.cpu_smoke, args.variants)
         fns = {name: make_fn(torch, name) for name in names}
         q, k, v, do = inputs(torch, b, lq, lk, d, dt[dname], device, seed=i)
         verdict = check(torch, fns, q, k, v, do, dname)
@@ -456,6 +497,11 @@ def main():
     phases["measure"] = time.time() - t_measure
     write(args, meta, rows, skipped, logs, card, dts, phases, done=True)
     print((args.out / "SUMMARY.md").read_text())
+    bad = [f"{r['kind']} L {r['lq']}x{r['lk']} {n}" for r in rows for n, why in r["verdict"].items() if why]
+    if args.cpu_smoke and bad:  # on a GPU a failing variant is a finding (reported, never timed); here, a bug
+        print(f"kernel_sweep: error: --cpu-smoke: {len(bad)} variant(s) failed or could not run: {', '.join(bad)} "
+              f"(kernel_sweep.md says why)", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -17,6 +17,7 @@ Design (FlashAttention-2, as in the Triton tutorial, without its causal-only bac
   programs that write fp32 partial sums, added on the host: more programs for the SMs, still deterministic.
 - Any Lq, Lk (ragged tails are masked; Lq != Lk), any head dim 1..256, padded to one power-of-two tile
   (40 -> 64, 80 -> 128, 160 -> 256) whose extra columns are masked loads (no memory traffic) and zero MMA work.
+  SDXL's head dim 64 fills its tile exactly: the D 40 tile and configs, with no column masks.
 - Alignment: when every stride but the last is a multiple of 8 elements and the pointers are 16-byte aligned
   (always so for the UNet's tensors), the constexpr ALIGNED tells the compiler the head and row offsets are
   multiples of 8. Without it a head stride of 40 (not a multiple of 16, so the JIT gives it no divisibility
@@ -326,7 +327,8 @@ def _bwd_dq_kernel(Q, K, V, DO, DQ, LSE, DELTA, sm_scale,
 # ----------------------------------------------------------------------------------------------------------
 # Launch configuration: Hopper autotune tables (GPU) or one fixed config (interpreter)
 # ----------------------------------------------------------------------------------------------------------
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim tile BD (64 for D 40, 128 for D 80, 256 for D 160).
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per head-dim tile BD (64 for D 40 and SDXL's 64, 128 for D 80, 256 for
+# D 160). D 64 compiles to the D 40 code's registers, vector loads, cp.async and wgmma, unpadded (docs/kernel.md).
 # For dK/dV, BLOCK_N is the key block a program owns and BLOCK_M the query step; for dQ, BLOCK_M is owned and
 # BLOCK_N the step. Starting points from the Triton tutorial, the 2026-11-27 H200 autotune picks
 # (bench/results/2026-11-27-h200-run2) and ptxas (sm_90): wgmma needs 64 rows per warp group, so the

@@ -6,12 +6,16 @@ Conventions (one for the whole project):
 - images are flat over sets, `(B·N, C, h, w)`, the N images of a set consecutive; the UNet gets `set_size=N`.
 - the UNet input is `[x_t, reference, mask]` (model/unet.py): mask = 1 where the image's clean latent is given.
 - a model predicts `eps` (SD-1.4, the paper) or `v` (v = √ᾱ·ε − √(1−ᾱ)·x0, used by the toy config).
+- text conditioning is a `model.conditioning.Cond` (context, optional SDXL vector y), or a bare (B, L, D) context
+  tensor for SD-1.x; dropped, repeated and concatenated whole, so y follows the context everywhere.
 """
 import math
 from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+
+from .conditioning import Cond, as_cond
 
 
 def make_alphas_cumprod(kind: str = "scaled_linear", T: int = 1000, beta_start: float = 0.00085,
@@ -93,7 +97,8 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
               p_drop: float = 0.1, p_drop_text: float = 0.0, ref_loss_weight: float = 1.0, generator=None):
     """The JeDi training loss (eq. 2) on a batch of sets.
 
-    x0: (B·N, C, h, w) clean latents; context: (B·N, L, D) text states; null_context: (1, L, D) for "".
+    x0: (B·N, C, h, w) clean latents; context: (B·N, L, D) text states or a Cond; null_context: the same for "",
+    one row or B·N rows (a dropped row takes null's context AND y).
     Per image a reference flag ~ Bernoulli(p_ref). Per set, with p_drop the text becomes "" AND every reference
     is zeroed while the mask stays (ε⁰ of eq. 3); with p_drop_text only the text is dropped (for 3-pass guidance).
     One t per set, as for one joint sample. ref_loss_weight weighs the loss on images given as reference
@@ -107,10 +112,10 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
     mask = rand(BN) < p_ref  # (B·N,)
     u = rand(B).repeat_interleave(set_size)  # one draw per set: joint drop | text-only drop | keep
     drop_all, drop_text = u < p_drop, (u >= p_drop) & (u < p_drop + p_drop_text)
-    context = torch.where((drop_all | drop_text)[:, None, None], null_context.to(context.dtype), context)
+    cond = as_cond(context).where(drop_all | drop_text, as_cond(null_context))  # context and y dropped together
     reference = x0 * (~drop_all).to(x0.dtype).reshape(-1, 1, 1, 1)  # keep flag (B·N,) -> (B·N, 1, 1, 1)
     x_t = diffusion.q_sample(x0, t, noise)
-    out = unet(jedi_input(x_t, reference, mask), t, context, set_size=set_size)
+    out = unet(jedi_input(x_t, reference, mask), t, cond.unet_arg(), set_size=set_size)
     per_image = F.mse_loss(out.float(), diffusion.target(x0, noise, t).float(), reduction="none").mean(dim=(1, 2, 3))
     w = torch.where(mask, ref_loss_weight, 1.0)
     return (per_image * w).sum() / w.sum().clamp_min(1e-8)  # a set of only references may weigh 0
@@ -118,7 +123,8 @@ def jedi_loss(unet, diffusion: Diffusion, x0, context, null_context, set_size: i
 
 @torch.no_grad()
 def reference_errors(unet, diffusion: Diffusion, x0, context, t: int, noise):
-    """Squared errors of image 1 of each set of 2 (x0: (B·2, C, h, w), image 0 the reference; context: (B·2, L, D))
+    """Squared errors of image 1 of each set of 2 (x0: (B·2, C, h, w), image 0 the reference; context: (B·2, L, D)
+    or a Cond)
     at timestep t with the given noise (B·2, C, h, w): with its own set's reference and with another set's (in x_t
     and in the reference channels alike). Returns (own, other), each (B, C, h, w) float32."""
     B2, dev = x0.shape[0], x0.device
@@ -127,7 +133,8 @@ def reference_errors(unet, diffusion: Diffusion, x0, context, t: int, noise):
     mask = torch.tensor([True, False], device=dev).repeat(B2 // 2)  # (B·2,): image 0 of each set
     tt = torch.full((B2,), t, device=dev)
     target = diffusion.target(x0, noise, tt).float()
-    out = [unet(jedi_input(diffusion.q_sample(x, tt, noise), x, mask), tt, context, set_size=2) for x in (x0, swapped)]
+    c = as_cond(context).unet_arg()
+    out = [unet(jedi_input(diffusion.q_sample(x, tt, noise), x, mask), tt, c, set_size=2) for x in (x0, swapped)]
     return tuple((o.float() - target)[~mask].square() for o in out)
 
 
@@ -237,15 +244,17 @@ def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: s
 
 def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | None = None):
     """The one batcher of guidance passes: one UNet call over [(extra input channels (B, c, h, w) or None,
-    context (B, L, D)), ...] -> one fp32 output (B, C, h, w) per pass, in order; every pass sees the same x_t,
-    with its extra channels appended. Whole sets of `set_size` images stay together (B is a multiple of it).
+    conditioning of B rows: a Cond or a (B, L, D) context), ...] -> one fp32 output (B, C, h, w) per pass, in
+    order; every pass sees the same x_t, with its extra channels appended. Whole sets of `set_size` images stay
+    together (B is a multiple of it).
     dtype: the UNet input's (the model's; None: x's own). Only the input is cast: the caller's x_t stays as it is,
     and the outputs come back fp32 because guidance, s·(cond − uncond), magnifies bf16 error."""
     x = x if dtype is None else x.to(dtype)
     inp = torch.cat([x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1) for extra, _ in passes])
-    ctx = torch.cat([c for _, c in passes])  # (k·B, L, D)
+    cond = Cond.cat([as_cond(c) for _, c in passes])  # context (k·B, L, D), y (k·B, adm) or None
     tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
-    return unet(inp, tt, ctx, set_size=set_size).float().chunk(len(passes))  # (k·B, C', h, w) -> k × (B, C, h, w)
+    out = unet(inp, tt, cond.unet_arg(), set_size=set_size)  # (k·B, C', h, w) in -> (k·B, C, h, w)
+    return out.float().chunk(len(passes))  # k × (B, C, h, w)
 
 
 # Image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one (the one default: sample.py's
@@ -261,7 +270,8 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
     """Generate `num_new` images per set that share the subject of `refs` (personalization as inpainting, §3.3).
 
     refs: (n, C, h, w) clean reference latents, n >= 0 (n = 0: a same-subject set from text alone, Fig. 2b).
-    context: (n + num_new, L, D) text states, the references' captions first; null_context: (1, L, D) for "".
+    context: (n + num_new, L, D) text states or a Cond of n + num_new rows, the references' captions first;
+    null_context: the same for "", one row or n + num_new (SDXL: y keeps each image's size features).
     Each set is [refs..., new...]; `num_sets` sets are drawn at once with independent noise (generator: one, or
     a list of num_sets, one per set: see randn).
     guidance λ (eq. 3): ε̃ = ε⁰ + λ(ε(x_t, x̂, M) − ε⁰), ε⁰ = ε(x_t, 0, M) with text "": two passes in one call.
@@ -275,6 +285,7 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
     N = n + num_new
     if latent_shape is None:
         latent_shape = tuple(refs.shape[1:])
+    context = as_cond(context)
     dev, unet_dtype = context.device, context.dtype
     mask = torch.zeros(N, device=dev)
     mask[:n] = 1
@@ -284,8 +295,9 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
         ref_full[:, :n] = refs.to(dev, torch.float32)
     ref_full = ref_full.reshape(num_sets * N, *latent_shape)  # (S, N, C, h, w) -> (S·N, C, h, w)
     known = mask.bool().reshape(-1, 1, 1, 1)  # (S·N,) -> (S·N, 1, 1, 1)
-    ctx = context.repeat(num_sets, 1, 1)  # (S·N, L, D)
-    null = null_context.expand_as(ctx)
+    ctx = context.repeat(num_sets)  # (N, L, D) -> (S·N, L, D), y likewise
+    null = as_cond(null_context)  # "" for every image: one row (a view) or one per image of a set
+    null = null.expand(len(ctx)) if len(null) == 1 else null.expand(N).repeat(num_sets)
     given = jedi_channels(ref_full, mask).to(unet_dtype)  # (S·N, C+1, h, w): [x̂ ⊙ M, M], the same every step
     blank = jedi_channels(torch.zeros_like(ref_full), mask).to(unet_dtype)  # [0, M]: references zeroed, mask kept
 
@@ -328,14 +340,16 @@ def guide(eps_cond, eps_null, scale: float, text=None):
 # attention) and combines them with guide().
 
 def text_guided(unet, diffusion: Diffusion, context, null_context, guidance: float):
-    """Text-to-image with classifier-free guidance: ε(∅) + s·(ε(T) − ε(∅)). context (B, L, D); null (1, L, D)."""
+    """Text-to-image with classifier-free guidance: ε(∅) + s·(ε(T) − ε(∅)). context (B, L, D) or a Cond; null the
+    same for "", one row or B."""
     return _text_cfg(unet, diffusion, None, context, null_context, guidance)
 
 
 def _text_cfg(unet, diffusion: Diffusion, extra, context, null_context, guidance: float):
     """model_fn of classifier-free text guidance (guide's two-pass form), both passes with the same extra input
     channels (None for plain text-to-image)."""
-    null = null_context.expand_as(context)
+    context = as_cond(context)
+    null = as_cond(null_context).expand(len(context))
 
     def model_fn(x, t):
         cond, uncond = _passes(unet, x, t, [(extra, context), (extra, null)])
@@ -360,8 +374,9 @@ def ip2p_guided(unet, diffusion: Diffusion, source_latent, context, null_context
     """InstructPix2Pix: UNet input (B, 8, h, w) = [x_t (4), source-image latent (4)], two guidance scales:
         ε(∅,∅) + s_I·(ε(I,∅) − ε(∅,∅)) + s_T·(ε(I,T) − ε(I,∅))
     source_latent: (B, 4, h, w) the VAE posterior mode of the source image, NOT scaled by the VAE scale factor
-    (how the checkpoints were trained); context: (B, L, D) the instruction's text states."""
-    null = null_context.expand_as(context)
+    (how the checkpoints were trained); context: (B, L, D) the instruction's text states (or a Cond)."""
+    context = as_cond(context)
+    null = as_cond(null_context).expand(len(context))
 
     def model_fn(x, t):
         e_it, e_i, e_0 = _passes(unet, x, t, [(source_latent, context), (source_latent, null),

@@ -1,8 +1,10 @@
-"""The Stable Diffusion 1.x UNet, written from scratch with the original CompVis module names,
+"""The Stable Diffusion UNet (1.x and XL), written from scratch with the original CompVis/Stability module names,
 plus JeDi's two changes: coupled self-attention across the images of a set, and a 9-channel input.
 
-Module names follow `ldm/modules/diffusionmodules/openaimodel.py`, so an original checkpoint loads
+Module names follow `openaimodel.py` (CompVis ldm, Stability sgm), so an original checkpoint loads
 with a prefix strip and `load_state_dict(strict=True)`: `input_blocks.1.1.transformer_blocks.0.attn1.to_q`.
+One class covers both: SDXL is the same topology with three levels, per-level transformer depth, a fixed
+head dim of 64, linear projections, and `label_emb`, the ADM vector input (pooled text + size features).
 
 Batch convention: every tensor is flat over images, `(B·N, ...)`, images of one set consecutive.
 `set_size=N` is a forward argument; only `attn1` regroups its tokens `(B·N, HW, C) -> (B, N·HW, C)`, so
@@ -25,6 +27,8 @@ import torch.nn.functional as F
 
 from kernels import attention
 
+from .conditioning import Cond
+
 LATENT_CHANNELS = 4
 JEDI_IN_CHANNELS = 2 * LATENT_CHANNELS + 1  # [x_t, reference, mask]
 
@@ -38,15 +42,41 @@ class UNetConfig:
     attention_resolutions: tuple = (1, 2, 4)  # downsampling factors with a SpatialTransformer, as in CompVis yaml
     num_res_blocks: int = 2
     num_heads: int = 8  # SD-1.x: fixed head count, so head dims are 40/80/160
-    num_head_channels: int = -1  # SD-2 style: fixed head dim instead (overrides num_heads when > 0)
-    transformer_depth: int = 1
+    num_head_channels: int = -1  # SDXL: fixed head dim 64 instead (overrides num_heads when > 0; num_heads is then -1)
+    # Transformer blocks per SpatialTransformer, per level (SDXL: (0, 2, 10)); an int means every level, as in
+    # SD-1.x configs and older checkpoint metadata. Stored per level, 0 where the level has no attention.
+    transformer_depth: tuple = 1
+    transformer_depth_middle: int | None = None  # None: the last level's depth, as sgm (SDXL: 10)
     context_dim: int = 768
-    use_linear_proj: bool = False  # SD-1.x proj_in/proj_out are 1x1 convs; SD-2 uses Linear
+    use_linear_proj: bool = False  # SD-1.x proj_in/proj_out are 1x1 convs; SD-2 and SDXL use Linear
     norm_groups: int = 32
+    adm_in_channels: int | None = None  # SDXL: 2816, the width of y (label_emb's input); None: no vector input
 
     def __post_init__(self):
+        L = len(self.channel_mult)
         self.channel_mult = tuple(self.channel_mult)
         self.attention_resolutions = tuple(sorted(self.attention_resolutions))
+        depth = self.transformer_depth
+        depth = (depth,) * L if isinstance(depth, int) else tuple(depth)
+        if len(depth) != L:
+            raise ValueError(f"UNetConfig: transformer_depth {depth} has {len(depth)} levels, channel_mult has {L}")
+        if self.transformer_depth_middle is None:
+            self.transformer_depth_middle = depth[-1]
+        attn = [2 ** i in self.attention_resolutions for i in range(L)]
+        if any(a and d < 1 for a, d in zip(attn, depth)):
+            raise ValueError(f"UNetConfig: transformer_depth {depth} is 0 at a level with attention "
+                             f"(attention_resolutions {self.attention_resolutions})")
+        self.transformer_depth = tuple(d if a else 0 for a, d in zip(attn, depth))  # attention_resolutions rules (sgm)
+        if self.num_head_channels > 0:
+            self.num_heads = -1
+        elif self.num_heads < 1:
+            raise ValueError("UNetConfig: set num_heads (SD-1.x) or num_head_channels (SDXL)")
+
+    def heads(self, channels: int) -> tuple[int, int]:
+        """(heads, head dim) of a SpatialTransformer on `channels` channels."""
+        if self.num_head_channels > 0:
+            return channels // self.num_head_channels, self.num_head_channels
+        return self.num_heads, channels // self.num_heads
 
     def to_dict(self):
         return asdict(self)
@@ -228,11 +258,13 @@ class UNet(nn.Module):
         mc, g = c.model_channels, c.norm_groups
         emb_ch = 4 * mc
 
-        def transformer(ch):
-            heads = ch // c.num_head_channels if c.num_head_channels > 0 else c.num_heads
-            return SpatialTransformer(ch, heads, ch // heads, c.transformer_depth, c.context_dim, c.use_linear_proj, g)
+        def transformer(ch, depth):
+            return SpatialTransformer(ch, *c.heads(ch), depth, c.context_dim, c.use_linear_proj, g)
 
         self.time_embed = nn.Sequential(nn.Linear(mc, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch))
+        if c.adm_in_channels is not None:  # openaimodel's num_classes="sequential": a Sequential inside a Sequential
+            self.label_emb = nn.Sequential(
+                nn.Sequential(nn.Linear(c.adm_in_channels, emb_ch), nn.SiLU(), nn.Linear(emb_ch, emb_ch)))
         self.input_blocks = nn.ModuleList([TimestepEmbedSequential(nn.Conv2d(c.in_channels, mc, 3, padding=1))])
         skip_chans, ch, ds = [mc], mc, 1
         for level, mult in enumerate(c.channel_mult):
@@ -240,39 +272,51 @@ class UNet(nn.Module):
                 layers = [ResBlock(ch, emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.transformer_depth[level]))
                 self.input_blocks.append(TimestepEmbedSequential(*layers))
                 skip_chans.append(ch)
             if level != len(c.channel_mult) - 1:
                 self.input_blocks.append(TimestepEmbedSequential(Downsample(ch)))
                 skip_chans.append(ch)
                 ds *= 2
-        self.middle_block = TimestepEmbedSequential(ResBlock(ch, emb_ch, ch, g), transformer(ch), ResBlock(ch, emb_ch, ch, g))
+        self.middle_block = TimestepEmbedSequential(
+            ResBlock(ch, emb_ch, ch, g), transformer(ch, c.transformer_depth_middle), ResBlock(ch, emb_ch, ch, g))
         self.output_blocks = nn.ModuleList()
         for level, mult in reversed(list(enumerate(c.channel_mult))):
             for i in range(c.num_res_blocks + 1):
                 layers = [ResBlock(ch + skip_chans.pop(), emb_ch, mult * mc, g)]
                 ch = mult * mc
                 if ds in c.attention_resolutions:
-                    layers.append(transformer(ch))
+                    layers.append(transformer(ch, c.transformer_depth[level]))
                 if level and i == c.num_res_blocks:
                     layers.append(Upsample(ch))
                     ds //= 2
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
         self.out = nn.Sequential(GroupNorm32(g, ch), nn.SiLU(), zero_module(nn.Conv2d(ch, c.out_channels, 3, padding=1)))
 
-    def forward(self, x, t, context, set_size: int = 1):
+    def forward(self, x, t, context, set_size: int = 1, y=None):
         """x: (B·N, in_channels, h, w); t: (B·N,) or (B,) per set or a scalar, integer timesteps in [0, 999];
-        context: (B·N, 77, context_dim) text states; set_size: N, the images per set. Returns (B·N, out_channels, h, w)."""
+        context: (B·N, L, context_dim) text states, or a `Cond` holding them and y; y: (B·N, adm_in_channels), the
+        vector input of SDXL (pooled text + size features), None for SD-1.x; set_size: N, the images per set.
+        Returns (B·N, out_channels, h, w)."""
+        if isinstance(context, Cond):
+            if y is not None:
+                raise ValueError("UNet: y given twice (in the Cond and as an argument)")
+            context, y = context.context, context.y
         BN = x.shape[0]
         if BN % set_size:
             raise ValueError(f"batch of {BN} images is not a whole number of sets of {set_size}")
+        if (y is None) != (self.config.adm_in_channels is None):
+            raise ValueError(f"UNet: adm_in_channels is {self.config.adm_in_channels} but y is "
+                             f"{'missing' if y is None else 'given'} (SDXL needs y, SD-1.x takes none)")
         t = torch.as_tensor(t, device=x.device).reshape(-1)  # scalar or (n,) -> (n,)
         if t.numel() == 1:
             t = t.expand(BN)
         elif t.numel() == BN // set_size and set_size > 1:
             t = t.repeat_interleave(set_size)  # one timestep per set -> per image
         emb = self.time_embed(timestep_embedding(t, self.config.model_channels).to(x.dtype))
+        if y is not None:
+            emb = emb + self.label_emb(y.to(x.dtype))  # (B·N, 4·model_channels), as openaimodel
         h, skips = x, []
         for block in self.input_blocks:
             h = block(h, emb, context, set_size)

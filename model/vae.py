@@ -9,8 +9,9 @@ strip and a strict load (``vae_from_state_dict`` does both). Layout as in
 ``norm1, conv1, norm2, conv2`` and ``nin_shortcut`` when the width changes.
 
 ``VAEConfig`` fields (all sizes, nothing tied to an image resolution): ``ch, ch_mult, num_res_blocks,
-z_channels, embed_dim, in_channels, out_ch, double_z, dropout`` and ``scale_factor`` (0.18215 for
-SD-1.x), the factor between VAE latents and the latents the UNet is trained on. CompVis keeps
+z_channels, embed_dim, in_channels, out_ch, double_z, dropout``; ``scale_factor`` (0.18215 for
+SD-1.x, 0.13025 for SDXL), the factor between VAE latents and the latents the UNet is trained on; and
+``force_upcast`` (SDXL), which keeps the whole VAE in fp32 when the model is cast to fp16. CompVis keeps
 ``attn_resolutions`` too; SD's VAE has attention only in the mid blocks, so this one does as well.
 """
 from dataclasses import asdict, dataclass
@@ -38,11 +39,16 @@ class VAEConfig:
     double_z: bool = True  # the encoder emits mean and logvar
     dropout: float = 0.0
     scale_factor: float = SD_SCALE_FACTOR  # VAE latents * scale_factor = the latents the UNet is trained on
+    # True: cast(fp16) keeps every weight fp32 (SDXL's VAE overflows fp16 in its mid block too; diffusers' name).
+    # A fine-tune made for fp16 (e.g. sdxl-vae-fp16-fix) can set it False.
+    force_upcast: bool = False
 
     def __post_init__(self):
         self.ch_mult = tuple(self.ch_mult)
         if not self.double_z:
             raise ValueError("AutoencoderKL needs double_z=True: its posterior is a Gaussian with mean and logvar")
+        if not isinstance(self.force_upcast, bool):
+            raise ValueError(f"force_upcast must be true or false, got {self.force_upcast!r}")
 
     def to_dict(self):
         return asdict(self)
@@ -221,7 +227,11 @@ class AutoencoderKL(nn.Module):
         """Cast the weights for inference in `dtype`. In fp16 the encoder and the decoder's up path (up blocks,
         norm_out, conv_out) stay fp32: SD's VAE activations there pass fp16's 65504 and the decode turns to inf/NaN
         (diffusers' upcast_vae keeps the same split). post_quant_conv, decoder.conv_in and decoder.mid run in fp16
-        (the mid attention goes through SDPA, which does not overflow). bf16 has fp32's range: all of it is cast."""
+        (the mid attention goes through SDPA, which does not overflow). With config.force_upcast (SDXL) all of it
+        stays fp32, as diffusers' force_upcast does: SDXL's activations overflow before the up path too. Either way
+        encode and decode take fp16 inputs and return fp32. bf16 has fp32's range: all of it is cast."""
+        if dtype == torch.float16 and self.config.force_upcast:
+            return self.float()
         self.to(dtype)
         if dtype == torch.float16:
             for m in (self.encoder, self.quant_conv, self.decoder.up, self.decoder.norm_out, self.decoder.conv_out):
@@ -253,8 +263,10 @@ class AutoencoderKL(nn.Module):
         return z * self.scale_factor
 
     def decode_latents(self, z: torch.Tensor) -> torch.Tensor:
-        """UNet-space latents -> image: undo scale_factor, then decode."""
-        return self.decode(z / self.scale_factor)
+        """UNet-space latents -> image: undo scale_factor, then decode. The division is in the wider of the latents'
+        and the weights' dtypes: fp16 latents into a VAE kept fp32 (force_upcast) are upcast first, as diffusers
+        does; every other pairing divides as before."""
+        return self.decode(z.to(torch.promote_types(z.dtype, self.post_quant_conv.weight.dtype)) / self.scale_factor)
 
 
 def _find_prefix(sd: dict, anchor: str = "encoder.conv_in.weight") -> str:
@@ -266,8 +278,8 @@ def _find_prefix(sd: dict, anchor: str = "encoder.conv_in.weight") -> str:
 
 
 def vae_config_from_state_dict(sd: dict, **overrides) -> VAEConfig:
-    """Infer the VAE config from tensor shapes (keys bare or prefixed). scale_factor cannot be inferred:
-    it defaults to SD's 0.18215 unless overridden; so does dropout (no tensors)."""
+    """Infer the VAE config from tensor shapes (keys bare or prefixed). scale_factor and force_upcast cannot be
+    inferred: they default to SD-1.x's (0.18215, False) unless overridden (the flavour's); so does dropout."""
     p = _find_prefix(sd)
 
     def shape(key: str) -> tuple:

@@ -221,6 +221,7 @@ def test_gpu_e2e_refuses_without_cuda_and_its_commands_parse(tmp_path):
                            capture_output=True, text=True, timeout=60)
         assert r.returncode == 0 and "rows:" in r.stdout, r.stdout + r.stderr
         rows[name] = r.stdout.split("rows:")[1].strip().split(", ")
-    # "ours" (auto dispatch) beside "sdpa" (SDPA forced): the row that shows whether the kernel table pays
+    # "ours" (auto dispatch) beside "sdpa" (SDPA forced): shows whether the card's kernel table pays, once one is
+    # committed to kernels/dispatch/ (none yet: both run SDPA)
     assert rows["bench_sampling"] == ["diffusers", "ours", "sdpa", "ours+compile", "ours+compile+cuda_graphs"]
     assert any("compile" in v for v in rows["bench_training"])

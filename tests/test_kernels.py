@@ -79,6 +79,16 @@ CASES = [
     (2, 77, 77, 2, 40, torch.float32, "atomic", True),  # one backward kernel, dQ by atomics: strided, odd
     (1, 100, 77, 1, 80, torch.bfloat16, "atomic", False),  # ... bf16, cross-attention length
     (1, 70, 50, 1, 160, torch.float16, "atomic", False),
+    # SDXL's head dim 64: the tile is exactly D (no column masks), so only the row tails are masked. Coupled sets
+    # (B, N·L, H, D) of images whose latents are not powers of two: N·L = 3·25 or 2·25 (5x5), 3·36 (6x6).
+    (2, 75, 75, 1, 64, torch.float32, None, True),  # 2 sets of 3 images, strided views of one projection
+    (2, 108, 108, 1, 64, torch.float16, None, False),  # 2 sets of 3 images, fp16
+    (1, 100, 77, 1, 64, torch.float16, "qsplit3", False),  # cross-attention to 77 tokens, dK/dV in 3 shares
+    (1, 50, 40, 1, 64, torch.float16, "noalign", False),
+    (1, 50, 50, 2, 64, torch.float16, "tma", True),  # a set of 2, TMA on strided views: the key tail zero-filled
+    (1, 33, 100, 1, 64, torch.float16, "ws", False),
+    (2, 50, 50, 1, 64, torch.float32, "atomic", True),  # 2 sets of 2, one backward kernel
+    (1, 100, 77, 1, 64, torch.float16, "atomic", False),
 ]
 
 
@@ -269,6 +279,36 @@ def test_dispatch_table_lookup(table_dir, monkeypatch):
     assert kernels._auto("cpu", 0, str(torch.bfloat16), 40, 8192, 8192, "fwd") == "sdpa"
 
 
+def test_dispatch_table_head_dim_64(table_dir, monkeypatch):
+    # SDXL's fixed head dim: rows measured at D 64 load and answer SDXL's attn1 lengths (N images of 64x64 or
+    # 32x32 latents at 1024 px, bucketed), its cross-attention (77 tokens); an unmeasured D 64 shape, and any
+    # other head dim at the same lengths, fall back to SDPA (head dims are matched exactly, never bucketed).
+    import json
+
+    from kernels import dispatch
+    (table_dir / "test-card-9000.json").write_text(json.dumps(_table([
+        _entry(dtype="fp16", head_dim=64, lq=4096, lk=4096, backend="triton-tma"),
+        _entry(dtype="fp16", head_dim=64, lq=16384, lk=16384, backend="triton"),
+        _entry(dtype="bf16", head_dim=64, lq=16384, lk=16384, direction="train", backend="triton-atomic"),
+        _entry(dtype="fp16", head_dim=64, lq=4096, lk=128, backend="triton-ws"),
+        _entry(dtype="fp16", head_dim=40, lq=8192, lk=8192)])))
+    look = lambda *a: dispatch.lookup("Test Card 9000", *a)  # noqa: E731
+    assert look("fp16", 64, 4096, 4096, "fwd") == "triton-tma"  # one 64x64 image
+    assert look("fp16", 64, 3 * 1024, 3 * 1024, "fwd") == "triton-tma"  # a set of 3 at 32x32: bucket 4096
+    assert [look("fp16", 64, n * 4096, n * 4096, "fwd") for n in (3, 4)] == ["triton", "triton"]  # bucket 16384
+    assert look("bf16", 64, 3 * 4096, 3 * 4096, "train") == "triton-atomic"
+    assert look("fp16", 64, 4096, 77, "fwd") == "triton-ws"  # cross-attention to the 77 text tokens
+    assert look("fp16", 64, 2 * 4096, 2 * 4096, "fwd") == "sdpa"  # bucket 8192: not measured
+    assert look("bf16", 64, 4096, 4096, "fwd") == "sdpa"  # dtype not measured
+    assert look("fp16", 64, 4096, 4096, "train") == "sdpa"  # direction not measured
+    assert look("fp16", 80, 4096, 4096, "fwd") == look("fp16", 40, 4096, 4096, "fwd") == "sdpa"  # other head dims
+    assert look("fp16", 40, 8192, 8192, "fwd") == "triton" and look("fp16", 64, 8192, 8192, "fwd") == "sdpa"
+    # attention()'s "auto" on CUDA tensors of that card (the card's name is all it asks the driver for)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda index=None: "Test Card 9000")
+    assert kernels._auto("cuda", 0, str(torch.float16), 64, 3 * 4096, 3 * 4096, "fwd") == "triton"
+    assert kernels._auto("cuda", 0, str(torch.float16), 64, 1024, 1024, "fwd") == "sdpa"
+
+
 BAD_TABLES = [
     (_table([_entry(), _entry(backend="cudnn")]), r"entries\[1\].*backend must be"),
     (_table([_entry(), _entry(lq=8000)]), r"entries\[1\].*power-of-two"),
@@ -314,24 +354,42 @@ def test_record_backends(spy):
                     U("sdpa", 40, 32, 128, "fwd"): 2}
 
 
-def test_model_same_output_either_backend(spy, monkeypatch):
-    # A tiny coupled UNet (head dims 40 and 80, sets of 2, 7 text tokens): forward and input gradient agree.
+MODELS = {
+    # SD-1.x-like: fixed head count, head dims 40 and 80; sets of 2 images of 8x8 latents, 7 text tokens
+    "sd1-d40-d80": (dict(model_channels=40, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1,
+                         num_heads=1, context_dim=16, norm_groups=8), 8, 2, {40, 80}),
+    # SDXL-like: fixed head dim 64 (2 heads), attention only at factor 2, linear proj, vector input y; sets of 3
+    # images of 6x6 latents, so attn1 sees N·L = 3·9 tokens at 3x3 (not a power of two)
+    "sdxl-d64": (dict(model_channels=64, channel_mult=(1, 2), attention_resolutions=(2,), num_res_blocks=1,
+                      num_head_channels=64, transformer_depth=(0, 1), context_dim=16, use_linear_proj=True,
+                      adm_in_channels=12, norm_groups=8), 6, 3, {64}),
+}
+
+
+@pytest.mark.parametrize("name", list(MODELS))
+def test_model_same_output_either_backend(spy, monkeypatch, name):
+    # A tiny coupled UNet: forward and input gradient agree between SDPA and the Triton kernel, every attention
+    # layer (attn1 and attn2 of each block) runs on the kernel, at the head dims the flavour has.
+    from model.conditioning import Cond
     from model.unet import CrossAttention, UNet, UNetConfig
-    cfg = UNetConfig(model_channels=40, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1,
-                     num_heads=1, context_dim=16, norm_groups=8)
+    kw, hw, n, head_dims = MODELS[name]
+    cfg = UNetConfig(**kw)
     net = UNet(cfg).to(DEVICE)
     torch.nn.init.normal_(net.out[-1].weight, std=0.02)  # zero-initialised output conv would hide differences
-    x = torch.randn(4, cfg.in_channels, 8, 8, device=DEVICE)
+    x = torch.randn(2 * n, cfg.in_channels, hw, hw, device=DEVICE)  # 2 sets of n images
     t = torch.randint(0, 1000, (2,), device=DEVICE)
-    ctx = torch.randn(4, 7, 16, device=DEVICE)
+    y = torch.randn(2 * n, cfg.adm_in_channels, device=DEVICE) if cfg.adm_in_channels else None
+    cond = Cond(torch.randn(2 * n, 7, 16, device=DEVICE), y)
     res = {}
     for backend in ("sdpa", "triton"):
         monkeypatch.setenv("JEDI_ATTN", backend)
         xi = x.clone().requires_grad_()
-        out = net(xi, t, ctx, set_size=2)
+        with kernels.record_backends() as used:
+            out = net(xi, t, cond, set_size=n)
         res[backend] = (out, torch.autograd.grad(out.square().sum(), xi)[0])
         n_attn = sum(isinstance(m, CrossAttention) for m in net.modules())  # attn1 and attn2 of each block
         assert len(spy) == (0 if backend == "sdpa" else n_attn)
+        assert {u.head_dim for u in used} == head_dims and sum(used.values()) == n_attn
     for a, b in zip(res["sdpa"], res["triton"]):
         assert (a - b).abs().max() <= 1e-4 * max(1.0, a.abs().max().item()), f"seed {SEED}"
 
@@ -495,7 +553,9 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
                     ms=ms, no_graph=[])
     rows = [row("self", 2, 8192, 8192, 40, 2, {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
             row("cross", 8, 4096, 77, 40, 1, {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
-            row("self", 2, 512, 512, 160, 2, {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)})]  # within the 2 % margin
+            row("self", 2, 512, 512, 160, 2, {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)}),  # within the 2 % margin
+            # SDXL: a set of 3 images of 64x64 latents at D 64 (N·L = 12288, bucket 16384)
+            row("self", 2, 3 * 4096, 3 * 4096, 64, 3, {"triton": (2.0, 5.0), "sdpa": (3.0, 5.0)})]
     out = tmp_path / "sweep"
     kernel_sweep.write(types.SimpleNamespace(out=out), ["# test"], rows, [], [], "Test Card 9000", ["bf16"],
                        {"measure": 1.0}, done=True)
@@ -506,11 +566,13 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     try:
         want = {(40, 8192, 8192, "fwd"): "triton", (40, 8192, 8192, "train"): "sdpa",  # 4.0 ms vs 3.5 ms
                 (40, 4096, 77, "fwd"): "triton-ws", (40, 4096, 77, "train"): "sdpa",  # 0.8 vs 0.7
-                (160, 512, 512, "fwd"): "sdpa", (160, 512, 512, "train"): "sdpa"}
+                (160, 512, 512, "fwd"): "sdpa", (160, 512, 512, "train"): "sdpa",
+                (64, 16384, 16384, "fwd"): "triton", (64, 12288, 12288, "train"): "triton"}  # 7 ms vs 8 ms
         got = {(d, lq, lk, direction): dispatch.lookup("Test Card 9000", "bf16", d, lq, lk, direction)
                for d, lq, lk, direction in want}
         assert got == want
         assert dispatch.lookup("Test Card 9000", "fp16", 40, 8192, 8192, "fwd") == "sdpa"  # not measured
+        assert dispatch.lookup("Test Card 9000", "bf16", 40, 16384, 16384, "fwd") == "sdpa"  # only D 64 there
     finally:
         dispatch.table_for.cache_clear()
 

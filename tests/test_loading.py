@@ -56,11 +56,11 @@ def test_ckpt_safetensors_and_diffusers_folder_load_identically(tiny_sd, tmp_pat
     loaded = [load_sd(str(p), num_heads=UNET_CFG.num_heads, in_channels=None)
               for p in (tmp_path / "m.ckpt", tmp_path / "m.safetensors", folder)]
     for m in loaded:
-        assert same_modules(m.unet, unet) and same_modules(m.vae, vae) and same_modules(m.text_encoder, text)
+        assert same_modules(m.unet, unet) and same_modules(m.vae, vae) and same_modules(m.text.encoders[0], text)
         assert m.unet.config == UNET_CFG
-    ids = loaded[0].tokenizer(["a photo of a dog"])
+    ids = loaded[0].text.tokenize(["a photo of a dog"])  # (1, 1, 77): one encoder
     with torch.no_grad():
-        torch.testing.assert_close(encode(loaded[2].text_encoder, ids), encode(text, ids), rtol=0, atol=0)
+        torch.testing.assert_close(loaded[2].text(ids).context, encode(text, ids[:, 0]), rtol=0, atol=0)
 
 
 def test_default_load_inflates_to_jedi_input(tiny_sd, tmp_path):
@@ -145,7 +145,7 @@ def test_jedi_checkpoint_roundtrip(tmp_path):
     path = str(tmp_path / "jedi.safetensors")
     save_jedi(path, unet, text, vae, resolution=64, diffusion={"prediction": "eps"})
     m = load_jedi(path)
-    assert same_modules(m.unet, unet) and same_modules(m.text_encoder, text) and same_modules(m.vae, vae)
+    assert same_modules(m.unet, unet) and same_modules(m.text.encoders[0], text) and same_modules(m.vae, vae)
     assert m.meta["resolution"] == 64 and m.meta["space"] == "latent"
     save_jedi(path, unet, text, None, resolution=32, diffusion={}, dtype=torch.float16)
     half = load_jedi(path)

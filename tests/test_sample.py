@@ -253,12 +253,12 @@ def test_dtype_flag_reaches_every_module(ckpts, refs, tmp_path, monkeypatch):
 
     def spy(model, *a, **kw):
         seen["kwargs"] = kw
-        for name, m in (("unet", model.unet), ("text", model.text_encoder.encoder),
+        for name, m in (("unet", model.unet), ("text", model.text.encoders[0].encoder),
                         ("vae.decoder.mid", model.vae.decoder.mid.block_1), ("vae.decoder.up", model.vae.decoder.up[0].block[0]),
                         ("vae.encoder", model.vae.encoder)):
             m.register_forward_pre_hook(record(name), with_kwargs=True)
         seen["params"] = {n: {p.dtype for p in m.parameters()} for n, m in (
-            ("unet", model.unet), ("text", model.text_encoder), ("vae.mid", model.vae.decoder.mid),
+            ("unet", model.unet), ("text", model.text), ("vae.mid", model.vae.decoder.mid),
             ("vae.post_quant_conv", model.vae.post_quant_conv), ("vae.up", model.vae.decoder.up),
             ("vae.encoder", model.vae.encoder))}
         return real_generate(model, *a, **kw)
@@ -281,7 +281,7 @@ def test_dtype_flag_reaches_every_module(ckpts, refs, tmp_path, monkeypatch):
     assert seen["kwargs"]["dtype"] == "fp32" and all(d == {torch.float32} for d in seen["params"].values())
     m = sample.load_model(ckpts["pixel"])  # generate(dtype=...) casts a loaded model once
     real_generate(m, [], ["x"], steps=1, dtype="bf16")
-    assert m.dtype == torch.bfloat16 and {p.dtype for p in m.text_encoder.parameters()} == {torch.bfloat16}
+    assert m.dtype == torch.bfloat16 and {p.dtype for p in m.text.parameters()} == {torch.bfloat16}
     with pytest.raises(sample.UserError, match="--dtype 'fp8'"):
         sample.resolve_dtype("fp8", "cpu")
 

@@ -62,6 +62,10 @@ def tok():
 
 @pytest.fixture(scope="module")
 def oracle():
+    return clip_tokenizer()
+
+
+def clip_tokenizer(**kwargs):
     """transformers' CLIPTokenizer built offline from open_clip's BPE file, parsed here independently."""
     from open_clip.tokenizer import bytes_to_unicode, default_bpe
 
@@ -70,7 +74,7 @@ def oracle():
     chars = list(bytes_to_unicode().values())
     words = chars + [c + "</w>" for c in chars] + ["".join(m) for m in merges] + ["<|startoftext|>", "<|endoftext|>"]
     # transformers 5: pass vocab= / merges= as objects (vocab_file= silently gives wrong ids).
-    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges)
+    return CLIPTokenizer(vocab={w: i for i, w in enumerate(words)}, merges=merges, **kwargs)
 
 
 def sd_ids(oracle, texts):
@@ -169,7 +173,7 @@ def test_other_key_layouts(tiny):
 def test_conversion_for_transformers4_layout(tiny, monkeypatch):
     # transformers 4 nests the model under `text_model.` and some releases persist position_ids; we cannot import
     # that version here, so pretend to be it and check the keys we would produce.
-    monkeypatch.setattr(text, "_installed_layout", lambda: ("text_model.", True))
+    monkeypatch.setattr(text, "_installed_layout", lambda projection=False: ("text_model.", True))
     sd = original_layout(tiny)
     sd["cond_stage_model.transformer.text_model.embeddings.position_ids"] = torch.arange(77.0).unsqueeze(0) - 1e-3
     conv = convert_original_text_state_dict(sd)

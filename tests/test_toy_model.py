@@ -112,8 +112,11 @@ def test_gpu_train_script_fails_fast_without_cuda(tmp_path):
 def test_gpu_train_script_cpu_smoke(tmp_path):
     """toy/gpu_train.sh --cpu-smoke: both stages of config/toy_gpu.py (3 + 3 steps), the export and the benchmark
     on 2 subjects, so that the one GPU call works. 2.5-6.5 min on 2 loaded cores."""
+    from test_gpu_lease import carried_wheels  # --cpu-smoke simulates the GPU image: it needs the carried wheels
+
     out = tmp_path / "out"
-    r = _gpu_train(str(out), "--cpu-smoke")
+    carried_wheels(tmp_path / "wheels")
+    r = _gpu_train(str(out), "--cpu-smoke", env={"GPU_WHEELS_DIR": str(tmp_path / "wheels")})
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     assert os.path.getsize(out / "jedi_toy_gpu.safetensors") <= 20e6
     summary = (out / "SUMMARY.md").read_text()

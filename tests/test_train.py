@@ -214,7 +214,7 @@ def test_torchrun_two_processes_loss_goes_down_then_resume_at_world_size_one(tmp
     # the export is the final checkpoint's EMA (UNet and the trained text encoder), not its raw weights
     saved = checkpoint_tensors(f'{out}/ckpt/step_00000033', tmp_path)
     exported = load_file(f'{out}/jedi.safetensors')
-    for part, name in (('unet', 'unet'), ('text_encoder', 'text')):
+    for part, name in (('unet', 'unet'), ('text_encoder', 'text.encoders.0')):  # the conditioner's one encoder
         ema = {k.split(f'.ema.{part}.', 1)[1]: v for k, v in saved.items() if f'.ema.{part}.' in k}
         raw = {k.split(f'.model.{part}.', 1)[1]: v for k, v in saved.items() if f'.model.{part}.' in k}
         assert ema and ema.keys() == raw.keys() == {k[len(name) + 1:] for k in exported if k.startswith(name + '.')}
@@ -343,7 +343,7 @@ def test_init_from_sd_matches_the_source_unet_and_exports(tmp_path):
     assert m and abs(float(m[1])) < 5, log
     jedi = load_jedi(f'{out}/jedi.safetensors')
     assert jedi.meta['space'] == 'latent' and jedi.meta['resolution'] == 16 and jedi.unet.config.in_channels == 9
-    for a, b in ((jedi.vae, vae), (jedi.text_encoder, text)):
+    for a, b in ((jedi.vae, vae), (jedi.text.encoders[0], text)):
         assert_same_tensors(a.state_dict(), b.state_dict())
     x, t, ctx = torch.randn(4, 4, 8, 8), torch.tensor([3, 500, 999, 42]), torch.randn(4, 77, 32)
     with torch.no_grad():  # zero reference and mask: exactly SD, also with the set coupled

@@ -167,3 +167,108 @@ def test_fp16_decode_of_large_latents_stays_finite():
     assert (got.float() - want).abs().max() / want.abs().max() < 1e-2  # fp16 rounding in the low-resolution part
     x = torch.rand(1, 3, 32, 32) * 2 - 1
     assert torch.isfinite(half.encode_latents(x)).all()  # the encoder takes any input dtype
+
+
+def _blow_up_mid(vae: AutoencoderKL) -> list:
+    """Scale the decoder's mid-block residual branch until its activations pass fp16's 65504 (SDXL's VAE overflows
+    there, before the up path SD-1.x's cast keeps in fp32). -> the list the mid block's peak |activation| goes to."""
+    vae.decoder.mid.block_1.conv2.weight.mul_(1e5)
+    peak = []
+    vae.decoder.mid.block_2.register_forward_hook(lambda m, i, o: peak.append(o.abs().max().item()))
+    return peak
+
+
+@torch.no_grad()
+def test_sdxl_vae_fp16_stays_fp32_and_decodes_as_fp32():
+    """force_upcast (the SDXL flavour's): cast(fp16) keeps every weight fp32, so the decode of fp16 latents is the
+    fp32 decode of the same latents, bit for bit (tolerance 0), where SD-1.x's split (mid block in fp16) gives
+    inf/NaN. bf16 still casts everything (its range is fp32's)."""
+    cfg = dict(ch=32, ch_mult=(1, 2), num_res_blocks=1, scale_factor=0.13025)
+    torch.manual_seed(0)
+    ref = AutoencoderKL(VAEConfig(**cfg, force_upcast=True)).eval()
+    randomize_(ref, seed=4)
+    peak = _blow_up_mid(ref)
+    z = (torch.randn(2, 4, 16, 16) * 0.13025).half()  # UNet-space latents as an fp16 sampler hands them over
+    want = ref.decode_latents(z.float())
+    assert peak[-1] > 65504 and torch.isfinite(want).all()  # an fp16 mid block would hold inf
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    want_lat = ref.encode_latents(x)
+
+    def copy(force_upcast):
+        vae = AutoencoderKL(VAEConfig(**cfg, force_upcast=force_upcast)).eval()
+        vae.load_state_dict(ref.state_dict())
+        return vae
+
+    half = copy(True).cast(torch.float16)
+    assert {p.dtype for p in half.parameters()} == {torch.float32}
+    got = half.decode_latents(z)
+    assert got.dtype == torch.float32 and torch.equal(got, want)
+    assert torch.equal(half.encode_latents(x.half()), ref.encode_latents(x.half().float()))
+    assert torch.equal(half.encode_latents(x), want_lat)
+
+    sd1_split = copy(False).cast(torch.float16)  # what SD-1.x's cast would do to this VAE
+    assert sd1_split.decoder.mid.block_1.conv2.weight.dtype == torch.float16
+    assert not torch.isfinite(sd1_split.decode_latents(z)).all()
+
+    assert {p.dtype for p in copy(True).cast(torch.bfloat16).parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in copy(True).cast(torch.float32).parameters()} == {torch.float32}
+
+
+def test_force_upcast_config():
+    assert VAEConfig().force_upcast is False  # SD-1.x: the split cast of test_fp16_decode_of_large_latents...
+    sd1 = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).cast(torch.float16)
+    halves = {n.rsplit(".", 1)[0] for n, p in sd1.named_parameters() if p.dtype == torch.float16}
+    assert halves and all(n.startswith(("post_quant_conv", "decoder.conv_in", "decoder.mid.")) for n in halves)
+    with pytest.raises(ValueError, match="force_upcast must be true or false"):
+        VAEConfig(force_upcast="yes")
+    # inferred sizes never tell it: the caller (the flavour) does
+    sd = AutoencoderKL(VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1)).state_dict()
+    assert vae_config_from_state_dict(sd).force_upcast is False
+    assert vae_config_from_state_dict(sd, force_upcast=True).force_upcast is True
+
+
+@torch.no_grad()
+def test_flavours_and_checkpoints_carry_force_upcast(tmp_path):
+    """An SDXL original file loads with force_upcast from its flavour, an SD-1.x file without; a JeDi checkpoint
+    keeps it in its VAE metadata, so load_jedi(dtype=fp16) keeps that VAE in fp32 with the UNet in fp16; a bad
+    value there is a one-line error naming the file."""
+    import json
+
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from model.flavours import FLAVOURS
+    from model.loading import CheckpointError, load_jedi, load_sd, load_unet_vae, save_jedi
+    from model.unet import UNet, UNetConfig
+    from tests import tiny_weights
+    from tests.test_sdxl import LOAD_XL
+
+    assert FLAVOURS["sdxl"].vae_force_upcast and not FLAVOURS["sd1"].vae_force_upcast
+    torch.manual_seed(0)
+    vae_sd = AutoencoderKL(VAEConfig(**tiny_weights.VAE)).state_dict()
+    xl = {"model.diffusion_model." + k: v for k, v in UNet(UNetConfig(**LOAD_XL)).state_dict().items()}
+    xl.update({"first_stage_model." + k: v for k, v in vae_sd.items()})
+    xl["conditioner.embedders.0.transformer.text_model.final_layer_norm.weight"] = torch.ones(8)  # text stand-ins:
+    xl["conditioner.embedders.1.model.text_projection"] = torch.randn(8, 8)  # load_unet_vae reads no text
+    save_file(xl, str(tmp_path / "xl.safetensors"))
+    _, xl_vae, flavour = load_unet_vae(str(tmp_path / "xl.safetensors"), in_channels=None)
+    assert flavour.name == "sdxl" and xl_vae.config.force_upcast and xl_vae.scale_factor == 0.13025
+
+    sd1 = load_sd(tiny_weights.sd_checkpoint(tmp_path / "sd1.safetensors"), dtype=torch.float16)
+    assert not sd1.vae.config.force_upcast
+    assert sd1.vae.decoder.mid.attn_1.q.weight.dtype == sd1.dtype == torch.float16  # the SD-1.x split, unchanged
+    assert sd1.vae.decoder.up[0].block[0].conv1.weight.dtype == torch.float32
+
+    path = str(tmp_path / "jedi.safetensors")
+    save_jedi(path, sd1.unet.float(), sd1.text_encoder.float(), xl_vae, resolution=32, diffusion={})
+    m = load_jedi(path, dtype=torch.float16)
+    assert m.vae.config == xl_vae.config and m.dtype == torch.float16
+    assert {p.dtype for p in m.vae.parameters()} == {torch.float32}
+
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["jedi"])
+    meta["vae"]["force_upcast"] = "yes"
+    save_file(load_file(path), path, metadata={"jedi": json.dumps(meta)})
+    with pytest.raises(CheckpointError, match="force_upcast must be true or false") as e:
+        load_jedi(path)
+    assert str(e.value).startswith(path) and "\n" not in str(e.value)

@@ -11,10 +11,12 @@
 # 1's measured ms/step leaves in the budget. A stage past its time (stage 2: the budget less an export's time) gets
 # SIGTERM (the python process alone, not its loader workers): train.py checkpoints and exits, and the EMA weights
 # are then exported from that checkpoint.
-# Installs nothing; python is $PYTHON, else python3. The GPU image lacks ftfy (model/text.py needs it): without an
-# importable one, bench/wheels/ftfy-*.whl and wcwidth-*.whl are unpacked onto PYTHONPATH (bench/README.md).
-# --cpu-smoke: the same steps on CPU, a few iterations and 2 subjects, to check this script before a GPU call.
-# Exit status: 2 without CUDA (unless --cpu-smoke), usage or environment errors; else the first failing step's.
+# Installs nothing: bench/gpu_env.sh picks the python, checks CUDA and unpacks the carried wheels of what the GPU
+# image lacks (bench/gpu_wheels.txt: open_clip_torch, ftfy, wcwidth for model/text.py's tokenizer; bench/README.md).
+# --cpu-smoke: the same steps on CPU, a few iterations and 2 subjects, under the simulated GPU image (only its
+# packages and the carried wheels import), to check this script before a GPU call. bench/gpu_lease.sh runs it.
+# Exit status: 2 without CUDA (unless --cpu-smoke), usage or environment errors (the carried packages do not
+# import); else the first failing step's.
 set -euo pipefail
 
 OUTDIR=${1:-}
@@ -23,27 +25,10 @@ if [[ $# -eq 2 && $2 == --cpu-smoke ]]; then SMOKE=1; elif [[ $# -ne 1 || $OUTDI
   echo "usage: bash toy/gpu_train.sh OUTDIR [--cpu-smoke]" >&2
   exit 2
 fi
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-PY=${PYTHON:-python3}
-export PYTHONUNBUFFERED=1 PYTHONPATH="$ROOT${PYTHONPATH:+:$PYTHONPATH}"
-unset TRITON_INTERPRET
-
-if [[ $SMOKE == 0 ]] && ! "$PY" -c 'import sys, torch; sys.exit(0 if torch.cuda.is_available() else 1)' 2>/dev/null; then
-  echo "gpu_train: error: no CUDA device visible to torch ($PY); nothing was run. On CPU: --cpu-smoke" >&2
-  exit 2
-fi
-if ! "$PY" -c 'import ftfy' 2>/dev/null; then  # pure-Python ftfy + wcwidth: unpacking the wheel is installing it
-  SITE=$(mktemp -d /tmp/gpu_train_site.XXXXXX)
-  for whl in $(ls bench/wheels/ftfy-*.whl bench/wheels/wcwidth-*.whl 2>/dev/null || true); do
-    "$PY" -m zipfile -e "$whl" "$SITE"
-  done
-  export PYTHONPATH="$PYTHONPATH:$SITE"
-  if ! "$PY" -c 'import ftfy' 2>/dev/null; then
-    echo "gpu_train: error: ftfy does not import and bench/wheels/ has no ftfy + wcwidth wheels (bench/README.md)" >&2
-    exit 2
-  fi
-fi
+export PYTHONUNBUFFERED=1 GPU_CPU_SMOKE=$SMOKE
+GPU_SCRIPT=gpu_train
+source "$(dirname "$0")/../bench/gpu_env.sh"  # cd to the repository, PY, CUDA preflight (exit 2), carried wheels
+require_carried open_clip ftfy wcwidth  # model/text.py's tokenizer (exit 2 before any training)
 
 mkdir -p "$OUTDIR"
 OUT=$(cd "$OUTDIR" && pwd)
@@ -162,10 +147,8 @@ fi
   echo "# GPU toy run (toy/gpu_train.sh)"
   echo
   echo "- command: \`bash toy/gpu_train.sh $*\`"
-  echo "- date: $(date -u +%FT%TZ); git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
-  echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
-  echo "- $("$PY" -c 'import os, platform, torch
-print(f"python {platform.python_version()}, torch {torch.__version__}, CUDA {torch.version.cuda}, {os.cpu_count()} CPUs")')"
+  summary_header
+  echo "- CPUs: $(getconf _NPROCESSORS_ONLN)"
   echo "- training: stage 1 $STEPS1 steps at a median ${MS} ms/step, stage 2 to step $STEPS2; ${TRAIN_S} s of wall time" \
        "from the start of stage 1 to the export (budget ${TRAIN_BUDGET} s); total $(( $(now) - START )) s"
   echo "- checkpoint: \`$(basename "$CKPT")\` ($(stat -c %s "$CKPT") bytes)"

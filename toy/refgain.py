@@ -59,7 +59,7 @@ def refgain_table(model, num_sets=48, timesteps=(300, 500, 700, 800, 900, 950), 
         raise NotImplementedError("subject masks are in pixels: this diagnostic is for pixel-space toy models")
     res = model.meta["resolution"]
     x0, captions, subj = held_out_pairs(num_sets, res, seed)
-    context = model.text_encoder(input_ids=model.tokenizer(captions)).last_hidden_state
+    context = model.encode_text(captions)  # (n, 77, D)
     diffusion = Diffusion(**model.meta["diffusion"])
     g, rows = torch.Generator().manual_seed(seed), []
     for tv in timesteps:

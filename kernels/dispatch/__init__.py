@@ -1,7 +1,8 @@
 """Measured dispatch tables: which attention backend is fastest on a card, per shape.
 
 One JSON file per card in this folder, named by ``card_slug(torch.cuda.get_device_name())`` (``NVIDIA H200`` ->
-``nvidia-h200.json``), written by ``bench/gpu_kernel_sweep.sh`` on that card and committed. Schema 1:
+``nvidia-h200.json``), written by ``bench/kernel_sweep.py`` on that card (``bench/gpu_lease.sh``, or
+``bench/gpu_kernel_sweep.sh``) and committed. None is committed yet: until one is, every card gets "sdpa". Schema 1:
 
     {"schema": 1, "card": "NVIDIA H200",
      "measured": {"date": ..., "git": ..., "torch": ..., "triton": ..., "cudnn": ..., "command": ...},
