@@ -92,7 +92,7 @@ def test_ema_weights_are_chosen_when_present(tiny_sd, tmp_path):
         m = load_sd(str(tmp_path / "full.ckpt"), num_heads=2, in_channels=None, **kw)
         got, want = m.unet.state_dict(), unet.state_dict()
         assert got.keys() == want.keys() and all(torch.equal(got[k], want[k] + shift) for k in want), kw
-        assert same_modules(m.vae, vae) and same_modules(m.text_encoder, text)
+        assert same_modules(m.vae, vae) and same_modules(m.text.encoders[0], text)
 
 
 class Exploit:

@@ -166,7 +166,7 @@ def test_refgain_subject_masks_and_table():
 
     x0, captions, _ = rg.held_out_pairs(4, 32, seed=5)
     with torch.no_grad():
-        context = model.text_encoder(input_ids=model.tokenizer(captions)).last_hidden_state
+        context = model.encode_text(captions)
     g = torch.Generator().manual_seed(5)
     for r in rows:
         own, other = reference_gain_sums(model.unet, Diffusion(**model.meta["diffusion"]), x0, context, g,
