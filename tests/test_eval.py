@@ -317,7 +317,8 @@ class FakeGenerator:
     def __init__(self, fail_after=None):
         self.fail_after, self.images, self.calls = fail_after, 0, []
 
-    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype):
+    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype,
+                 first_set=0):
         self.calls.append(dict(refs=list(ref_images), prompts=prompts, ref_prompt=ref_prompt, num_sets=num_sets,
                                steps=steps, guidance=guidance, sampler=sampler, seed=seed, dtype=dtype))
         fg = Image.open(ref_images[0]).convert("RGB").getpixel((20, 15))
@@ -326,7 +327,7 @@ class FakeGenerator:
             if self.fail_after is not None and self.images >= self.fail_after:
                 raise RuntimeError("interrupted")
             self.images += 1
-            rng = np.random.default_rng(seed + s)
+            rng = np.random.default_rng(seed + first_set + s)  # set s's own noise, as sample.set_seed(seed, s)
             out.append([picture(fg, tuple(int(c) for c in rng.integers(0, 256, 3)), size=(40, 40),
                                 box=(8, 8, 30, 30))[0] for _ in prompts])
         return out
@@ -413,11 +414,19 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, embedders, tmp_
     assert res["settings"]["steps"] == 7 and res["settings"]["guidance"] == 2.5  # what was actually used
     first = (out / "images/toy_a/00_0.png").read_bytes()
 
-    # 3. one image lost: exactly that one is regenerated (with a fresh mask); nothing else is touched
-    (out / "images/dog_b/01_2.png").unlink()
+    # 3. images lost: exactly those are regenerated (with fresh masks), each the very image it was (image k of a
+    # prompt is set k of that prompt's seed, whichever others are missing); nothing else is touched
+    lost = {k: (out / f"images/dog_b/01_{k}.png").read_bytes() for k in (1, 2)}
+    for k in lost:
+        (out / f"images/dog_b/01_{k}.png").unlink()
     gen, seg = FakeGenerator(), FakeSegmenter()
     assert run(gen, seg) == 0
-    assert gen.images == 1 and gen.calls[0]["num_sets"] == 1 and seg.calls == 1
+    assert gen.images == 2 and [c["num_sets"] for c in gen.calls] == [2] and seg.calls == 2
+    assert {k: (out / f"images/dog_b/01_{k}.png").read_bytes() for k in lost} == lost
+    (out / "images/dog_b/01_2.png").unlink()
+    (out / "images/dog_b/01_0.png").unlink()
+    assert run(FakeGenerator(), FakeSegmenter()) == 0  # not contiguous: 0 and 2, one call each
+    assert (out / "images/dog_b/01_2.png").read_bytes() == lost[2]
     assert (out / "images/toy_a/00_0.png").read_bytes() == first
 
     # 4. complete: rescoring loads no model and generates nothing

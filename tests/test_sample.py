@@ -296,6 +296,8 @@ def test_batched_sets_equal_one_by_one(ckpts):
     pairs = _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=3, max_batch_sets=2, **args))
     assert np.array_equal(batched, one_by_one) and np.array_equal(batched, pairs)
     assert np.array_equal(batched[:2], _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=1, **args)))
+    # any set alone (eval.py remakes a lost image k as set k): set 2 of 3, made by itself
+    assert np.array_equal(batched[4:], _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=1, first_set=2, **args)))
     assert np.abs(batched[:2] - batched[2:4]).mean() > 0.05  # and the sets do differ
     calls = []
     real = m.unet_fn
