@@ -221,14 +221,15 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
     if len(ref_prompts) != n:
         raise UserError(f"{len(ref_prompts)} reference prompts for {n} references")
     ref_latents = model.to_latents(torch.stack(refs)) if n else None
-    null = model.encode_text([""])
+    sizes = text_sizes(model)
+    null = model.null(**sizes)  # one row
     gens = [torch.Generator(device=model.device).manual_seed(set_seed(seed, first_set + s))
             for s in range(num_sets)]
     out = [[] for _ in range(num_sets)]
     group = min(num_sets, max_batch_sets or num_sets)
     for start in range(0, len(prompts), room):
         chunk = prompts[start : start + room]
-        context = model.encode_text(ref_prompts + chunk)  # (n + K, 77, D)
+        context = model.encode(ref_prompts + chunk, **sizes)  # Cond: (n + K, 77, D) states [+ (n + K, adm) y]
         first = 0
         while first < num_sets:
             sets = range(first, min(first + group, num_sets))
@@ -250,6 +251,14 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
                 out[s].extend(to_pil(p) for p in images)
             first += len(sets)
     return out
+
+
+def text_sizes(model: JeDi) -> dict:
+    """SDXL's micro-conditioning for every image of a set, references and new images alike: an uncropped image at
+    the model's resolution (original and target size R x R, crop top-left 0, 0), what sgm and diffusers sample
+    with at their resolution. The text conditioner ignores them when it has no size features (SD-1.x)."""
+    R = model.resolution
+    return dict(original_size=(R, R), crop_top_left=(0, 0), target_size=(R, R))
 
 
 SET_SEED_STRIDE = 0x9E3779B97F4A7C15  # 2^64 / golden ratio: seeds of different (seed, set) pairs stay apart

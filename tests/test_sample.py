@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 import data
 import sample
+from model.conditioning import as_cond
 from model.loading import save_jedi
 from model.text import Tokenizer, build_text_encoder, sd14_text_config
 from model.unet import UNet, UNetConfig
@@ -169,7 +170,9 @@ def test_chunking_and_set_size_cap(ckpts, refs, monkeypatch):
     want = m.to_latents(torch.stack([sample.load_image(p, 16) for p in refs[:2]]))
     for kw, chunk in zip(seen, (["p1", "p2"], ["p3"])):  # every chunk: all references, their caption first
         assert torch.equal(kw["refs"], want)
-        torch.testing.assert_close(kw["context"], m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
+        ctx = as_cond(kw["context"])  # generate passes the conditioner's Cond (SD-1.x: context only)
+        assert ctx.y is None
+        torch.testing.assert_close(ctx.context, m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
     assert len(sample.generate(m, refs[:2], ["p"], ref_prompt=["r1", "r2"], steps=1)[0]) == 1
     with pytest.raises(sample.UserError, match="2 reference prompts for 1"):
         sample.generate(m, refs[:1], ["p"], ref_prompt=["r1", "r2"], steps=1)
