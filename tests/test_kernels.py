@@ -3,8 +3,10 @@
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (slow: shapes are kept small).
 Inputs are fresh random tensors each run; the seed is in every failure message.
 """
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -258,8 +260,6 @@ def table_dir(tmp_path, monkeypatch):
 
 
 def test_dispatch_table_lookup(table_dir, monkeypatch):
-    import json
-
     from kernels import dispatch
     (table_dir / "test-card-9000.json").write_text(json.dumps(_table(
         [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, backend="triton-ws")])))
@@ -324,8 +324,6 @@ BAD_TABLES = [
 
 @pytest.mark.parametrize("table,message", BAD_TABLES, ids=[m.split(".*")[-1].strip("\\'") for _, m in BAD_TABLES])
 def test_malformed_dispatch_table(table_dir, table, message):
-    import json
-
     from kernels import dispatch
     path = table_dir / "test-card-9000.json"
     path.write_text(json.dumps(table))
@@ -419,12 +417,39 @@ def test_bench_cpu_smoke(tmp_path):
         assert float(triton) > 0 and float(sdpa) > 0 and ratio == f"{float(triton) / float(sdpa):.2f}x", cells
 
 
+# bench/check_attention_cuda.py run with flash_attention's output 1% off (its gradients follow): the check must fail it.
+OFF_BY_ONE_PERCENT = """import runpy, sys
+from kernels import flash_attn
+real = flash_attn.flash_attention
+flash_attn.flash_attention = lambda *a, **kw: real(*a, **kw) * 1.01
+sys.argv = ["check_attention_cuda.py", "--cpu-smoke", "--out", sys.argv[1]]
+runpy.run_path("bench/check_attention_cuda.py", run_name="__main__")
+"""
+
+
 def test_cuda_check_cpu_smoke(tmp_path):
-    out = tmp_path / "check.md"
-    r = subprocess.run([sys.executable, "bench/check_attention_cuda.py", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
-                       env=_sub_env(), capture_output=True, text=True, timeout=120)
+    """The GPU correctness check's whole path on CPU: every case gets a row of four errors within the rule's bar, and
+    the same check fails a kernel 1% off (a check that cannot fail would pass any kernel on the GPU)."""
+    def check(*cmd):
+        out = tmp_path / "check.md"
+        r = subprocess.run([sys.executable, *cmd, str(out)], cwd=ROOT, env=_sub_env(), capture_output=True,
+                           text=True, timeout=120)
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+                if line.startswith("| 1 |")]
+        return r, rows, out.read_text()
+
+    r, rows, text = check("bench/check_attention_cuda.py", "--cpu-smoke", "--out")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 failing rows" in out.read_text()
+    assert [row[:6] for row in rows] == [["1", "40", "77", "40", "fp16", "triton"],
+                                         ["1", "50", "50", "80", "fp32", "triton strided"]], text
+    for row in rows:  # triton's error / SDPA's in the same dtype, for out, dq, dk, dv
+        errors = [[float(x) for x in cell.split(" / ")] for cell in row[6:10]]
+        assert row[10] == "ok" and all(0 < t < 1e-2 and 0 < s < 1e-2 for t, s in errors), row
+    assert "- 0 failing rows" in text
+    r, rows, text = check("-c", OFF_BY_ONE_PERCENT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [row[10] for row in rows] == ["FAIL", "FAIL"]
+    assert all(row[6].endswith("FAIL") for row in rows) and "- 2 failing rows" in text, text
 
 
 def test_compile_only_all_covers_every_head_dim():
@@ -471,6 +496,27 @@ def test_kernel_sweep_cpu_smoke(tmp_path):
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
         {("fp16", d, lq, lq) for d in (40, 64) for lq in (32, 16)}  # self and cross buckets (Lk 13 -> 16) per D
     assert "git:" in (tmp_path / "SUMMARY.md").read_text()
+    # every timed cell is 4*B*H*Lq*Lk*D FLOPs (backward 2.5x) over the time the dispatch table records for its
+    # bucket (one shape per bucket here): forward over the forward's ms, backward over (train - forward) ms
+    heads = int(re.search(r"- (\d+) heads", text)[1])
+    ms = {(e["lq"], e["direction"]): e["ms"] for e in json.loads(
+        (tmp_path / "dispatch" / "cpu-interpreter-smoke.json").read_text())["entries"]}
+    for direction in ("forward", "backward"):
+        table = text.split(f"### fp16 {direction}")[1].split("###")[0]
+        head = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+        rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+                for line in table.splitlines()[4:] if line.startswith("| ")]
+        assert [r["kind"] for r in rows] == ["self", "cross"]
+        for r in rows:
+            b, lq, lk, d = (int(r[k]) for k in ("B", "Lq", "Lk", "D"))
+            flop = 4 * b * heads * lq * lk * d * (2.5 if direction == "backward" else 1)
+            bucket = 1 << (lq - 1).bit_length()
+            for name in ("triton", "sdpa"):
+                fwd, train = ms[bucket, "fwd"][name], ms[bucket, "train"][name]
+                want = flop / ((train - fwd if direction == "backward" else fwd) * 1e-3) / 1e12
+                assert float(r[name]) == pytest.approx(want, rel=2e-3), (direction, r, want)
+            ours = max(float(r[k]) for k in ("triton", "triton-atomic"))  # triton-noalign is an A/B switch
+            assert r["best ours / best sdpa"] == f"{ours / float(r['sdpa']):.2f}x"
 
 
 def test_kernel_sweep_shapes_are_the_models_own():
@@ -539,7 +585,6 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     returns its choices (no table committed: every card gets SDPA). And a table written by the sweep's own writer
     (bench/kernel_sweep.write, from measured rows) loads back through kernels.dispatch to the fastest backend per
     shape bucket: the sweep cannot write a table the dispatcher refuses or reads otherwise."""
-    import json
     import types
 
     from kernels import dispatch
