@@ -414,7 +414,8 @@ def _import_wds():
     return webdataset
 
 
-_SET_MEMBER = re.compile(r"^(\d+)\.(jpg|jpeg|png|webp)$")
+WDS_IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")  # image members the WebDataset readers decode
+_SET_MEMBER = re.compile(rf"^(\d+)\.({'|'.join(WDS_IMAGE_EXTS)})$")
 
 
 class WebDatasetSource:
@@ -451,7 +452,7 @@ class WebDatasetSource:
         key = f"{self.name}:{os.path.basename(sample.get('__url__', ''))}/{sample['__key__']}"
         meta = json.loads(sample["json"]) if "json" in sample else {}
         if not self.sets:
-            ext = next((e for e in ("jpg", "jpeg", "png", "webp") if e in sample), None)
+            ext = next((e for e in WDS_IMAGE_EXTS if e in sample), None)
             if ext is None:
                 raise BadSample("missing", f"{key}: no image")
             if "txt" not in sample and "caption" not in meta:  # e.g. the last sample of a truncated shard
@@ -889,15 +890,33 @@ def main(argv=None):
     elif a.cmd == "shard":
         wds = _import_wds()
         recs, root = JsonlRecords(a.manifest), os.path.dirname(os.path.abspath(a.manifest))
+        ext = lambda p: os.path.splitext(p)[1].lower()[1:]  # noqa: E731
+        for i in range(len(recs)):  # everything checked before anything is written
+            rec = recs[i]
+            paths = rec.get("images") or ([rec["image"]] if "image" in rec else [])
+            if not paths:
+                print(f"error: {a.manifest}: record {i} has no images or image (shards hold image sets and single "
+                      f"images)", file=sys.stderr)
+                return 2
+            bad = [p for p in paths if ext(p) not in WDS_IMAGE_EXTS]
+            if bad:
+                print(f"error: {a.manifest}: {bad[0]}: the WebDataset readers take {'/'.join(WDS_IMAGE_EXTS)} images "
+                      f"only (convert it first)", file=sys.stderr)
+                return 2
         os.makedirs(os.path.dirname(a.pattern) or ".", exist_ok=True)
         with wds.ShardWriter(a.pattern, maxcount=a.maxcount) as sink:
             for i in range(len(recs)):
                 rec = recs[i]
-                paths = rec.get("images") or [rec["image"]]
                 sample = {"__key__": f"{i:09d}"}
-                for j, p in enumerate(paths):
+                if not rec.get("images"):  # a single image: {KEY.jpg, KEY.txt}, the layout the images reader takes
+                    with open(os.path.join(root, rec["image"]), "rb") as f:
+                        sample[ext(rec["image"])] = f.read()
+                    sample["txt"] = rec["caption"]
+                    sink.write(sample)
+                    continue
+                for j, p in enumerate(rec["images"]):
                     with open(os.path.join(root, p), "rb") as f:
-                        sample[f"{j}{os.path.splitext(p)[1].lower()}"] = f.read()
+                        sample[f"{j}.{ext(p)}"] = f.read()
                     if rec.get("captions"):
                         sample[f"{j}.txt"] = rec["captions"][j]
                 if not rec.get("captions"):

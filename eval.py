@@ -128,7 +128,7 @@ def image_path(out_dir, subject: str, prompt_index: int, k: int) -> str:
 
 
 def _seed(seed: int, *parts) -> int:
-    """A seed per (subject, prompt, first image): the same images whatever subset or order is run."""
+    """A seed per (subject, prompt, ...): the same images whatever subset or order is run."""
     return zlib.crc32("/".join(map(str, (seed, *parts))).encode()) % 2**31
 
 
@@ -159,10 +159,18 @@ def generate_missing(subjects: list[Subject], out_dir, *, num_refs: int, images_
                                         sampler=gen_kwargs["sampler"], dtype=gen_kwargs["dtype"])
     bar = tqdm(total=total, initial=total - remaining, unit="img", desc="generate", dynamic_ncols=True)
     done = 0
+    runs = []  # (subject, prompt index, prompt, consecutive missing k's): one generate call each
     for s, p, prompt, missing in todo:
-        # Each image is one set [references..., new image]: 4 independent sets = 4 images of this prompt.
+        for k in missing:
+            if runs and runs[-1][:2] == (s, p) and runs[-1][3][-1] == k - 1:
+                runs[-1][3].append(k)
+            else:
+                runs.append((s, p, prompt, [k]))
+    for s, p, prompt, missing in runs:
+        # Each image is one set [references..., new image]: image k is set k of the prompt's seed (the seed the
+        # prompt's image 0 always had), so a rerun remakes a lost image exactly, whichever others are missing.
         sets = generate_fn(model, s.images[:num_refs], [prompt], ref_prompt=f"a photo of a {s.class_name}",
-                           num_sets=len(missing), seed=_seed(seed, s.name, p, missing[0]), **settings)
+                           num_sets=len(missing), seed=_seed(seed, s.name, p, 0), first_set=missing[0], **settings)
         if len(sets) != len(missing):
             raise EvalError(f"generate returned {len(sets)} sets for num_sets={len(missing)}")
         for k, images in zip(missing, sets):

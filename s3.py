@@ -1,19 +1,20 @@
 r"""The Synthetic Same-Subject (S³) data engine of paper §3.1: object names -> same-subject image sets for train.py.
 
     python s3.py all config/s3_sd15.py                                  # the whole chain, one process
+    python s3.py all config/s3_sdxl.py                                  # collages from SDXL, as the paper
     python s3.py collages --manifest out/s3 config/s3_sd15.py --batch_size=16   # one stage
     torchrun --standalone --nproc_per_node=8 s3.py all config/s3_sd15.py  # 8 GPUs (any nodes: as train.py)
 
 Stages, each a resumable step over the working folder `manifest` (M):
   prompts      object names (a text file, or the built-in list) -> descriptive prompts         M/prompts/<obj>.json
-  collages     prompt + ", photos of the same" -> a photo collage (local SD-1.x, CFG), or
-               a folder of collages made elsewhere (collages_from)                             M/collages/<id>.png
+  collages     prompt + ", photos of the same" -> a photo collage (local SDXL as the paper, or
+               SD-1.x; CFG), or a folder of collages made elsewhere (collages_from)           M/collages/<id>.png
   instances    Grounding-DINO (object name) + SAM -> one cut-out + mask per instance, or
                user masks (masks_from); tiny, too large, border-cut and overlapping ones dropped M/instances/<id>/
   filter       2-4 instances whose pairwise CLIP image similarity is >= min_similarity
                (and <= max_similarity, off by default)                                         M/filter/<id>.json
   backgrounds  each instance pasted at a random place and scale on a blank canvas, the background inpainted
-               (SD-1.x inpainting) from a new prompt; the subject's pixels kept exactly       M/backgrounds/<id>/
+               (SD-1.x or SDXL inpainting) from a new prompt; the subject's pixels kept exactly M/backgrounds/<id>/
   stylize      with p = stylize_p, one random instruction for the whole set (InstructPix2Pix) M/stylize/<id>/
   write        M/sets.jsonl (what data.py reads: one set per line, per-image captions), M/stats.json
                (kept / dropped per stage with reasons), one contact sheet per output shard    M/sets/shard-*.png
@@ -54,7 +55,7 @@ seed: int = 0  # base of every random draw: each item is seeded from (seed, stag
 device: str = 'auto'  # 'auto' (cuda:LOCAL_RANK if available) | 'cpu' | 'cuda'
 dtype: str = 'auto'  # 'auto' | 'bfloat16': bf16 autocast on CUDA (CPU always runs float32) | 'float32'
 batch_size: int = 8  # work items per batch (prompts, collages or sets); one batched UNet call per step
-num_heads: int = 0  # UNet heads of the SD checkpoints (shapes cannot tell); 0: their flavour's (SD-1.x 8)
+num_heads: int = 0  # UNet heads of SD-1.x checkpoints (shapes cannot tell); 0: 8. SDXL's: always head dim 64
 sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # prompts
 objects: str = ''  # a text file of object names, one per line ('' = the built-in OBJECTS)
@@ -63,10 +64,10 @@ prompts_per_object: int = 8  # descriptive prompts written per object name
 llm: str = ''  # a local transformers causal-LM folder; '' = the built-in template expander
 llm_max_new_tokens: int = 48  # tokens the local LLM may write per prompt
 # collages
-sd: str = ''  # SD-1.x text-to-image checkpoint: .ckpt / .safetensors / diffusers folder
+sd: str = ''  # SDXL or SD-1.x text-to-image checkpoint: .ckpt / .safetensors / diffusers folder (flavour from keys)
 collages_from: str = ''  # instead: a folder of collages made elsewhere, x.png + x.json {"prompt", "object"}
 collage_suffix: str = 'photos of the same'  # the paper's suffix, appended as "<prompt>, <suffix>"
-collage_resolution: int = 512  # pixels per side of each generated collage
+collage_resolution: int = 512  # pixels per side of each generated collage (SDXL: also its size conditioning)
 collage_steps: int = 30  # sampling steps per collage
 collage_guidance: float = 7.5  # classifier-free text guidance scale of the collages
 # instances
@@ -88,14 +89,14 @@ max_similarity: float = 1.0  # drop near-duplicates above this (1.0 = off; SynCD
 min_set_size: int = 2  # fewest instances a kept set has; a collage with fewer is dropped
 max_set_size: int = 4  # most instances a set keeps (the largest, then most similar, subset)
 # backgrounds
-inpaint: str = ''  # SD-1.x inpainting checkpoint (9 input channels)
+inpaint: str = ''  # SD-1.x or SDXL inpainting checkpoint (9 input channels)
 canvas: int = 512  # pixels, square
 scale_min: float = 0.4  # the pasted instance's longer side, as a share of the canvas
 scale_max: float = 0.75  # ... and at most this share
 inpaint_steps: int = 30  # sampling steps of the background inpainting
 inpaint_guidance: float = 7.5  # text guidance scale of the background inpainting
 # stylize
-ip2p: str = ''  # InstructPix2Pix checkpoint (8 input channels)
+ip2p: str = ''  # InstructPix2Pix checkpoint (SD-1.x, 8 input channels)
 stylize_p: float = 0.5  # probability that a set is stylized (one random instruction for the whole set)
 ip2p_steps: int = 20  # InstructPix2Pix sampling steps
 ip2p_text_guidance: float = 7.5  # InstructPix2Pix guidance scale of the instruction
@@ -308,37 +309,84 @@ class Runtime:
         return chunks[self.rank::self.world]
 
 
+# The base models each stage can run: the collages and backgrounds take SD-1.x or SDXL (told from the checkpoint's
+# keys by model.loading), InstructPix2Pix is SD-1.x only (no SDXL InstructPix2Pix is tested against its pipeline here).
+FLAVOURS = {"sd": ("sd1", "sdxl"), "inpaint": ("sd1", "sdxl"), "ip2p": ("sd1",)}
+
+
+def _flavour_of(config) -> str:
+    """A base UNet's flavour from its config: SDXL has the vector input (label_emb), the loader's rule."""
+    return "sdxl" if config.adm_in_channels is not None else "sd1"
+
+
+def _model_flavour(path) -> str:
+    """The flavour of a base checkpoint (file or diffusers folder) from its keys, reading no tensor data."""
+    from model.loading import read_parts
+
+    return read_parts(path, shapes_only=True).flavour.name
+
+
+def _check_model(key, path, what, config, channels):
+    """The one-line refusal of a checkpoint with the wrong input channels or flavour for its stage, or None."""
+    if config.in_channels != channels:
+        return f"{what} {path}: its UNet takes {config.in_channels} input channels, expected {channels}"
+    if _flavour_of(config) not in FLAVOURS[key]:
+        return f"{what} {path}: an {_flavour_of(config)} model; this stage takes {' or '.join(FLAVOURS[key])}"
+    return None
+
+
 def _load_sd(rt, key, path, channels, what):
-    """An SD-1.x checkpoint with its own input channels (4, 9 for inpainting, 8 for InstructPix2Pix), loaded once
-    per process: the project's model bundle (model.loading.JeDi: encode_text, to_latents, to_pixels)."""
+    """An SD-1.x or SDXL checkpoint with its own input channels (4, 9 for inpainting, 8 for InstructPix2Pix), loaded
+    once per process: the project's model bundle (model.loading.JeDi: encode, null, to_latents, to_pixels), whose
+    text conditioner is the flavour's (SDXL: two encoders, pooled text and size features)."""
     from model.loading import CheckpointError, load_sd
 
     if key not in rt.models:
         try:
-            m = load_sd(path, num_heads=num_heads, in_channels=None, device=rt.device)
+            m = load_sd(path, num_heads=_num_heads(path), in_channels=None, device=rt.device)
         except (CheckpointError, FileNotFoundError) as e:
             raise S3Error(f"{what} {path}: {e}") from None
-        if m.unet.config.in_channels != channels:
-            raise S3Error(f"{what} {path}: its UNet takes {m.unet.config.in_channels} input channels, expected "
-                          f"{channels}")
+        bad = _check_model(key, path, what, m.unet.config, channels)
+        if bad:
+            raise S3Error(bad)
         rt.models[key] = m
     return rt.models[key]
 
 
+def _num_heads(path) -> int | None:
+    """The `num_heads` setting for an SD-1.x checkpoint; None for SDXL, whose head dim 64 the flavour fixes (a head
+    count meant for the SD-1.x inpainting model of the same run must not reshape an SDXL base's attention)."""
+    from model.loading import CheckpointError
+
+    try:
+        sdxl = _model_flavour(path) == "sdxl"
+    except (CheckpointError, OSError, KeyError, ValueError):  # unreadable: the loader says why, in one line
+        sdxl = False
+    return None if sdxl else (num_heads or None)
+
+
+def sizes(pixels: int) -> dict:
+    """SDXL's micro-conditioning of an image made whole at `pixels`²: original = target = that size, crop (0, 0)
+    (what sgm's and diffusers' SDXL samplers pass by default). A SD-1.x conditioner ignores it."""
+    return dict(original_size=(pixels, pixels), crop_top_left=(0, 0), target_size=(pixels, pixels))
+
+
 def needed_weights(stages) -> list:
     """A check (raising MissingWeights) for every local weight path and input folder the stages will read."""
-    def path(p, what, channels):  # an SD-1.x checkpoint: a file or a diffusers folder
+    def path(key, what, channels):  # an SD-1.x or SDXL checkpoint: a file or a diffusers folder
         from model.loading import CheckpointError, check_sd
 
+        p = globals()[key]
         if not p or not os.path.exists(p):
             raise MissingWeights(f"{what} not found: expected {p!r} (a .ckpt / .safetensors file or a diffusers "
                                  f"folder)" if p else f"{what}: no path given")
         try:  # names and shapes only: a wrong or damaged checkpoint is refused before any work
-            config = check_sd(p, num_heads=num_heads, in_channels=None)
+            config = check_sd(p, num_heads=_num_heads(p), in_channels=None)
         except CheckpointError as e:
             raise MissingWeights(f"{what}: {str(e).replace(chr(10), ' ')}") from None
-        if config.in_channels != channels:
-            raise MissingWeights(f"{what} {p}: its UNet takes {config.in_channels} input channels, expected {channels}")
+        bad = _check_model(key, p, what, config, channels)
+        if bad:
+            raise MissingWeights(bad)
 
     def folder(p, what):
         if not os.path.isdir(p):
@@ -350,7 +398,7 @@ def needed_weights(stages) -> list:
             checks.append(lambda: _require_hf_folder(llm, "prompt LLM (--llm)"))
         if s == "collages":
             checks.append(lambda: folder(collages_from, "collages_from") if collages_from
-                          else path(sd, "SD-1.x checkpoint (--sd)", 4))
+                          else path("sd", "text-to-image checkpoint (--sd)", 4))
         if s == "instances":
             if masks_from:
                 checks.append(lambda: folder(masks_from, "masks_from"))
@@ -362,9 +410,9 @@ def needed_weights(stages) -> list:
                 checks.append(lambda: _require_file(clip_model, "CLIP architecture config (--clip_model)"))
             checks.append(lambda: _require_file(clip_weights, f"CLIP weights for {clip_model} (--clip_weights)"))
         if s == "backgrounds":
-            checks.append(lambda: path(inpaint, "SD-1.x inpainting checkpoint (--inpaint)", 9))
+            checks.append(lambda: path("inpaint", "inpainting checkpoint (--inpaint)", 9))
         if s == "stylize" and stylize_p > 0:
-            checks.append(lambda: path(ip2p, "InstructPix2Pix checkpoint (--ip2p)", 8))
+            checks.append(lambda: path("ip2p", "InstructPix2Pix checkpoint (--ip2p)", 8))
     return checks
 
 
@@ -548,14 +596,16 @@ def stage_collages(rt):
     if not items:
         _nothing("collages", "the prompts stage left no prompts (run `python s3.py prompts` first)")
     m = _load_sd(rt, "sd", sd, 4, "--sd")
-    null = m.encode_text([""])
+    size = sizes(collage_resolution)  # SDXL: each collage is a whole image at this size
+    null = m.null(**size)
     r = collage_resolution // m.down
+    flavour = _flavour_of(m.unet.config)
 
     def process(batch):
         prompts = [f"{it['prompt']}, {collage_suffix}" if collage_suffix else it["prompt"] for it in batch]
         with torch.no_grad(), rt.amp():
-            ctx = m.encode_text(prompts)
-            fn = text_guided(m.unet, m.diffusion, ctx, null, collage_guidance)
+            cond = m.encode(prompts, **size)  # Cond: SD-1.x context; SDXL context + pooled text and sizes
+            fn = text_guided(m.unet, m.diffusion, cond, null, collage_guidance)
             gen = torch.Generator(device=rt.device).manual_seed(_seed("collages", batch[0]["id"]))
             z = sample(fn, m.diffusion, (len(batch), 4, r, r), steps=collage_steps, sampler=sampler,
                        generator=gen, device=rt.device)
@@ -564,7 +614,7 @@ def stage_collages(rt):
             if not done(it):
                 _save_png(to_pil(x), out(it) + ".png")
                 _write_json(out(it) + ".json", {"id": it["id"], "object": it["object"], "prompt": it["prompt"],
-                                                "collage_prompt": p, "source": "sd"})
+                                                "collage_prompt": p, "source": "sd", "model": flavour})
     return run_items(rt, "collages", items, done, process, unit="collage")
 
 
@@ -769,7 +819,8 @@ def stage_backgrounds(rt):
     if not items:
         _nothing("backgrounds", "the filter kept no sets (run the filter stage first)")
     m = _load_sd(rt, "inpaint", inpaint, 9, "--inpaint")
-    null = m.encode_text([""])
+    size = sizes(canvas)  # SDXL inpainting: the canvas is the whole image
+    null = m.null(**size)
     f = m.down
     out = lambda i: os.path.join(manifest, "backgrounds", i["id"])  # noqa: E731
     done = lambda i: os.path.isfile(out(i) + ".json")  # noqa: E731
@@ -789,7 +840,7 @@ def stage_backgrounds(rt):
         with torch.no_grad(), rt.amp():
             masked = m.to_latents(px * (1 - repaint))  # the checkpoints' convention: repainted pixels set to 0
             small = F.interpolate(repaint, size=(canvas // f, canvas // f))  # nearest, as diffusers
-            fn = inpaint_guided(m.unet, m.diffusion, small, masked, m.encode_text(caps), null, inpaint_guidance)
+            fn = inpaint_guided(m.unet, m.diffusion, small, masked, m.encode(caps, **size), null, inpaint_guidance)
             gen = torch.Generator(device=rt.device).manual_seed(_seed("backgrounds", batch[0]["id"]))
             z = sample(fn, m.diffusion, (len(canv), 4, canvas // f, canvas // f), steps=inpaint_steps,
                        sampler=sampler, generator=gen, device=rt.device)
@@ -992,15 +1043,24 @@ STAGE_SETTINGS = {
 }
 
 
+# Which base model made a stage's images (its flavour, not its path): SD-1.5 and SDXL collages in one folder would
+# be two datasets. A settings file written before the key existed was made with SD-1.x, the only model then.
+MODEL_SETTING = {"collages": "sd", "backgrounds": "inpaint"}
+LEGACY_SETTINGS = {"model": "sd1"}
+
+
 def check_settings(rt, stage):
     """M/<stage folder>/.settings.json: written by the first run, compared by every rerun."""
     folder = os.path.join(manifest, "sets" if stage == "write" else stage)
     path = os.path.join(folder, ".settings.json")  # hidden: not an item record
     now = {k: globals()[k] for k in STAGE_SETTINGS[stage]}
+    if stage in MODEL_SETTING and not (stage == "collages" and collages_from):
+        now["model"] = _model_flavour(globals()[MODEL_SETTING[stage]])  # checked readable by check_weights
     now = json.loads(json.dumps(now))  # tuples -> lists, as read back
     if os.path.isfile(path):
         before = _read_json(path)
-        diff = [f"{k}={before.get(k)!r} (now {v!r})" for k, v in now.items() if before.get(k) != v]
+        was = lambda k: before.get(k, LEGACY_SETTINGS.get(k))  # noqa: E731
+        diff = [f"{k}={was(k)!r} (now {v!r})" for k, v in now.items() if was(k) != v]
         if diff:
             raise S3Error(f"{stage}: {folder} was made with " + ", ".join(diff)
                           + ": use the same settings, another manifest, or delete that folder to redo the stage")

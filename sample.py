@@ -191,7 +191,7 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
              num_sets: int = 1, steps: int = 50, guidance: float = DEFAULT_GUIDANCE, text_guidance: float | None = None,
              sampler: str = "ddim", eta: float = 0.0, seed: int = 0, max_set_size: int = 8,
              progress: bool = False, dtype: str | torch.dtype | None = None,
-             max_batch_sets: int | None = None) -> list[list[Image.Image]]:
+             max_batch_sets: int | None = None, first_set: int = 0) -> list[list[Image.Image]]:
     """New images of the references' subject, one per prompt, for `num_sets` independent sets.
 
     ref_images: paths, PIL images or (3, R, R) tensors in [-1, 1]; may be empty (text-only joint generation).
@@ -200,6 +200,7 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
     dtype: compute in it (resolve_dtype; the model is cast once if it differs); None: as the model was loaded.
     max_batch_sets: sets per UNet call; None: all of them, halved on CUDA out-of-memory. Set s draws its noise
     from its own generator (seed for set 0), so its images do not depend on num_sets or on how sets are batched.
+    first_set: make sets first_set, first_set + 1, ... of `seed` (any of them alone: eval.py's resume).
     Returns num_sets lists of len(prompts) PIL images. Same seed, same images.
     """
     if not prompts:
@@ -223,7 +224,8 @@ def generate(model: JeDi, ref_images: list, prompts: list[str], *, ref_prompt: s
     ref_latents = model.to_latents(torch.stack(refs)) if n else None
     sizes = text_sizes(model)
     null = model.null(**sizes)  # one row
-    gens = [torch.Generator(device=model.device).manual_seed(set_seed(seed, s)) for s in range(num_sets)]
+    gens = [torch.Generator(device=model.device).manual_seed(set_seed(seed, first_set + s))
+            for s in range(num_sets)]
     out = [[] for _ in range(num_sets)]
     group = min(num_sets, max_batch_sets or num_sets)
     for start in range(0, len(prompts), room):

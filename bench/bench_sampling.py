@@ -33,6 +33,13 @@ Rows (a variant is "+"-joined tokens: a backend, then options). Every row times 
 Default rows: diffusers, ours (+ ours+compile with --compile, + ours+compile+cuda_graphs with both), then the
 research rows of --backends with --channels_last/--cuda_graphs/--gn_fp32/--compile; --variants lists them explicitly.
 
+--xl: the same rows for JeDi-XL: the SDXL base UNet (2.57B, head dim 64, label_emb) with JeDi's 9 input channels, the
+SDXL text conditioner (CLIP ViT-L + OpenCLIP bigG, pooled vector, size features) and SDXL VAE (fp32 under bf16, its
+own scale), 1024x1024 (128x128 latents), a set of 4, 30 steps by default. The diffusers row is diffusers' SDXL
+UNet2DConditionModel (text_time input) with the same weights and the set-regrouping attn1 processor; it takes the
+pooled text from our conditioning and embeds the six size numbers itself, as StableDiffusionXLPipeline does.
+    python bench/bench_sampling.py --xl --out bench/results/<date>-<card>/bench_sampling_xl.md --compile
+
 Numbers: "s/set" = median over --repeats calls (after --warmup calls) of generate() with --steps steps; with
 --timed-steps T < steps the calls run T steps and T = 1 steps, and s/set = t(T) + (steps − T)·(t(T) − t(1))/(T − 1)
 (every step is the same UNet call; the text encoder and VAE are paid once). "it/s" = steps / s/set. "UNet ms" = the
@@ -45,6 +52,7 @@ Exit status: 0, or 1 if a row failed, 2 without CUDA at full size, 130 if interr
 import argparse
 import contextlib
 import copy
+import dataclasses
 import os
 import statistics
 import sys
@@ -60,8 +68,9 @@ import torch.nn as nn  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from kernels import backend_summary, record_backends  # noqa: E402
-from e2e_common import (FULL_HW, TINY_HW, Budget, Report, RowFailed, compile_note, first_line, fmt,  # noqa: E402
-                        header, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config,
+from e2e_common import (TINY_XL_TEXT, Budget, DiffusersJeDi, JointSelfAttnProcessor, Report,  # noqa: E402,F401
+                        RowFailed, compile_note, diffusers_from_ours, diffusers_unet, first_line, fmt, header,
+                        latent_hw, redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config,
                         use_dispatch_dir)
 from model.diffusion import DEFAULT_GUIDANCE  # noqa: E402
 
@@ -76,7 +85,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="markdown report (also printed)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet, 16x16 latents, 2 steps: runs on CPU (CI rot check)")
-    p.add_argument("--steps", type=int, default=None, help="sampling steps reported (default 50; tiny 2)")
+    p.add_argument("--xl", action="store_true", help="JeDi-XL rows: the SDXL base with JeDi's input, 1024 px, 30 "
+                   "steps, against diffusers' SDXL UNet with the same weights (see above)")
+    p.add_argument("--steps", type=int, default=None, help="sampling steps reported (default 50, --xl 30; tiny 2)")
     p.add_argument("--timed-steps", type=int, default=None,
                    help="steps actually run per timed loop, scaled to --steps (default: all of them)")
     p.add_argument("--repeats", type=int, default=None, help="timed loops per row, median reported (default 5; tiny 1)")
@@ -98,7 +109,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
-    a.steps = a.steps or (2 if a.tiny else 50)
+    a.steps = a.steps or (2 if a.tiny else 30 if a.xl else 50)
     a.timed_steps = min(a.timed_steps or a.steps, a.steps)
     if a.timed_steps < min(2, a.steps):
         p.error("--timed-steps must be at least 2 (the per-step cost is the difference of a T- and a 1-step call)")
@@ -142,78 +153,6 @@ def default_variants(a):
 
 
 # ----------------------------------------------------------------------------------------------------------
-# The diffusers baseline
-# ----------------------------------------------------------------------------------------------------------
-def diffusers_unet(cfg, sample_size):
-    """UNet2DConditionModel with the same architecture as our UNetConfig (SD-1.4's by default), on meta."""
-    from diffusers import UNet2DConditionModel
-
-    L = len(cfg.channel_mult)
-    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
-    with torch.device("meta"):  # weights come from ours (load_state_dict(assign=True)): skip diffusers' own init
-        return UNet2DConditionModel(
-            sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-            down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-            up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-            block_out_channels=tuple(cfg.model_channels * m for m in cfg.channel_mult),
-            layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-            attention_head_dim=cfg.num_heads)  # diffusers' misnomer: this is the number of heads for SD-1.x
-
-
-class JointSelfAttnProcessor:
-    """JeDi's coupled self-attention as a diffusers attention processor, for every `attn1`: the N images of a set
-    attend to each other's tokens. The same SDPA call as diffusers' AttnProcessor2_0, on regrouped tokens."""
-
-    def __init__(self):
-        self.set_size = 1  # set before each UNet call (cross_attention_kwargs would reach every processor)
-
-    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
-                 **kwargs):
-        if encoder_hidden_states is not None or attention_mask is not None:
-            raise ValueError("JointSelfAttnProcessor is for self-attention (attn1) without a mask")
-        BN, L, C = hidden_states.shape
-        N = self.set_size
-        x = hidden_states.reshape(BN // N, N * L, C)  # (B·N, HW, C) -> (B, N·HW, C): images of a set consecutive
-        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
-        B, heads = x.shape[0], attn.heads
-        d = k.shape[-1] // heads
-        q, k, v = (t.view(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N·HW, d)
-        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
-        out = out.transpose(1, 2).reshape(B, -1, heads * d)
-        out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
-        return out.reshape(BN, L, -1)  # back to per image
-
-
-class DiffusersJeDi(nn.Module):
-    """Our UNet's call signature on top of diffusers' UNet, so the same sampling loop drives both."""
-
-    def __init__(self, unet):
-        super().__init__()
-        from diffusers.models.attention_processor import AttnProcessor2_0
-
-        self.unet, self.joint = unet, JointSelfAttnProcessor()
-        unet.set_attn_processor({name: self.joint if name.endswith("attn1.processor") else AttnProcessor2_0()
-                                 for name in unet.attn_processors})
-
-    def forward(self, x, t, context, set_size=1):
-        self.joint.set_size = set_size
-        return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
-
-
-def diffusers_from_ours(ours, sample_size):
-    """The baseline with our weights (diffusers' own SD converter), in our dtype and device."""
-    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
-
-    net = diffusers_unet(ours.config, sample_size)
-    ldm = {"model.diffusion_model." + k: v.detach().clone() for k, v in ours.state_dict().items()}
-    net.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(net.config)), strict=True, assign=True)
-    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
-    if left:
-        raise RuntimeError(f"diffusers UNet: not loaded from our weights: {left[:3]}")
-    return DiffusersJeDi(net.eval().requires_grad_(False))
-
-
-# ----------------------------------------------------------------------------------------------------------
 # Our UNet with the speed options
 # ----------------------------------------------------------------------------------------------------------
 class ChannelsLastInput(nn.Module):
@@ -225,6 +164,21 @@ class ChannelsLastInput(nn.Module):
         return self.unet(x.contiguous(memory_format=torch.channels_last), t, context, set_size=set_size)
 
 
+def _leaves(c) -> list:
+    """The tensors of a conditioning value: a bare context, or a Cond's context and y (a registered pytree node)."""
+    import torch.utils._pytree as pytree
+    return [v for v in pytree.tree_leaves(c) if isinstance(v, torch.Tensor)]
+
+
+def _tree(fn, c):
+    import torch.utils._pytree as pytree
+    return pytree.tree_map(lambda v: fn(v) if isinstance(v, torch.Tensor) else v, c)
+
+
+def _shapes(c) -> list:
+    return [v.shape for v in _leaves(c)]
+
+
 class GraphedUNet:
     """One UNet call captured in a CUDA graph on static buffers; each call copies the inputs in and replays.
     The output buffer is reused by the next call: the sampling loop consumes it before calling again."""
@@ -234,7 +188,7 @@ class GraphedUNet:
         # weights alive (2026-11-27, H200: without it the row's deep-copied model was freed after build(), its
         # memory reused, and replays computed garbage: Δ ≈ 1, NaN samples with compile).
         self.fn, self.set_size = fn, set_size
-        self.x, self.t, self.context = x.clone(), t.clone(), context.clone()
+        self.x, self.t, self.context = x.clone(), t.clone(), _tree(torch.clone, context)
         side = torch.cuda.Stream()
         side.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(side):  # autotuning, compilation and cuBLAS/cuDNN set-up happen outside the capture
@@ -246,12 +200,13 @@ class GraphedUNet:
             self.out = fn(self.x, self.t, self.context, set_size=set_size)
 
     def __call__(self, x, t, context, set_size=1):
-        if (x.shape, t.shape, context.shape, set_size) != (self.x.shape, self.t.shape, self.context.shape,
-                                                          self.set_size):
+        if (x.shape, t.shape, _shapes(context), set_size) != (self.x.shape, self.t.shape, _shapes(self.context),
+                                                              self.set_size):
             raise ValueError("GraphedUNet: the shapes changed since the capture")
         self.x.copy_(x)
         self.t.copy_(t)
-        self.context.copy_(context)
+        for dst, src in zip(_leaves(self.context), _leaves(context)):  # the context, and SDXL's y
+            dst.copy_(src)
         self.graph.replay()
         return self.out
 
@@ -340,7 +295,9 @@ def main(argv=None):
     from flops import unet_flops
     from model.diffusion import jedi_input
     from model.loading import JeDi
-    from model.conditioner import as_text_conditioner
+    from model.conditioner import TextConditioner, as_text_conditioner, sdxl_text_config
+    from model.conditioning import Cond
+    from model.flavours import FLAVOURS
     from model.text import build_text_encoder, sd14_text_config
     from model.unet import UNet
     from model.vae import AutoencoderKL, VAEConfig
@@ -348,15 +305,15 @@ def main(argv=None):
     on_cuda = torch.cuda.is_available()
     dev = torch.device("cuda" if on_cuda else "cpu")
     torch.backends.cudnn.benchmark = True  # fixed shapes: let cuDNN pick its fastest convolutions, for every row
-    cfg = unet_config(args.tiny)
-    hw = TINY_HW if args.tiny else FULL_HW
+    cfg = unet_config(args.tiny, args.xl)
+    hw = latent_hw(args.tiny, args.xl)
     N = NUM_REFS + NUM_NEW
     # every sampling setting as sample.py resolves it for a checkpoint without defaults of its own
     settings = sample.sampling_settings({}, dev, steps=args.timed_steps, guidance=args.guidance, sampler=args.sampler)
     dtype = sample.DTYPES[settings["dtype"]]
     flops_call = unet_flops(cfg, hw, N, num_sets=2).forward  # the cond + null passes: 2 sets of N in one call
 
-    title = (f"JeDi sampling speed, sample.generate end to end: "
+    title = (f"{'JeDi-XL (SDXL base)' if args.xl else 'JeDi'} sampling speed, sample.generate end to end: "
              f"{'TINY model (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
              f"latents {hw}x{hw}, sets of {N} ({NUM_REFS} reference + {NUM_NEW} generated), {args.steps} "
              f"{settings['sampler']} steps, image guidance {args.guidance}, {settings['dtype']}")
@@ -365,7 +322,9 @@ def main(argv=None):
     notes = ["", f"- one UNet call = {2 * N} images (cond + null pass of the set): {flops_call / 1e12:.3g} TFLOP "
                  f"(flops.py); s/set: median of {args.repeats} generate() calls after {args.warmup} warm-up, "
                  f"{timed}, text encoder and VAE included; UNet ms: {args.unet_calls} calls × 3 rounds; "
-                 f"cudnn.benchmark on; random weights, identical in every row (the baseline's are converted from ours)",
+                 f"cudnn.benchmark on; random weights, identical in every row (the baseline's are converted from ours)"
+                 + ("; SDXL text conditioner (CLIP-L + bigG, pooled) and VAE (fp32 under bf16: SDXL's overflows "
+                    "fp16), size conditioning original = target = the image, crop 0" if args.xl else ""),
              "- × baseline = diffusers s/set ÷ row s/set; Δ vs ours = mean |image − ours eager image| in 8-bit levels, "
              "same seed; peak GiB = max allocated during the row, the shared weights included"]
     notes.append(use_dispatch_dir(args.dispatch_dir))
@@ -375,18 +334,24 @@ def main(argv=None):
                "setup s", "attention", "note"]
     report = Report(args.out, header(title) + notes, columns)
 
-    # One set of random weights and inputs for every row: SD-1.4 sizes (tiny: the tests' sizes).
+    # One set of random weights and inputs for every row: SD-1.4 or SDXL sizes (tiny: the tests' sizes).
     torch.manual_seed(args.seed)
     text_cfg = (sd14_text_config(hidden_size=cfg.context_dim, num_hidden_layers=1, num_attention_heads=2,
                                  intermediate_size=32) if args.tiny else sd14_text_config())
     vae_cfg = VAEConfig(ch=32, ch_mult=(1, 2), num_res_blocks=1) if args.tiny else VAEConfig()
-    with torch.device(dev):
-        base = redraw_zero_layers(UNet(cfg)).eval().requires_grad_(False)
-        text_encoder = build_text_encoder(text_cfg).eval().requires_grad_(False)
-        vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
-    resolution = hw * vae.downsample_factor
+    if args.xl:  # SDXL's VAE: the SD architecture, its own scale, kept fp32 under fp16 (the flavour's facts)
+        fl = FLAVOURS["sdxl"]
+        vae_cfg = dataclasses.replace(vae_cfg, scale_factor=fl.vae_scale, force_upcast=fl.vae_force_upcast)
+    resolution = hw * 2 ** (len(vae_cfg.ch_mult) - 1)
     try:
-        text = as_text_conditioner(text_encoder)  # builds sample.py's tokenizer
+        with torch.device(dev):
+            base = redraw_zero_layers(UNet(cfg)).eval().requires_grad_(False)
+            vae = AutoencoderKL(vae_cfg).eval().requires_grad_(False)
+            if args.xl:  # two encoders, penultimate states, bigG's pooled vector (builds sample.py's tokenizers)
+                text = TextConditioner(sdxl_text_config(**(TINY_XL_TEXT if args.tiny else {}),
+                                                        resolution=resolution)).eval().requires_grad_(False)
+            else:
+                text = as_text_conditioner(build_text_encoder(text_cfg).eval().requires_grad_(False))
     except ImportError as e:  # the GPU image lacks open_clip_torch / ftfy: bench/README.md says how to carry them
         print(f"bench_sampling: error: sample.py's tokenizer does not import ({first_line(e)}); carry the wheels "
               f"of open_clip_torch, ftfy and wcwidth in bench/wheels/ (bench/README.md)", file=sys.stderr)
@@ -404,14 +369,17 @@ def main(argv=None):
     prompts = [f"a photo of a dog, view {i}" for i in range(NUM_NEW)]
     context = torch.randn(N, CONTEXT_LEN, cfg.context_dim, generator=g).to(dev, dtype)
     null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, generator=g).to(dev, dtype)
+    if cfg.adm_in_channels is not None:  # SDXL: the vector conditioning y beside the context
+        context = Cond(context, torch.randn(N, cfg.adm_in_channels, generator=g).to(dev, dtype))
+        null = Cond(null, torch.randn(1, cfg.adm_in_channels, generator=g).to(dev, dtype))
+    both = Cond.cat([context, null.expand(N)]) if args.xl else torch.cat([context, null.expand_as(context)])
     # one UNet call's input, as personalize builds it (for the UNet-only timing)
     x_t = torch.randn(N, cfg.out_channels, hw, hw, generator=g).to(dev, dtype)
     ref_lat = torch.randn(NUM_REFS, cfg.out_channels, hw, hw, generator=g).to(dev, dtype)
     mask = torch.tensor([1.0] * NUM_REFS + [0.0] * NUM_NEW, device=dev)
     ref_full = torch.cat([ref_lat, torch.zeros(NUM_NEW, *ref_lat.shape[1:], device=dev, dtype=dtype)])
     unet_in = (torch.cat([jedi_input(x_t, ref_full, mask), jedi_input(x_t, torch.zeros_like(ref_full), mask)]),
-               torch.full((2 * N,), 981, device=dev, dtype=torch.long), torch.cat([context, null.expand_as(context)]),
-               N)
+               torch.full((2 * N,), 981, device=dev, dtype=torch.long), both, N)
 
     def generate(model, steps):
         """The user's call: sample.generate with sample.py's resolved settings, nothing added."""
@@ -427,7 +395,7 @@ def main(argv=None):
                                         compile=OURS[variant])
         model = bundle(base)
         if backend == "diffusers":
-            model.unet_fn = diffusers_from_ours(base, hw)
+            model.unet_fn = diffusers_from_ours(base, hw, **({"image_size": resolution} if args.xl else {}))
             return model
         m = copy.deepcopy(base)
         fn = m

@@ -23,9 +23,19 @@ Rows (a variant is "+"-joined tokens: attention backend, then options):
                          captions, as train.py does every step. Its "load ms" is the wait for the loader's next batch
                          (num_workers as train.py's default on GPU, 0 with --tiny), "encode ms" the VAE + text encoder.
                          The other rows feed random latents (B·N, 4, 64, 64) and text states (B·N, 77, 768) instead.
+    diffusers            the baseline: diffusers' UNet2DConditionModel with our weights (diffusers' converter) and the
+                         set-regrouping attn1 processor (bench_sampling's), in the same train.py step: Trainee, FSDP2
+                         per down/middle/up block, +ac/+compile per block as ours
 Default: each backend plain, the first with +ac and with +data; --channels_last adds a row on top of the first
 backend, --compile the rows +ac+compile and +compile, last (the slowest to set up). config/jedi_sd14.py's setting
 is +ac.
+
+--xl: JeDi-XL, the SDXL base UNet (2.57B) with JeDi's 9 input channels, at 1024 px (128x128 latents), random text
+conditioning of SDXL's shapes (context (B·N, 77, 2048), y (B·N, 2816): pooled text + size features); default 1
+set of 4 per step (the fp32 master weights, gradients, AdamW state and EMA of 2.6B parameters take ~48 GiB on one
+device), rows diffusers+ac then each backend +ac (+ac+compile rows with --compile). No +data rows: train.py's SDXL
+data path (the SDXL conditioner in train.prepare) is not in this branch.
+    python bench/bench_training.py --xl --out bench/results/<date>-<card>/bench_training_xl.md --compile
 
 MFU = model FLOPs per step / step time / the card's dense bf16 peak (flops.py, the one FLOP counter: H100 SXM 989
 TFLOP/s). Model FLOPs per step = 3 × the UNet forward on the batch (flops.unet_flops: FlopCounterMode for every op
@@ -59,10 +69,10 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
 from kernels import backend_summary, record_backends  # noqa: E402
-from e2e_common import (FULL_HW, TINY_HW, Budget, Report, compile_note, fmt, header,  # noqa: E402
+from e2e_common import (Budget, Report, compile_note, diffusers_from_ours, fmt, header, latent_hw,  # noqa: E402
                         redraw_zero_layers, refuse_full_size_without_cuda, run_rows, unet_config, use_dispatch_dir)
 
-BACKENDS = ("auto", "triton", "sdpa")
+BACKENDS = ("auto", "triton", "sdpa", "diffusers")
 OPTIONS = ("ac", "compile", "channels_last", "data")
 CONTEXT_LEN = 77
 
@@ -71,7 +81,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="markdown report (also printed)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet, 16x16 latents: runs on CPU (CI rot check)")
-    p.add_argument("--sets", type=int, default=None, help="sets per step (default 4; tiny 2)")
+    p.add_argument("--xl", action="store_true", help="JeDi-XL rows (SDXL base, 1024 px) beside a diffusers SDXL "
+                   "baseline (see above)")
+    p.add_argument("--sets", type=int, default=None, help="sets per step (default 4, --xl 1; tiny 2)")
     p.add_argument("--set-size", type=int, default=4, help="images per set, N")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row, median reported (default 10; tiny 2)")
@@ -89,19 +101,23 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
-    a.sets = a.sets or (2 if a.tiny else 4)
+    a.sets = a.sets or (2 if a.tiny else 1 if a.xl else 4)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
     a.steps = a.steps or (2 if a.tiny else 10)
-    a.variants = parse_variants(a.variants.split(",")) if a.variants else default_variants(a)
+    a.variants = parse_variants(a.variants.split(","), a.xl) if a.variants else default_variants(a)
     return a
 
 
-def parse_variants(names):
+def parse_variants(names, xl=False):
     out = []
     for name in names:
         backend, *opts = name.strip().split("+")
         if backend not in BACKENDS or any(o not in OPTIONS for o in opts) or len(set(opts)) != len(opts):
             raise SystemExit(f"bad variant {name!r}: a backend of {BACKENDS} then options of {OPTIONS}, '+'-joined")
+        if backend == "diffusers" and {"channels_last", "data"} & set(opts):
+            raise SystemExit(f"bad variant {name!r}: the diffusers baseline takes +ac and +compile only")
+        if xl and "data" in opts:
+            raise SystemExit(f"bad variant {name!r}: no +data rows with --xl (train.py's SDXL data path is not here)")
         out.append(name.strip())
     return out
 
@@ -109,6 +125,13 @@ def parse_variants(names):
 def default_variants(a):
     backends = (a.backends or ("triton,sdpa" if torch.cuda.is_available() else "sdpa")).split(",")
     main = backends[0]
+    if a.xl:  # 2.6B parameters: activation checkpointing always (config/jedi_sd14.py's setting too)
+        rows = ["diffusers+ac", f"{main}+ac", *(f"{b}+ac" for b in backends[1:])]
+        if a.channels_last:
+            rows.append(f"{main}+ac+channels_last")
+        if a.compile:
+            rows += ["diffusers+ac+compile", f"{main}+ac+compile"]
+        return parse_variants(rows, xl=True)
     rows = [main, f"{main}+ac", f"{main}+data", *backends[1:]]
     if a.channels_last:
         rows.append(f"{main}+channels_last")
@@ -117,14 +140,19 @@ def default_variants(a):
     return parse_variants(rows)
 
 
-def build(cfg, opts, rt, seed):
-    """train.py's trained model, AdamW and EMA around a UNet with random weights made on the device."""
+def build(cfg, opts, rt, seed, backend="sdpa", hw=None):
+    """train.py's trained model, AdamW and EMA around a UNet with random weights made on the device: ours, or the
+    same weights in diffusers' UNet (backend "diffusers")."""
     import train
     from model.unet import UNet
 
     torch.manual_seed(seed)
     with torch.device(rt.dev):
         unet = redraw_zero_layers(UNet(cfg))
+    if backend == "diffusers":  # images of hw·8 px: SDXL's size numbers (the synthetic y's are random anyway)
+        ours, unet = unet, diffusers_from_ours(unet, hw, image_size=8 * hw)
+        del ours
+        unet.unet.train().requires_grad_(True)
     if "channels_last" in opts:
         train.use_channels_last(unet)
     model = train.parallelize(train.Trainee(unet, **train.loss_settings()), rt.mesh, rt.compute_dtype,
@@ -216,14 +244,15 @@ def main(argv=None):
 
     rt = train.setup_distributed()  # a world of one (no torchrun), cuda:0 or CPU, train.py's dtype='auto'
     dev, on_cuda = torch.device(rt.dev), rt.dev.startswith("cuda")
-    cfg = unet_config(args.tiny)
-    hw = TINY_HW if args.tiny else FULL_HW
+    cfg = unet_config(args.tiny, args.xl)
+    hw = latent_hw(args.tiny, args.xl)
     B, N = args.sets, args.set_size
     step_flops = unet_flops(cfg, hw, N, num_sets=B).train_step
     peak = args.peak_tflops * 1e12 if args.peak_tflops else \
         (peak_bf16_flops(torch.cuda.get_device_name(dev)) if on_cuda else 0.0)
 
-    title = (f"JeDi training throughput: {'TINY UNet (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
+    title = (f"{'JeDi-XL (SDXL base)' if args.xl else 'JeDi'} training throughput: "
+             f"{'TINY UNet (CPU rot check, numbers mean nothing), ' if args.tiny else ''}"
              f"{hw * 8} px ({hw}x{hw} latents), {B} sets of N={N} ({B * N} images) per step, one device, "
              f"FSDP2 world size 1, {str(rt.compute_dtype).removeprefix('torch.')} compute")
     source = "--peak-tflops" if args.peak_tflops else "by card name"
@@ -241,6 +270,10 @@ def main(argv=None):
     x0 = torch.randn(B * N, cfg.out_channels, hw, hw, device=dev, generator=g)  # fp32, as the VAE's latents
     context = torch.randn(B * N, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(rt.compute_dtype)
     null = torch.randn(1, CONTEXT_LEN, cfg.context_dim, device=dev, generator=g).to(rt.compute_dtype)
+    if cfg.adm_in_channels is not None:  # SDXL: y (pooled text + size features) beside the context, one per image
+        from model.conditioning import Cond
+        context = Cond(context, torch.randn(B * N, cfg.adm_in_channels, device=dev, generator=g).to(rt.compute_dtype))
+        null = Cond(null, torch.randn(1, cfg.adm_in_channels, device=dev, generator=g).to(rt.compute_dtype))
     synthetic = dict(x0=x0, context=context, null_context=null)
     diffusion = Diffusion()
     # H200 2026-11-27: the compile row ran > 150 s and was killed with the table. Now a row over budget is stopped
@@ -254,7 +287,7 @@ def main(argv=None):
         backend, *opts = variant.split("+")
         if backend == "triton" and not on_cuda:
             return {"note": "skipped: needs CUDA"}
-        os.environ["JEDI_ATTN"] = backend
+        os.environ["JEDI_ATTN"] = "sdpa" if backend == "diffusers" else backend
         if "compile" in opts:
             from torch._dynamo.utils import counters
             counters.clear()  # graph breaks of this row only
@@ -269,7 +302,7 @@ def main(argv=None):
                 phase = "writing JPEGs, building the VAE and text encoder"
                 data_path = DataPath(args, cfg, hw, rt, workdir.name)
             phase = "build"
-            model, params, optimizer, ema = build(cfg, opts, rt, args.seed)
+            model, params, optimizer, ema = build(cfg, opts, rt, args.seed, backend, hw)
             load_s, encode_s = [], []
 
             def step(i):
@@ -291,7 +324,8 @@ def main(argv=None):
                     step(i)
                     if i == 0:
                         row["first step s"] = fmt(time.perf_counter() - t1)
-            row["attention"] = backend_summary(used) or "compiled: not recorded"
+            row["attention"] = ("diffusers' own" if backend == "diffusers" else
+                                backend_summary(used) or "compiled: not recorded")
             row["setup s"] = fmt(time.perf_counter() - t0)
             if on_cuda:
                 torch.cuda.reset_peak_memory_stats(dev)

@@ -1,5 +1,6 @@
-"""What bench_sampling.py and bench_training.py share: sizes, the CPU refusal, random weights, the report header,
-and a markdown table that is rewritten after every row (a step cut short by the suite's timeout keeps its rows)."""
+"""What bench_sampling.py and bench_training.py share: sizes (SD-1.4 and, with --xl, JeDi-XL), the CPU refusal, random
+weights, the diffusers baseline UNet, the report header, and a markdown table that is rewritten after every row (a
+step cut short by the suite's timeout keeps its rows)."""
 import datetime
 import os
 import platform
@@ -11,6 +12,7 @@ from pathlib import Path
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -18,20 +20,148 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2,
                  context_dim=16)
 FULL_HW, TINY_HW = 64, 16  # latent side: 512 px / 8, and the tiny size
+# --xl: JeDi-XL, the SDXL base UNet (model.flavours) with JeDi's 9 input channels, at SDXL's 1024 px (128x128
+# latents), the SDXL text conditioner and VAE. --xl --tiny: an SDXL-shaped tiny UNet (three levels, attention at
+# factors 2 and 4, per-level depth, linear proj, label_emb over pooled text + size features) and tiny encoders.
+FULL_HW_XL = 128
+TINY_XL_POOLED = 16  # bigG's pooled width (1280 at full size)
+TINY_XL_UNET = dict(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=1,
+                    num_head_channels=16, transformer_depth=(0, 1, 2), context_dim=16 + 32, use_linear_proj=True,
+                    adm_in_channels=TINY_XL_POOLED + 6 * 256)
+TINY_XL_TEXT = dict(clip_l=dict(hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32),
+                    bigg=dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64,
+                              projection_dim=TINY_XL_POOLED))
 
 
-def unet_config(tiny: bool):
-    from model.unet import UNetConfig
+def unet_config(tiny: bool, xl: bool = False):
+    """The benchmarked JeDi UNet: SD-1.4 sized (default) or JeDi-XL (xl), 9 input channels; tiny for CPU checks."""
+    import dataclasses
+
+    from model.unet import JEDI_IN_CHANNELS, UNetConfig
+    if xl:
+        from model.flavours import FLAVOURS
+        base = UNetConfig(**TINY_XL_UNET) if tiny else FLAVOURS["sdxl"].unet  # the base: 4 input channels
+        return dataclasses.replace(base, in_channels=JEDI_IN_CHANNELS)
     return UNetConfig(**TINY_UNET) if tiny else UNetConfig()  # default: SD-1.4 sized, 9 input channels
+
+
+def latent_hw(tiny: bool, xl: bool = False) -> int:
+    return TINY_HW if tiny else (FULL_HW_XL if xl else FULL_HW)
 
 
 def refuse_full_size_without_cuda(prog: str, tiny: bool) -> None:
     """The full size on CPU would run for hours and measure nothing useful: stop with a clear message (exit 2)."""
     if not tiny and not torch.cuda.is_available():
-        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet, 512 px, bf16) needs a CUDA GPU, "
-              f"and torch.cuda.is_available() is False. On CPU run the tiny rot check instead: "
-              f"python bench/{prog}.py --tiny", file=sys.stderr)
+        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet at 512 px, or JeDi-XL at 1024 px with "
+              f"--xl; bf16) needs a CUDA GPU, and torch.cuda.is_available() is False. On CPU run the tiny rot check "
+              f"instead: python bench/{prog}.py --tiny", file=sys.stderr)
         raise SystemExit(2)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The diffusers baseline UNet (bench_sampling's rows, bench_training's diffusers rows)
+# ----------------------------------------------------------------------------------------------------------
+def diffusers_unet(cfg, sample_size):
+    """UNet2DConditionModel with the same architecture as our UNetConfig (SD-1.4's or SDXL's), on meta. diffusers
+    calls the head count `attention_head_dim`; SDXL adds the text_time vector input (pooled text + six size numbers
+    through its own 256-wide sinusoids)."""
+    from diffusers import UNet2DConditionModel
+
+    from model.conditioning import MICRO_FEATURES
+
+    L = len(cfg.channel_mult)
+    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
+    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+              block_out_channels=chans, layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),  # 1 where no attention
+              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), use_linear_projection=cfg.use_linear_proj,
+              norm_num_groups=cfg.norm_groups)
+    if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
+        raise ValueError("diffusers' middle block takes the last level's depth")
+    if cfg.adm_in_channels is not None:
+        kw.update(addition_embed_type="text_time", addition_time_embed_dim=MICRO_FEATURES,
+                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    with torch.device("meta"):  # weights come from ours (load_state_dict(assign=True)): skip diffusers' own init
+        return UNet2DConditionModel(**kw)
+
+
+class JointSelfAttnProcessor:
+    """JeDi's coupled self-attention as a diffusers attention processor, for every `attn1`: the N images of a set
+    attend to each other's tokens. The same SDPA call as diffusers' AttnProcessor2_0, on regrouped tokens."""
+
+    def __init__(self):
+        self.set_size = 1  # set before each UNet call (cross_attention_kwargs would reach every processor)
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None, *args,
+                 **kwargs):
+        if encoder_hidden_states is not None or attention_mask is not None:
+            raise ValueError("JointSelfAttnProcessor is for self-attention (attn1) without a mask")
+        BN, L, C = hidden_states.shape
+        N = self.set_size
+        x = hidden_states.reshape(BN // N, N * L, C)  # (B·N, HW, C) -> (B, N·HW, C): images of a set consecutive
+        q, k, v = attn.to_q(x), attn.to_k(x), attn.to_v(x)
+        B, heads = x.shape[0], attn.heads
+        d = k.shape[-1] // heads
+        q, k, v = (t.view(B, -1, heads, d).transpose(1, 2) for t in (q, k, v))  # (B, H, N·HW, d)
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=0.0, is_causal=False)
+        out = out.transpose(1, 2).reshape(B, -1, heads * d)
+        out = attn.to_out[1](attn.to_out[0](out))  # linear, dropout
+        return out.reshape(BN, L, -1)  # back to per image
+
+
+class DiffusersJeDi(nn.Module):
+    """Our UNet's call signature on top of diffusers' UNet, so the same sampling loop and training step drive both.
+    SDXL (time_ids given): the conditioning is our Cond; diffusers gets its context, the pooled text (y's first
+    part) and the six size numbers `time_ids` (original h, w, crop top, left, target h, w), which it embeds itself,
+    as StableDiffusionXLPipeline passes them. `blocks`: its down, middle and up blocks, train.parallelize's units."""
+
+    def __init__(self, unet, time_ids=None):
+        super().__init__()
+        from diffusers.models.attention_processor import AttnProcessor2_0
+
+        self.unet, self.joint = unet, JointSelfAttnProcessor()
+        unet.set_attn_processor({name: self.joint if name.endswith("attn1.processor") else AttnProcessor2_0()
+                                 for name in unet.attn_processors})
+        self.register_buffer("time_ids", time_ids, persistent=False)
+
+    @property
+    def blocks(self):
+        return [*self.unet.down_blocks, self.unet.mid_block, *self.unet.up_blocks]
+
+    def forward(self, x, t, context, set_size=1):
+        from model.conditioning import MICRO_FEATURES, Cond
+
+        self.joint.set_size = set_size
+        if not isinstance(context, Cond):
+            return self.unet(x, t, encoder_hidden_states=context, return_dict=False)[0]
+        pooled = context.y[:, :context.y.shape[1] - 6 * MICRO_FEATURES]  # y = [pooled, size features]
+        time_ids = self.time_ids.to(pooled.dtype).expand(len(x), -1)  # (6,) -> (B, 6)
+        return self.unet(x, t, encoder_hidden_states=context.context, return_dict=False,
+                         added_cond_kwargs=dict(text_embeds=pooled, time_ids=time_ids))[0]
+
+
+def diffusers_from_ours(ours, sample_size, image_size=None):
+    """The baseline with our weights (diffusers' own SD/SDXL converter), in our dtype and device. image_size: the
+    pixels per side of the images (SDXL: its size numbers, original = target = that, crop 0, as sample.py)."""
+    from diffusers.loaders.single_file_utils import convert_ldm_unet_checkpoint
+
+    net = diffusers_unet(ours.config, sample_size)
+    ldm = {"model.diffusion_model." + k: v.detach().clone() for k, v in ours.state_dict().items()}
+    net.load_state_dict(convert_ldm_unet_checkpoint(ldm, dict(net.config)), strict=True, assign=True)
+    left = [n for n, t in [*net.named_parameters(), *net.named_buffers()] if t.is_meta]
+    if left:
+        raise RuntimeError(f"diffusers UNet: not loaded from our weights: {left[:3]}")
+    time_ids = None
+    if ours.config.adm_in_channels is not None:
+        if image_size is None:
+            raise ValueError("an SDXL baseline needs the image size (its size conditioning)")
+        device = next(ours.parameters()).device
+        time_ids = torch.tensor([image_size, image_size, 0, 0, image_size, image_size], dtype=torch.float32,
+                                device=device)
+    return DiffusersJeDi(net.eval().requires_grad_(False), time_ids)
 
 
 @torch.no_grad()

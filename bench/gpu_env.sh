@@ -46,7 +46,8 @@ PYEOF
     whls=()
     for f in "$WHEELS"/*.whl; do [[ -f $f && ${f##*/} =~ ^${stem}-[0-9] ]] && whls+=("$f"); done
     if (( ${#whls[@]} > 1 )); then
-      echo "$GPU_SCRIPT: error: ${#whls[@]} wheels of ${CARRIED_DISTS[$i]} in $WHEELS; rerun bash bench/fetch_wheels.sh" >&2
+      echo "$GPU_SCRIPT: error: ${#whls[@]} wheels of ${CARRIED_DISTS[$i]} in $WHEELS;" \
+           "rerun bash bench/fetch_wheels.sh" >&2
       exit 2
     fi
     if (( ${#whls[@]} == 1 )); then
@@ -95,7 +96,8 @@ summary_header() {
   echo "- date: $(date -u +%FT%TZ)"
   echo "- git: $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo ' (dirty)')"
   if [[ ${GPU_CPU_SMOKE:-0} == 1 ]]; then
-    echo "- card: none: --cpu-smoke on $(uname -m), $(getconf _NPROCESSORS_ONLN) CPUs (simulated GPU image; the numbers mean nothing)"
+    echo "- card: none: --cpu-smoke on $(uname -m), $(getconf _NPROCESSORS_ONLN) CPUs" \
+         "(simulated GPU image; the numbers mean nothing)"
   else
     echo "- card: $(nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null | head -1)"
   fi

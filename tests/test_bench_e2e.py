@@ -157,6 +157,80 @@ def test_diffusers_baseline_is_jedi():
     assert bs.rel_diff(uncoupled, want) > 1e-3  # the regrouping matters: the test would see a no-op processor
 
 
+def test_sampling_xl_tiny_cpu(tmp_path):
+    """--xl: JeDi-XL (an SDXL-shaped tiny UNet with label_emb, the SDXL conditioner and VAE) through sample.generate,
+    against diffusers' SDXL UNet with the same weights: the same images, so the pooled text and the size numbers
+    reach diffusers' text_time input as they reach ours."""
+    out = tmp_path / "sampling_xl.md"
+    r = _run("bench/bench_sampling.py", "--tiny", "--xl", "--variants", "diffusers,ours,sdpa+channels_last",
+             "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert text.startswith("# JeDi-XL (SDXL base) sampling speed") and "SDXL text conditioner" in text
+    rows = _table(text)
+    assert list(rows) == ["diffusers", "ours", "sdpa+channels_last"]
+    for name, row in rows.items():
+        assert float(row["s/set"]) > 0 and float(row["Δ vs ours"]) < 0.1 and "FAILED" not in row["note"], name
+    assert rows["ours"]["× baseline"].endswith("×") and rows["diffusers"]["attention"] == "diffusers' own"
+    import bench_sampling as bs
+
+    a = bs.parse_args(["--xl"])
+    assert a.steps == 30 and a.variants[:2] == ["diffusers", "ours"]  # issue 27's set of 4, 30 steps
+
+
+def test_training_xl_tiny_cpu(tmp_path):
+    """--xl: train.py's step on the tiny SDXL-shaped JeDi UNet with SDXL-shaped conditioning (a Cond with y), beside
+    the diffusers baseline with the same weights in the same step: the same first loss (same seed, same function)."""
+    out = tmp_path / "training_xl.md"
+    r = _run("bench/bench_training.py", "--tiny", "--xl", "--peak-tflops", "1", "--out", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr
+    text = out.read_text()
+    assert text.startswith("# JeDi-XL (SDXL base) training throughput")
+    rows = _table(text)
+    assert list(rows) == ["diffusers+ac", "sdpa+ac"]
+    for name, row in rows.items():
+        assert float(row["sets/s"]) > 0 and math.isfinite(float(row["loss"])) and row["MFU"].endswith("%"), name
+        assert not row["note"], row
+    assert float(rows["diffusers+ac"]["loss"]) == pytest.approx(float(rows["sdpa+ac"]["loss"]), rel=2e-3)
+    assert rows["diffusers+ac"]["attention"] == "diffusers' own" and rows["sdpa+ac"]["attention"].startswith("sdpa")
+    import bench_training as bt
+
+    with pytest.raises(SystemExit, match="no \\+data rows with --xl"):
+        bt.parse_args(["--xl", "--variants", "sdpa+data"])
+    a = bt.parse_args(["--xl", "--compile"])
+    assert a.sets == 1 and a.variants[0] == "diffusers+ac" and "diffusers+ac+compile" in a.variants
+
+
+def test_diffusers_sdxl_baseline_is_jedi_xl():
+    """The SDXL baseline (diffusers' text_time UNet + the set-regrouping attn1 processor) with our weights = our
+    JeDi-XL UNet on Cond(context, [pooled, micro_conditioning(R, R, 0, 0, R, R)]); another image size differs."""
+    import bench_sampling as bs
+    from e2e_common import redraw_zero_layers, unet_config
+
+    from model.conditioning import Cond, micro_conditioning
+    from model.unet import UNet
+
+    torch.manual_seed(0)
+    cfg = unet_config(tiny=True, xl=True)
+    ours = redraw_zero_layers(UNet(cfg)).eval()
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if p.ndim == 1:
+                p.add_(0.1 * torch.randn_like(p))
+    x, t = torch.randn(8, 9, 16, 16), torch.randint(0, 1000, (8,))
+    pooled = torch.randn(8, cfg.adm_in_channels - 6 * 256)
+    cond = Cond(torch.randn(8, 77, cfg.context_dim),
+                torch.cat([pooled, micro_conditioning((32, 32), (0, 0), (32, 32)).expand(8, -1)], 1))
+    with torch.no_grad():
+        want = ours(x, t, cond, set_size=4)
+        got = bs.diffusers_from_ours(ours, 16, image_size=32)(x, t, cond, set_size=4)
+        other = bs.diffusers_from_ours(ours, 16, image_size=64)(x, t, cond, set_size=4)
+    assert bs.rel_diff(got, want) < 1e-5
+    assert bs.rel_diff(other, want) > 1e-3  # the size numbers reach diffusers' own embedding
+    with pytest.raises(ValueError, match="needs the image size"):
+        bs.diffusers_from_ours(ours, 16)
+
+
 def test_flops_analytic_attention_matches_flop_counter():
     from flops import counted_sdpa_flops, peak_bf16_flops, unet_flops
     from e2e_common import TINY_UNET

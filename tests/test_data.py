@@ -324,14 +324,50 @@ def test_webdataset_single_images_and_sets(tmp_path):
     assert loader.num_bad == 0
 
 
-def test_shard_cli_roundtrip(tmp_path):
+def test_shard_cli_roundtrip(tmp_path, capsys):
+    """data.py shard: every set of the manifest in the shards (read here with tarfile), each image's file byte for
+    byte with its caption; single images in the layout the images reader takes; the loader reads both back."""
+    import tarfile
+
     pytest.importorskip("webdataset")
     path = write_manifest(str(tmp_path / "m"), [2, 3, 4], per_image_captions=True)
     assert data.main(["shard", path, str(tmp_path / "out" / "s-%03d.tar"), "--maxcount", "2"]) == 0
+    members = {}
+    for shard in ("s-000.tar", "s-001.tar"):
+        with tarfile.open(tmp_path / "out" / shard) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    want = {}
+    for i, line in enumerate(open(path)):
+        rec = json.loads(line)
+        for j, (p, cap) in enumerate(zip(rec["images"], rec["captions"])):
+            want[f"{i:09d}.{j}.jpg"] = open(tmp_path / "m" / p, "rb").read()
+            want[f"{i:09d}.{j}.txt"] = cap.encode()
+    assert members == want
     spec = [{"type": "sets", "path": str(tmp_path / "out" / "s-{000..001}.tar"), "set_sizes": [2]}]
     b = next(data.build_loader(spec, resolution=RES, images_per_batch=6))
     for px, caps in zip(b["pixels"], b["captions"]):
         assert caps == [f"set {i} image {j}" for i, j in (identify(im, 3) for im in px)]
+    # single images: {KEY.png, KEY.txt}, read back by the images reader, every one
+    lines = []
+    for i in range(4):
+        save(str(tmp_path / "s" / f"im{i}.png"), color(i), fmt="PNG")
+        lines.append(json.dumps({"image": f"im{i}.png", "caption": f"image {i}"}))
+    (tmp_path / "s" / "singles.jsonl").write_text("\n".join(lines) + "\n")
+    assert data.main(["shard", str(tmp_path / "s" / "singles.jsonl"), str(tmp_path / "one" / "i-%03d.tar")]) == 0
+    with tarfile.open(tmp_path / "one" / "i-000.tar") as tar:
+        assert tar.getnames() == [f"{i:09d}.{e}" for i in range(4) for e in ("png", "txt")]
+    b = next(data.build_loader([{"type": "images", "path": str(tmp_path / "one" / "i-000.tar")}], resolution=RES,
+                               images_per_batch=4))
+    assert sorted((identify(px[0], 4)[0], caps[0]) for px, caps in zip(b["pixels"], b["captions"])) == \
+        [(i, f"image {i}") for i in range(4)]
+    # an image the shard readers would skip (they decode jpg/jpeg/png/webp) is refused before anything is written
+    save(str(tmp_path / "s" / "im9.tif"), color(9), fmt="TIFF")
+    (tmp_path / "s" / "tif.jsonl").write_text(json.dumps({"images": ["im0.png", "im9.tif"], "caption": "x"}) + "\n")
+    capsys.readouterr()
+    assert data.main(["shard", str(tmp_path / "s" / "tif.jsonl"), str(tmp_path / "never" / "t-%03d.tar")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error:") and "im9.tif" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "never").exists()
 
 
 # ----------------------------------------------------------------------------- mixing, bucketing, sharding
@@ -485,9 +521,13 @@ def test_a_source_of_only_bad_files_stops_with_a_clear_error(tmp_path):
 
 
 def test_cli_count_and_grid(tmp_path, capsys):
-    path = write_manifest(str(tmp_path), [2, 3])
-    assert data.main(["count", path]) == 0
-    assert "sets0: 2 sets" in capsys.readouterr().out
+    # count: what was written, per source (a manifest, a folder of single images, WebDataset shards read through)
+    path = write_manifest(str(tmp_path), [2, 3, 4, 2, 3])
+    for i in range(4):
+        save(str(tmp_path / "singles" / f"im{i}.jpg"), color(i))
+    shards = write_shards(str(tmp_path), 3, 6, sets=True)  # 18 sets over 3 shards
+    assert data.main(["count", f"sets:{path},images:{tmp_path / 'singles'},sets:{shards}"]) == 0
+    assert capsys.readouterr().out.splitlines() == ["sets0: 5 sets", "images1: 4 images", "sets2: 18 sets"]
     out = str(tmp_path / "grid.png")
     assert data.main(["grid", "procedural", "--out", out, "--sets", "3", "--resolution", "16", "--seed", "2"]) == 0
     printed = capsys.readouterr().out.splitlines()

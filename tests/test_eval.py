@@ -317,7 +317,8 @@ class FakeGenerator:
     def __init__(self, fail_after=None):
         self.fail_after, self.images, self.calls = fail_after, 0, []
 
-    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype):
+    def __call__(self, model, ref_images, prompts, *, ref_prompt, num_sets, steps, guidance, sampler, seed, dtype,
+                 first_set=0):
         self.calls.append(dict(refs=list(ref_images), prompts=prompts, ref_prompt=ref_prompt, num_sets=num_sets,
                                steps=steps, guidance=guidance, sampler=sampler, seed=seed, dtype=dtype))
         fg = Image.open(ref_images[0]).convert("RGB").getpixel((20, 15))
@@ -326,7 +327,7 @@ class FakeGenerator:
             if self.fail_after is not None and self.images >= self.fail_after:
                 raise RuntimeError("interrupted")
             self.images += 1
-            rng = np.random.default_rng(seed + s)
+            rng = np.random.default_rng(seed + first_set + s)  # set s's own noise, as sample.set_seed(seed, s)
             out.append([picture(fg, tuple(int(c) for c in rng.integers(0, 256, 3)), size=(40, 40),
                                 box=(8, 8, 30, 30))[0] for _ in prompts])
         return out
@@ -345,7 +346,7 @@ class FakeSegmenter:
         return m
 
 
-def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
+def test_runner_writes_tables_and_resumes(mini_dataset, weights, embedders, tmp_path):
     out = tmp_path / "out"
     argv = ["--dataset", str(mini_dataset), "--out", str(out), "--num_refs", "3", "--steps", "7",
             "--clip_model", weights["clip_cfg"], "--clip_weights", weights["clip_bin"], "--dino", weights["dino"],
@@ -389,17 +390,43 @@ def test_runner_writes_tables_and_resumes(mini_dataset, weights, tmp_path):
     assert res["overall"]["MDINO"]["mean"] > res["overall"]["DINO"]["mean"]
     prompts = {r["prompt"] for r in res["images"]}
     assert prompts == {"a toy in the jungle", "a red toy", "a dog wearing a santa hat", "a cube shaped dog"}
+    # every image's five scores by hand: its embedding against each of the subject's real images (all of them, as
+    # DreamBench scores), averaged; CLIP-T against its prompt; masked: the references' mask files and the
+    # segmenter's box, background filled, before embedding
+    clip, dino = embedders
+    box = np.zeros((40, 40), bool)
+    box[8:30, 8:30] = True  # FakeSegmenter's mask
+    for rec in res["images"]:
+        refs = sorted((mini_dataset / rec["subject"]).glob("*.jpg"))
+        ref_images = [jeval.load_image(p) for p in refs]
+        ref_masked = [jeval.apply_mask(im, np.asarray(Image.open(str(p)[:-4] + ".mask.png")) >= 128)
+                      for im, p in zip(ref_images, refs)]
+        gen = jeval.load_image(out / rec["path"])
+        want = {"CLIP-T": (clip.images([gen]) @ clip.texts([rec["prompt"]]).T).item()}
+        for m, emb, ims, g in (("CLIP-I", clip, ref_images, gen), ("DINO", dino, ref_images, gen),
+                               ("MCLIP-I", clip, ref_masked, jeval.apply_mask(gen, box)),
+                               ("MDINO", dino, ref_masked, jeval.apply_mask(gen, box))):
+            want[m] = (emb.images([g]) @ emb.images(ims).T).mean().item()
+        assert {m: rec[m] for m in jeval.METRICS} == pytest.approx(want, abs=1e-5), rec["path"]
     md = (out / "results.md").read_text()
     assert "| toy_a | toy | 8 |" in md and "**overall**" in md and "tiny-clip-eval" in md
     assert "refs: 6 from mask files" in md and "images: 16 from fake-seg" in md  # the mask source, with the table
     assert res["settings"]["steps"] == 7 and res["settings"]["guidance"] == 2.5  # what was actually used
     first = (out / "images/toy_a/00_0.png").read_bytes()
 
-    # 3. one image lost: exactly that one is regenerated (with a fresh mask); nothing else is touched
-    (out / "images/dog_b/01_2.png").unlink()
+    # 3. images lost: exactly those are regenerated (with fresh masks), each the very image it was (image k of a
+    # prompt is set k of that prompt's seed, whichever others are missing); nothing else is touched
+    lost = {k: (out / f"images/dog_b/01_{k}.png").read_bytes() for k in (1, 2)}
+    for k in lost:
+        (out / f"images/dog_b/01_{k}.png").unlink()
     gen, seg = FakeGenerator(), FakeSegmenter()
     assert run(gen, seg) == 0
-    assert gen.images == 1 and gen.calls[0]["num_sets"] == 1 and seg.calls == 1
+    assert gen.images == 2 and [c["num_sets"] for c in gen.calls] == [2] and seg.calls == 2
+    assert {k: (out / f"images/dog_b/01_{k}.png").read_bytes() for k in lost} == lost
+    (out / "images/dog_b/01_2.png").unlink()
+    (out / "images/dog_b/01_0.png").unlink()
+    assert run(FakeGenerator(), FakeSegmenter()) == 0  # not contiguous: 0 and 2, one call each
+    assert (out / "images/dog_b/01_2.png").read_bytes() == lost[2]
     assert (out / "images/toy_a/00_0.png").read_bytes() == first
 
     # 4. complete: rescoring loads no model and generates nothing

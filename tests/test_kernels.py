@@ -3,8 +3,10 @@
 Without CUDA the kernels run under TRITON_INTERPRET=1 on CPU tensors (slow: shapes are kept small).
 Inputs are fresh random tensors each run; the seed is in every failure message.
 """
+import json
 import math
 import os
+import re
 import subprocess
 import sys
 import time
@@ -258,8 +260,6 @@ def table_dir(tmp_path, monkeypatch):
 
 
 def test_dispatch_table_lookup(table_dir, monkeypatch):
-    import json
-
     from kernels import dispatch
     (table_dir / "test-card-9000.json").write_text(json.dumps(_table(
         [_entry(), _entry(direction="train", backend="sdpa"), _entry(lq=4096, lk=128, backend="triton-ws")])))
@@ -324,8 +324,6 @@ BAD_TABLES = [
 
 @pytest.mark.parametrize("table,message", BAD_TABLES, ids=[m.split(".*")[-1].strip("\\'") for _, m in BAD_TABLES])
 def test_malformed_dispatch_table(table_dir, table, message):
-    import json
-
     from kernels import dispatch
     path = table_dir / "test-card-9000.json"
     path.write_text(json.dumps(table))
@@ -419,12 +417,56 @@ def test_bench_cpu_smoke(tmp_path):
         assert float(triton) > 0 and float(sdpa) > 0 and ratio == f"{float(triton) / float(sdpa):.2f}x", cells
 
 
+# bench/check_attention_cuda.py run with flash_attention's output 1% off (its gradients follow): the check must fail it.
+OFF_BY_ONE_PERCENT = """import runpy, sys
+from kernels import flash_attn
+real = flash_attn.flash_attention
+flash_attn.flash_attention = lambda *a, **kw: real(*a, **kw) * 1.01
+sys.argv = ["check_attention_cuda.py", "--cpu-smoke", "--out", sys.argv[1]]
+runpy.run_path("bench/check_attention_cuda.py", run_name="__main__")
+"""
+
+
 def test_cuda_check_cpu_smoke(tmp_path):
-    out = tmp_path / "check.md"
-    r = subprocess.run([sys.executable, "bench/check_attention_cuda.py", "--cpu-smoke", "--out", str(out)], cwd=ROOT,
-                       env=_sub_env(), capture_output=True, text=True, timeout=120)
+    """The GPU correctness check's whole path on CPU: every case gets a row of four errors within the rule's bar, and
+    the same check fails a kernel 1% off (a check that cannot fail would pass any kernel on the GPU)."""
+    def check(*cmd):
+        out = tmp_path / "check.md"
+        r = subprocess.run([sys.executable, *cmd, str(out)], cwd=ROOT, env=_sub_env(), capture_output=True,
+                           text=True, timeout=120)
+        rows = [[c.strip() for c in line.strip("|").split("|")] for line in out.read_text().splitlines()
+                if line.startswith("| 1 |")]
+        return r, rows, out.read_text()
+
+    r, rows, text = check("bench/check_attention_cuda.py", "--cpu-smoke", "--out")
     assert r.returncode == 0, r.stdout + r.stderr
-    assert "0 failing rows" in out.read_text()
+    assert [row[:6] for row in rows] == [["1", "40", "77", "40", "fp16", "triton"],
+                                         ["1", "50", "50", "80", "fp32", "triton strided"]], text
+    for row in rows:  # triton's error / SDPA's in the same dtype, for out, dq, dk, dv
+        errors = [[float(x) for x in cell.split(" / ")] for cell in row[6:10]]
+        assert row[10] == "ok" and all(0 < t < 1e-2 and 0 < s < 1e-2 for t, s in errors), row
+    assert "- 0 failing rows" in text
+    r, rows, text = check("-c", OFF_BY_ONE_PERCENT)
+    assert r.returncode == 1, r.stdout + r.stderr
+    assert [row[10] for row in rows] == ["FAIL", "FAIL"]
+    assert all(row[6].endswith("FAIL") for row in rows) and "- 2 failing rows" in text, text
+
+
+def test_compile_only_all_covers_every_head_dim():
+    # `--compile-only all` (what docs/kernel.md's PTX tables come from) compiles every autotune config of every kernel
+    # at SD-1.x's head dims and SDXL's 64 (TMA forward and atomic-dQ backward included), at the model's heads.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import check_attention_cuda as cac
+    jobs = cac.compile_jobs("all")
+    for d in (40, 80, 160, 64):
+        tile = flash_attn.head_dim_tile(d)
+        for kind in ("fwd", "dkdv", "dq"):
+            plain = {j[3] for j in jobs if j[:3] == (kind, "fp16", d) and j[6] and len(j) == 7}
+            assert plain == set(flash_attn._TABLES[kind][tile]), (kind, d)
+            extra = {j[3] for j in jobs if j[:3] == (kind, "fp16", d) and len(j) == 8}
+            assert extra == (set() if kind == "dq" else plain), (kind, d)  # TMA forward, atomic-dQ backward
+    assert {j[2] for j in jobs if not j[6]} == {40}  # the no-hint A/B at D 40 only
+    assert cac.COMPILE_HEADS.get(64) == 10 and any(j[2] == 64 and j[1] == "bf16" for j in cac.compile_jobs("quick"))
 
 
 def test_kernels_compile_for_sm90():
@@ -438,19 +480,77 @@ def test_kernels_compile_for_sm90():
 
 
 def test_kernel_sweep_cpu_smoke(tmp_path):
-    # The sweep's whole Python path at a tiny size under the interpreter: correctness first, timing, tables,
-    # and a dispatch table that kernels/dispatch accepts.
+    # The sweep's whole Python path at a tiny size under the interpreter, SD-1.x's and SDXL's head dims (the lease's
+    # models): correctness first, timing, tables, and a dispatch table that kernels/dispatch accepts.
     from kernels import dispatch
-    r = subprocess.run([sys.executable, "bench/kernel_sweep.py", "--cpu-smoke", "--dtypes", "fp16", "--out",
-                        str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "bench/kernel_sweep.py", "--cpu-smoke", "--dtypes", "fp16", "--models",
+                        "sd1,sdxl@512", "--out", str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "kernel_sweep.md").read_text()
     assert "fp16 forward (TFLOP/s)" in text and "triton-atomic" in text and "| wrong" not in text
+    assert "| self | 1 | 2 | 32 | 32 | 64 | sdxl@512 N=2 |" in text  # B, H, Lq, Lk, D, where the model runs it
+    assert "| cross | 1 | 2 | 16 | 13 | 40 | sd1@512 |" in text
     card, entries = dispatch.load(tmp_path / "dispatch" / "cpu-interpreter-smoke.json")
     assert card == "CPU interpreter smoke"
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
-        {("fp16", 40, 32, 32), ("fp16", 40, 16, 16)}  # the self- and cross-attention buckets
+        {("fp16", d, lq, lq) for d in (40, 64) for lq in (32, 16)}  # self and cross buckets (Lk 13 -> 16) per D
     assert "git:" in (tmp_path / "SUMMARY.md").read_text()
+    # every timed cell is 4*B*H*Lq*Lk*D FLOPs (backward 2.5x) over the time the dispatch table records for its
+    # bucket (one shape per bucket here): forward over the forward's ms, backward over (train - forward) ms
+    heads = int(re.search(r"- (\d+) heads", text)[1])
+    ms = {(e["lq"], e["direction"]): e["ms"] for e in json.loads(
+        (tmp_path / "dispatch" / "cpu-interpreter-smoke.json").read_text())["entries"]}
+    for direction in ("forward", "backward"):
+        table = text.split(f"### fp16 {direction}")[1].split("###")[0]
+        head = [c.strip() for c in table.splitlines()[2].strip("|").split("|")]
+        rows = [dict(zip(head, (c.strip() for c in line.strip("|").split("|"))))
+                for line in table.splitlines()[4:] if line.startswith("| ")]
+        assert [r["kind"] for r in rows] == ["self", "cross"]
+        for r in rows:
+            b, lq, lk, d = (int(r[k]) for k in ("B", "Lq", "Lk", "D"))
+            flop = 4 * b * heads * lq * lk * d * (2.5 if direction == "backward" else 1)
+            bucket = 1 << (lq - 1).bit_length()
+            for name in ("triton", "sdpa"):
+                fwd, train = ms[bucket, "fwd"][name], ms[bucket, "train"][name]
+                want = flop / ((train - fwd if direction == "backward" else fwd) * 1e-3) / 1e12
+                assert float(r[name]) == pytest.approx(want, rel=2e-3), (direction, r, want)
+            ours = max(float(r[k]) for k in ("triton", "triton-atomic"))  # triton-noalign is an A/B switch
+            assert r["best ours / best sdpa"] == f"{ours / float(r['sdpa']):.2f}x"
+
+
+def test_kernel_sweep_shapes_are_the_models_own():
+    # The sweep's shapes come from each model's full-size UNet (a meta-device forward), with its heads: SD-1.x's are
+    # the four levels the sweep always measured (8 heads, D 40/80/160/160), SDXL's the D 64 levels with 10 and 20
+    # heads; the lease's cut (sd1,sdxl@512, N = 2 and 4) holds SDXL's shapes at 512 px, SD-1.x's yardsticks first,
+    # then SDXL's top level, cross-attention last; a shape two uses share is measured once.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_sweep as ks
+    assert ks.attention_levels("sd1", 512) == (((4096, 8, 40), (1024, 8, 80), (256, 8, 160), (64, 8, 160)),
+                                               ((4096, 77, 8, 40), (1024, 77, 8, 80), (256, 77, 8, 160),
+                                                (64, 77, 8, 160)))
+    assert ks.attention_levels("sdxl", 1024) == (((4096, 10, 64), (1024, 20, 64)), ((4096, 77, 10, 64),
+                                                                                   (1024, 77, 20, 64)))
+    assert ks.attention_levels("sdxl", 512) == (((1024, 10, 64), (256, 20, 64)), ((1024, 77, 10, 64),
+                                                                                 (256, 77, 20, 64)))
+    assert ks.parse_models("sd1, sdxl,sdxl@512") == [("sd1", 512), ("sdxl", 1024), ("sdxl", 512)]
+    for bad, msg in (("sd3", "unknown model 'sd3'"), ("sdxl@500", "multiple of 64"), ("sdxl@", "multiple of 64"),
+                     (",", "comma list")):
+        with pytest.raises(ValueError, match=msg):
+            ks.parse_models(bad)
+
+    lease = [s[:6] for s in ks.shapes(ks.parse_models("sd1,sdxl@512"), (2, 4))]
+    assert lease == [("self", 2, 8192, 8192, 8, 40), ("self", 2, 16384, 16384, 8, 40),
+                     ("self", 2, 2048, 2048, 8, 80), ("self", 2, 4096, 4096, 8, 80), ("self", 2, 512, 512, 8, 160),
+                     ("self", 2, 2048, 2048, 10, 64), ("self", 2, 4096, 4096, 10, 64),
+                     ("self", 2, 1024, 1024, 8, 160), ("self", 2, 128, 128, 8, 160), ("self", 2, 256, 256, 8, 160),
+                     ("self", 2, 512, 512, 20, 64), ("self", 2, 1024, 1024, 20, 64),
+                     ("cross", 8, 4096, 77, 8, 40), ("cross", 8, 1024, 77, 8, 80), ("cross", 8, 256, 77, 8, 160),
+                     ("cross", 8, 64, 77, 8, 160), ("cross", 8, 1024, 77, 10, 64), ("cross", 8, 256, 77, 20, 64)]
+    both = {s[:6]: s.uses for s in ks.shapes(ks.parse_models("sdxl@512,sdxl"))}
+    assert both[("self", 2, 4096, 4096, 10, 64)] == ("sdxl@512 N=4", "sdxl@1024 N=1")
+    assert both[("self", 2, 1024, 1024, 20, 64)] == ("sdxl@512 N=4", "sdxl@1024 N=1")
+    assert len(both) == 18  # 2 x 2 levels x 4 N, less the 2 shared, and 4 cross
 
 
 def test_kernel_sweep_rejects_a_wrong_variant():
@@ -458,7 +558,7 @@ def test_kernel_sweep_rejects_a_wrong_variant():
     # (and so is never timed); the real kernel passes.
     sys.path.insert(0, str(ROOT / "bench"))
     import kernel_sweep
-    q, k, v, do = kernel_sweep.inputs(torch, 1, 40, 24, 40, torch.float16, DEVICE, seed=0)
+    q, k, v, do = kernel_sweep.inputs(torch, 1, 40, 24, 8, 40, torch.float16, DEVICE, seed=0)
 
     def broken(q, k, v):
         raise RuntimeError("no kernel")
@@ -485,7 +585,6 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     returns its choices (no table committed: every card gets SDPA). And a table written by the sweep's own writer
     (bench/kernel_sweep.write, from measured rows) loads back through kernels.dispatch to the fastest backend per
     shape bucket: the sweep cannot write a table the dispatcher refuses or reads otherwise."""
-    import json
     import types
 
     from kernels import dispatch
@@ -503,19 +602,27 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     sys.path.insert(0, str(ROOT / "bench"))
     import kernel_sweep
 
-    def row(kind, b, lq, lk, d, n, ms):  # ms: {variant: (forward ms, backward ms)}, as the sweep measures them
-        return dict(dtype="bf16", kind=kind, b=b, lq=lq, lk=lk, d=d, n=n, verdict={k: None for k in ms},
+    def row(kind, b, lq, lk, h, d, uses, ms):  # ms: {variant: (forward ms, backward ms)}, as the sweep measures them
+        return dict(dtype="bf16", kind=kind, b=b, h=h, lq=lq, lk=lk, d=d, uses=uses, verdict={k: None for k in ms},
                     ms=ms, no_graph=[])
-    rows = [row("self", 2, 8192, 8192, 40, 2, {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
-            row("cross", 8, 4096, 77, 40, 1, {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
-            row("self", 2, 512, 512, 160, 2, {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)}),  # within the 2 % margin
-            # SDXL: a set of 3 images of 64x64 latents at D 64 (N·L = 12288, bucket 16384)
-            row("self", 2, 3 * 4096, 3 * 4096, 64, 3, {"triton": (2.0, 5.0), "sdpa": (3.0, 5.0)})]
+    rows = [row("self", 2, 8192, 8192, 8, 40, ("sd1@512 N=2",),
+                {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
+            row("cross", 8, 4096, 77, 8, 40, ("sd1@512",),
+                {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
+            row("self", 2, 512, 512, 8, 160, ("sd1@512 N=2",),
+                {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)}),  # within the 2 % margin
+            # SDXL: a set of 3 images of 64x64 latents at D 64, 10 heads (N·L = 12288, bucket 16384)
+            row("self", 2, 3 * 4096, 3 * 4096, 10, 64, ("sdxl@1024 N=3",), {"triton": (2.0, 5.0), "sdpa": (3.0, 5.0)})]
     out = tmp_path / "sweep"
     kernel_sweep.write(types.SimpleNamespace(out=out), ["# test"], rows, [], [], "Test Card 9000", ["bf16"],
                        {"measure": 1.0}, done=True)
     written = out / "dispatch" / "test-card-9000.json"
     assert json.loads(written.read_text())["card"] == "Test Card 9000"
+    # TFLOP/s at the model's heads: 4·B·H·L²·D / 2 ms forward with H = 10 (not a fixed 8), backward 2.5x / 5 ms
+    lines = (out / "kernel_sweep.md").read_text().splitlines()
+    sdxl = [ln.split(" | ") for ln in lines if ln.startswith("| self | 2 | 10 | 12288 | 12288 | 64 | sdxl@1024 N=3 |")]
+    fwd, bwd = 4 * 2 * 10 * 12288 ** 2 * 64 / 2e-3 / 1e12, 2.5 * 4 * 2 * 10 * 12288 ** 2 * 64 / 5e-3 / 1e12
+    assert [float(c[7]) for c in sdxl] == [float(f"{fwd:.4g}"), float(f"{bwd:.4g}")], sdxl
     monkeypatch.setattr(dispatch, "TABLE_DIR", written.parent)  # as if committed
     dispatch.table_for.cache_clear()
     try:

@@ -75,7 +75,7 @@ def test_default_load_inflates_to_jedi_input(tiny_sd, tmp_path):
 
 
 def test_ema_weights_are_chosen_when_present(tiny_sd, tmp_path):
-    unet, _, _, sd = tiny_sd
+    unet, vae, text, sd = tiny_sd
     full = dict(sd)
     for k, v in unet.state_dict().items():  # a "full" checkpoint: EMA copy with the dots removed
         full["model_ema." + ("diffusion_model." + k).replace(".", "")] = v + 1
@@ -86,6 +86,13 @@ def test_ema_weights_are_chosen_when_present(tiny_sd, tmp_path):
     k = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
     torch.testing.assert_close(ema[k], unet.state_dict()[k] + 1)
     torch.testing.assert_close(raw[k], unet.state_dict()[k])
+    # through the loader users call: every UNet tensor is its EMA copy (by default), or the raw one with ema=False;
+    # the VAE and text encoder have no EMA copy and load as stored
+    for kw, shift in (({}, 1), ({"ema": False}, 0)):
+        m = load_sd(str(tmp_path / "full.ckpt"), num_heads=2, in_channels=None, **kw)
+        got, want = m.unet.state_dict(), unet.state_dict()
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k] + shift) for k in want), kw
+        assert same_modules(m.vae, vae) and same_modules(m.text.encoders[0], text)
 
 
 class Exploit:

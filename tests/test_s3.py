@@ -94,6 +94,13 @@ def test_every_stage_end_to_end(tiny):
         f"shard-0000{i}.{e}" for i in (0, 1) for e in ("jsonl", "png")]
     for f in ("sets.jsonl", "sets/shard-00000.jsonl", "sets/shard-00001.jsonl"):
         assert data.validate_manifest(os.path.join(ref, f)) == []
+    # the shards are sets.jsonl cut in order into 5 + 3, each set once (their paths relative to sets/)
+    shard_sets = [json.loads(line) for f in ("shard-00000.jsonl", "shard-00001.jsonl")
+                  for line in open(os.path.join(ref, "sets", f))]
+    assert [{**s, "images": [p[3:] for p in s["images"]]} for s in shard_sets] == sets
+    assert all(p.startswith("../") for s in shard_sets for p in s["images"])
+    assert stats["write"] == {"sets": 8, "images": sum(len(s["images"]) for s in sets), "shards": 2}
+    assert all(s["caption"] == s["captions"][0] for s in sets) and len({s["id"] for s in sets}) == 8
     assert not [p for p in tree(ref) if p.endswith(".tmp")]
     check_subject_kept(ref)  # random SAM masks: few pixels are fully opaque, the real check is below
 
@@ -411,15 +418,36 @@ def test_template_prompts_deterministic_and_objects_file(tmp_path):
         s3.configure(["--batch_size=two"])
 
 
-def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys):
+def test_bench_tiny_runs_and_full_size_needs_cuda(tmp_path, capsys, monkeypatch):
+    """bench/bench_s3.py --tiny: a row per stage whose items are what the stage made in the manifest folder and whose
+    rate is items over its batch-loop time; sets/s is the sets written over the summed batch-loop times."""
     sys.path.insert(0, os.path.join(ROOT, "bench"))
     import bench_s3
+    import tempfile
 
+    monkeypatch.setattr(tempfile, "mkdtemp", lambda prefix="": str(tmp_path / "work"))  # keep its manifest to read
     assert bench_s3.main(["--tiny", "--prompts=2", "--batch_size=2", "--out", str(tmp_path / "b.md")]) == 0
     table = (tmp_path / "b.md").read_text()
-    for stage in s3.STAGES:
-        assert f"| {stage} |" in table
-    assert "sets/s (all stages)" in table and "(2 sets of 4" in table
+    rows = {cells[0]: cells[1:] for cells in ([c.strip() for c in line.strip("|").split("|")]
+                                              for line in table.splitlines() if line.startswith("| "))}
+    del rows["stage"]
+    assert list(rows) == list(s3.STAGES)
+    m = str(tmp_path / "work" / "m")
+    sets = [json.loads(line) for line in open(os.path.join(m, "sets.jsonl"))]
+    made = {"prompts": len(s3.prompt_items()), "collages": len(s3.live("collages")),
+            "instances": len(s3.live("instances")), "filter": len(s3.live("filter")),
+            "backgrounds": len(s3.live("backgrounds")), "stylize": len(s3.live("stylize")),
+            "write": len([f for f in os.listdir(os.path.join(m, "sets")) if f.endswith(".jsonl")])}  # shards
+    assert made["prompts"] == made["collages"] == 2 and len(sets) == 2  # thresholds open: every collage a set
+    for stage, (items, secs, rate, wall) in rows.items():
+        assert int(items) == made[stage], (stage, items)
+        assert abs(int(items) / float(rate) - float(secs)) <= 0.0051 and float(secs) <= float(wall) + 0.01, stage
+    total = sum(float(secs) for _, secs, _, _ in rows.values())
+    summary = re.search(r"collages/s per process: ([\d.]+); sets/s \(all stages\): ([\d.]+) \((\d+) sets of (\d+)",
+                        table)
+    assert float(summary[1]) == pytest.approx(float(rows["collages"][2]), abs=0.01)
+    assert int(summary[3]) == len(sets) and int(summary[4]) == s3.max_set_size == 4
+    assert len(sets) / float(summary[2]) == pytest.approx(total, abs=0.005 * len(rows) + 1e-3)
     if not torch.cuda.is_available():
         with pytest.raises(SystemExit) as e:
             bench_s3.main([])
@@ -438,6 +466,16 @@ def test_llm_prompts_from_a_local_causal_lm(tmp_path):
     assert runs[0] == runs[1] and len(runs[0]) == 4  # seeded per (object, prompt): same seed, same prompts
     assert all(r["prompt"].startswith(f"a photo of a {r['object']}") and r["prompt"].isprintable() for r in runs[0])
     assert len({r["prompt"] for r in runs[0]}) == 4
+    assert not {r["prompt"] for r in runs[0]} & {p for r in runs[0] for p in s3.template_prompts(r["object"], 2)}
+    # an object's prompts do not depend on which objects came before it (ranks share objects in any split): the
+    # second object alone gets the prompts it got second in line
+    second = s3.object_names()[1]  # run b's order, as stage_prompts goes through them
+    (tmp_path / "second.txt").write_text(second + "\n")
+    importlib.reload(s3)
+    s3.configure([f"--llm={llm}", f"--objects={tmp_path / 'second.txt'}", "--prompts_per_object=2",
+                  "--llm_max_new_tokens=8", f"--manifest={tmp_path / 'alone'}"])
+    s3.run(["prompts"])
+    assert [r["prompt"] for r in s3.prompt_items()] == [r["prompt"] for r in runs[0] if r["object"] == second]
     importlib.reload(s3)
     s3.configure([f"--llm={tmp_path / 'nowhere'}", f"--manifest={tmp_path / 'c'}"])
     with pytest.raises(s3.MissingWeights, match="nowhere/config.json"):

@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 import data
 import sample
+from model.conditioning import as_cond
 from model.loading import save_jedi
-from model.text import build_text_encoder, sd14_text_config
+from model.text import Tokenizer, build_text_encoder, sd14_text_config
 from model.unet import UNet, UNetConfig
 from model.vae import AutoencoderKL, VAEConfig
 
@@ -114,7 +115,13 @@ def test_cli_end_to_end_and_determinism(ckpts, refs, tmp_path, capsys, space):
             "--num", "2", "--steps", "2"]
     assert sample.main(args + ["--out", str(tmp_path / "a")]) == 0
     printed = capsys.readouterr().out.split()
-    assert len(printed) == 5 and all(os.path.isfile(p) for p in printed)
+    assert printed == [str(tmp_path / "a" / f) for f in ("set0_prompt0.png", "set0_prompt1.png", "set1_prompt0.png",
+                                                         "set1_prompt1.png", "grid.png")]
+    # set 0 of --num 2 is what --num 1 draws (each set its own noise); set 1 is another sample
+    assert sample.main([*args[:-4], "--num", "1", *args[-2:], "--out", str(tmp_path / "one")]) == 0
+    one, s0, s1 = (np.asarray(Image.open(tmp_path / d / f), float) for d, f in (
+        ("one", "set0_prompt0.png"), ("a", "set0_prompt0.png"), ("a", "set1_prompt0.png")))
+    assert np.array_equal(one, s0) and np.abs(s0 - s1).mean() > 1
     grid = Image.open(tmp_path / "a" / "grid.png")
     assert grid.size == (5 * 18 + 2, 2 * 18 + 2)  # rows: sets; columns: 3 refs | 2 generated
     assert sample.main(args + ["--out", str(tmp_path / "b")]) == 0
@@ -163,7 +170,9 @@ def test_chunking_and_set_size_cap(ckpts, refs, monkeypatch):
     want = m.to_latents(torch.stack([sample.load_image(p, 16) for p in refs[:2]]))
     for kw, chunk in zip(seen, (["p1", "p2"], ["p3"])):  # every chunk: all references, their caption first
         assert torch.equal(kw["refs"], want)
-        torch.testing.assert_close(kw["context"], m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
+        ctx = as_cond(kw["context"])  # generate passes the conditioner's Cond (SD-1.x: context only)
+        assert ctx.y is None
+        torch.testing.assert_close(ctx.context, m.encode_text(["r", "r", *chunk]), rtol=0, atol=0)
     assert len(sample.generate(m, refs[:2], ["p"], ref_prompt=["r1", "r2"], steps=1)[0]) == 1
     with pytest.raises(sample.UserError, match="2 reference prompts for 1"):
         sample.generate(m, refs[:1], ["p"], ref_prompt=["r1", "r2"], steps=1)
@@ -193,10 +202,25 @@ def test_bad_inputs_give_one_line_errors_and_no_files(ckpts, refs, tmp_path, cap
     bad(["--ckpt", str(tmp_path / "trunc.safetensors"), "--prompt", "x"], capsys, tmp_path, "trunc.safetensors")
 
 
-def test_long_prompt_warns_and_truncates(ckpts, tmp_path):
+def test_long_prompt_warns_and_truncates(ckpts, tmp_path, monkeypatch):
+    """A 120-token prompt is cut to its first 75 tokens, as SD's CLIPTokenizer(truncation=True) cuts it: through the
+    CLI, the sampler gets the text states of the prompt written out to exactly those 75 tokens (and so its images),
+    not those of its end or of a shorter start."""
+    seen, real = [], sample.personalize
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw["context"]) or real(*a, **kw))
+
+    def run(prompt, name):
+        assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", prompt, "--steps", "1",
+                            "--out", str(tmp_path / name)]) == 0
+        return seen[-1], np.asarray(Image.open(tmp_path / name / "set0_prompt0.png"))
+
     with pytest.warns(UserWarning, match="truncated"):
-        assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", "a dog " * 60, "--steps", "1",
-                            "--out", str(tmp_path / "o")]) == 0
+        long, long_image = run("a dog " * 30 + "a cat " * 30, "long")  # 60 + 60 tokens
+    first_75 = "a dog " * 30 + "a cat " * 7 + "a"  # 60 + 14 + 1 tokens: fits, no warning
+    assert Tokenizer().count_tokens(first_75) == 77
+    want, want_image = run(first_75, "first_75")
+    assert torch.equal(long, want) and np.array_equal(long_image, want_image)
+    assert (long - run("a dog " * 30, "first_60")[0]).abs().max() > 0.1  # where the cut falls shows
 
 
 def _arrays(sets):
@@ -275,6 +299,8 @@ def test_batched_sets_equal_one_by_one(ckpts):
     pairs = _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=3, max_batch_sets=2, **args))
     assert np.array_equal(batched, one_by_one) and np.array_equal(batched, pairs)
     assert np.array_equal(batched[:2], _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=1, **args)))
+    # any set alone (eval.py remakes a lost image k as set k): set 2 of 3, made by itself
+    assert np.array_equal(batched[4:], _arrays(sample.generate(m, [ref], ["a", "b"], num_sets=1, first_set=2, **args)))
     assert np.abs(batched[:2] - batched[2:4]).mean() > 0.05  # and the sets do differ
     calls = []
     real = m.unet_fn

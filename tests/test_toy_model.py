@@ -18,6 +18,25 @@ def test_shipped_checkpoint_is_small_and_loads():
     m = sample.load_model(None)
     assert m.vae is None and m.resolution == 32 and m.unet.config.in_channels == 7
     assert m.meta["sampler"] in ("ddim", "dpmpp_2m") and m.meta["steps"] > 0
+    # every tensor of the file is in the model as stored (fp16 in the file, fp32 here), and nothing else is: the
+    # text encoder, rebuilt here by transformers from the file's text tensors, encodes a prompt identically
+    from safetensors import safe_open
+    from transformers import CLIPTextModel
+
+    with safe_open(sample.DEFAULT_CKPT, framework="pt") as f:
+        stored = {k: f.get_tensor(k).float() for k in f.keys()}
+    text = m.text.encoders[0]  # SD-1.x: one CLIP text encoder (format 1 files store it as text.*)
+    for prefix, module in (("unet.", m.unet), ("text.", text)):
+        own = module.state_dict()
+        assert {prefix + k for k in own} == {k for k in stored if k.startswith(prefix)}
+        assert all(torch.equal(own[k], stored[prefix + k]) for k in own), prefix
+    assert len(stored) == len(m.unet.state_dict()) + len(text.state_dict())
+    ref = CLIPTextModel(text.config).eval()
+    ref.load_state_dict({k[5:]: v for k, v in stored.items() if k.startswith("text.")}, strict=True)
+    prompts = ["a toy on the beach, on the left", ""]
+    with torch.no_grad():
+        want = ref(input_ids=m.text.tokenize(prompts)[:, 0]).last_hidden_state  # (B, E=1, 77) -> (B, 77)
+        torch.testing.assert_close(m.encode_text(prompts), want, rtol=0, atol=0)
 
 
 def test_default_command_samples_deterministically(tmp_path, capsys):

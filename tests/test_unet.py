@@ -149,8 +149,31 @@ def test_inflated_input_equals_source_on_zero_reference_and_mask():
 
 
 def test_gradients_flow_through_coupled_attention():
-    unet = randomize(UNet(UNetConfig(in_channels=4, **TINY)))
+    """The gradient training uses, checked against finite differences (float64): image 0's output depends on image 1's
+    input only through coupled attention, and autograd's derivative along a random direction is the difference
+    quotient's, for image 1's input and for the attention weights; uncoupled, it is exactly 0."""
+    unet = randomize(UNet(UNetConfig(in_channels=4, **TINY))).double()
     x, t, ctx = tiny_inputs(1, 2)
-    x.requires_grad_(True)
-    unet(x, t, ctx, set_size=2)[0].sum().backward()
-    assert x.grad[1].abs().sum() > 0  # image 1's output depends on image 2's input
+    x, ctx = x.double().requires_grad_(True), ctx.double()
+    f = lambda x, set_size=2: unet(x, t, ctx, set_size=set_size)[0].square().sum()  # noqa: E731
+    params = [p for n, p in unet.named_parameters() if "attn1" in n]  # the coupled self-attention's weights
+    grads = [torch.zeros_like(p) if g is None else g  # a weight cut off from the graph gets no gradient
+             for p, g in zip([x, *params], torch.autograd.grad(f(x), [x, *params], allow_unused=True))]
+    assert grads[0][1].abs().sum() > 0  # image 0's output depends on image 1's input
+    g = torch.Generator().manual_seed(0)
+    only_image_1 = torch.tensor([0.0, 1.0], dtype=torch.float64)[:, None, None, None]
+    d = [torch.randn(x.shape, generator=g, dtype=torch.float64) * only_image_1,
+         *[torch.randn(p.shape, generator=g, dtype=torch.float64) for p in params]]
+    want = sum((gi * di).sum() for gi, di in zip(grads, d))
+    eps = 1e-6
+    with torch.no_grad():
+        def moved(sign):
+            for p, dp in zip(params, d[1:]):
+                p.add_(sign * eps * dp)
+            out = f(x + sign * eps * d[0])
+            for p, dp in zip(params, d[1:]):
+                p.sub_(sign * eps * dp)
+            return out
+        fd = (moved(1) - moved(-1)) / (2 * eps)
+    assert abs(fd - want) <= 1e-6 * abs(want) and abs(want) > 1e-3, (fd, want)
+    assert torch.autograd.grad(f(x, set_size=1), x)[0][1].abs().max() == 0  # uncoupled: nothing flows across
