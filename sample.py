@@ -317,7 +317,7 @@ def parse_args(argv=None):
     p.add_argument("--eta", type=float, default=0.0, help="DDIM η (0 deterministic, 1 ancestral)")
     p.add_argument("--seed", type=int, default=0, help="same seed, same images")
     p.add_argument("--ckpt", default=None, help="JeDi checkpoint (.safetensors from train.py); default: the toy "
-                   "model in assets/. An original SD-1.x/SDXL .ckpt/.safetensors/diffusers folder also loads (text only)")
+                   "model in assets/. An original SD-1.x or SDXL file or diffusers folder also loads (text only)")
     p.add_argument("--out", default="samples", help="output folder: one PNG per image and grid.png")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", help="cuda or cpu (default: "
                    "cuda when available)")

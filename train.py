@@ -530,7 +530,8 @@ def save_checkpoint(state, step, parts, loader, rt):
     dist.barrier()
     if rt.master:
         if parts.text_random and parts.frozen_text:
-            save_file({k: v.detach().float().cpu().contiguous() for k, v in parts.text.encoders[0].state_dict().items()},
+            encoder = parts.text.encoders[0]  # the random SD-1.x encoder, as it was saved before the conditioner
+            save_file({k: v.detach().float().cpu().contiguous() for k, v in encoder.state_dict().items()},
                       os.path.join(tmp, 'text_encoder.safetensors'))
         with open(os.path.join(tmp, 'meta.json'), 'w') as f:  # last: marks the checkpoint complete
             json.dump(dict(step=step, world_size=rt.world, space=parts.space, sd_path=parts.sd_path,

@@ -4,6 +4,7 @@ exact resume, two processes under torchrun with activation checkpointing, a `set
 and SDXL's micro-conditioning reaching the UNet per image (also when the text is dropped)."""
 import json
 import os
+import re
 import subprocess
 import sys
 import types
@@ -33,10 +34,10 @@ def xl(tmp_path_factory):
 @pytest.fixture(scope="module")
 def xl_run(xl, tmp_path_factory):
     """train.py from the SDXL file, lr 0 (so the export must be the base), bf16 compute as on a GPU, activation
-    checkpointing, text dropout, MFU logged: -> (its log, its out_dir with jedi.safetensors)."""
+    checkpointing, text dropout, MFU and reference gain logged: -> (its log, its out_dir with jedi.safetensors)."""
     out = str(tmp_path_factory.mktemp("xl_run") / "run")
     log = run(out, xl_args(xl, '--max_iters=2', '--learning_rate=0.0', '--activation_checkpointing=True',
-                           '--p_drop=0.5', '--peak_flops=1e9', '--dtype=bfloat16'))
+                           '--p_drop=0.5', '--peak_flops=1e9', '--dtype=bfloat16', '--eval_interval=2'))
     return log, out
 
 
@@ -165,6 +166,7 @@ def test_load_sample_train_export_load_sample(xl, xl_run, tmp_path):
 
     log, out = xl_run
     assert sorted(losses(log)) == [1, 2] and ' MFU ' in log, log
+    assert re.search(r'^step 2 \| ref gain -?\d+\.\d+%', log, re.M), log  # the eval batch's Cond through FSDP
     jedi = load_jedi(f'{out}/jedi.safetensors')
     meta = jedi.meta
     assert meta['resolution'] == RES and meta['space'] == 'latent' and jedi.unet.config.in_channels == 9
