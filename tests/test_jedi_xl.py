@@ -71,6 +71,13 @@ def test_loader_reports_each_images_original_size_and_crop(tmp_path):
     # a JPEG decodes at a reduced scale for a small resolution; the size reported is still the file's
     img = data.load_image(str(tmp_path / "img/3.jpg"), 8)
     assert img.size == (16, 12) and img.info["original_size"] == (48, 64)
+    # a phone photo stored sideways (EXIF orientation 6): the upright size, height first
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    Image.new("RGB", (40, 24)).save(tmp_path / "turned.jpg", exif=exif)
+    img = data.load_image(str(tmp_path / "turned.jpg"))
+    assert img.size == (24, 40) and img.info["original_size"] == (40, 24)
+    assert data.fit(img, RES, geometry=True)[1].sizes() == ((40, 24), ((round(40 * RES / 24) - RES) // 2, 0))
     loader = data.build_loader("sets:" + path, resolution=RES, images_per_batch=2, set_sizes=(2,))
     seen = set()
     for _ in range(6):
