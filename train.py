@@ -575,11 +575,12 @@ def export(model, ema, step, parts, rt):
         strict_load(ema_unet, strip_prefix(full, 'unet.'), 'UNet')
         # fp32 CPU copies of the text conditioner (its encoder's EMA when trained) and the VAE: the frozen ones may be
         # bf16 on GPU
-        frozen = parts.frozen_fp32 or dict(text=parts.text.state_dict(),
+        frozen = parts.frozen_fp32 or dict(text=parts.text.state_dict() if parts.frozen_text else None,
                                            vae=parts.vae.state_dict() if parts.vae is not None else None)
-        text_sd = {k: v.float().cpu() for k, v in frozen['text'].items()}
-        if model.text_encoder is not None:
+        if model.text_encoder is not None:  # trained: its EMA, as the conditioner's one encoder
             text_sd = {f'encoders.0.{k}': v for k, v in strip_prefix(full, 'text_encoder.').items()}
+        else:
+            text_sd = {k: v.float().cpu() for k, v in frozen['text'].items()}
         tcfg = parts.text.config
         if tcfg.micro_conditioning:
             tcfg = dataclasses.replace(tcfg, resolution=resolution)
