@@ -246,7 +246,6 @@ def load_sd_unet(xl):
     return load_sd(xl).unet.state_dict()
 
 
-@pytest.mark.slow
 def test_torchrun_two_processes_sdxl_with_activation_checkpointing(xl, tmp_path):
     """FSDP2 per-block sharding of the SDXL block list (label_emb in the UNet's own unit) and activation
     checkpointing, bf16 compute, 2 processes (gloo); the checkpoint resharded to 1 process exports the same EMA."""
