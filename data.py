@@ -82,7 +82,9 @@ crop to a square (center by default, crop='random' optional), flip, map to [-1, 
 mirrors all images of a set together, keeping the subject consistent within the set (a per-image flip
 would teach that a subject equals its mirror image, wrong for text and logos); 'image' flips each
 independently; 'none'. Procedural sets are never flipped: their captions say left or right.
-Images with alpha (renders) are composited on white.
+Images with alpha (renders) are composited on white. Each image's original size and crop are reported with it
+(batch['original_size'], batch['crop_top_left']; fit(geometry=True)): SDXL conditions on them (train.py); they
+take no random draw, so every stream is what it was without them.
 
 Bad samples (missing, zero-size, corrupt, truncated files; unreadable tar members) are skipped and
 replaced by another sample of the same source, counted in loader.bad_samples; a source that yields 20
