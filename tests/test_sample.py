@@ -207,7 +207,7 @@ def test_long_prompt_warns_and_truncates(ckpts, tmp_path, monkeypatch):
     CLI, the sampler gets the text states of the prompt written out to exactly those 75 tokens (and so its images),
     not those of its end or of a shorter start."""
     seen, real = [], sample.personalize
-    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw["context"]) or real(*a, **kw))
+    monkeypatch.setattr(sample, "personalize", lambda *a, **kw: seen.append(kw["context"].context) or real(*a, **kw))
 
     def run(prompt, name):
         assert sample.main(["--ckpt", ckpts["pixel"], "--prompt", prompt, "--steps", "1",
