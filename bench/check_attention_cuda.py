@@ -32,8 +32,8 @@ def main():
     p.add_argument("--cpu-smoke", action="store_true", help="no GPU: two tiny cases under the interpreter")
     p.add_argument("--compile-only", choices=["quick", "all"], default=None,
                    help="no GPU needed: compile the kernels for sm_90 with ptxas (quick: a few; all: every autotune "
-                        "config at D 40/80/160, fp16, with and without the alignment hint) and report registers, "
-                        "spills, shared memory, global-load widths and wgmma counts")
+                        "config at D 40/80/160 and SDXL's 64, fp16, D 40 with and without the alignment hint) and "
+                        "report registers, spills, shared memory, global-load widths and wgmma counts")
     args = p.parse_args()
     if args.compile_only:
         return compile_only(args.compile_only)
@@ -132,24 +132,7 @@ def compile_only(which):
     os.environ.pop("TRITON_INTERPRET", None)  # must hold before triton is imported
     os.environ["TRITON_DUMP_PTXAS_LOG"] = "1"
     os.environ["TRITON_ALWAYS_COMPILE"] = "1"  # a cache hit would skip ptxas and its register report
-    from kernels import flash_attn as fa
-    jobs = []  # (kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma / atomic dQ])
-    if which == "quick":
-        jobs = [("fwd", "fp16", 40, (128, 64, 4, 3), True, True, True),
-                ("fwd", "fp32", 64, (64, 64, 4, 3), False, False, True),
-                ("dkdv", "bf16", 80, (32, 64, 4, 2), True, True, True),
-                ("dq", "fp16", 160, (64, 32, 8, 2), True, False, True),
-                ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False),
-                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True),  # TMA descriptors
-                ("dkdv", "fp16", 80, (32, 64, 4, 2), True, True, True, True)]  # atomic dQ
-    else:
-        for kind in ("fwd", "dkdv", "dq"):
-            for d in (40, 80, 160):
-                for cfg in fa._TABLES[kind][fa.head_dim_tile(d)]:
-                    for aligned in ((False, True) if d == 40 else (True,)):  # D 80/160: hinted by the JIT anyway
-                        jobs.append((kind, "fp16", d, cfg, False, False, aligned))
-                    if kind != "dq":  # the TMA forward, the atomic-dQ backward
-                        jobs.append((kind, "fp16", d, cfg, False, False, True, True))
+    jobs = compile_jobs(which)
     print("| kernel | dtype | D | BM | BN | warps | stages | hint | regs | spill B | smem KB | ld.b16 | ld.v4 | "
           "LDGSTS | UTMALDG | HGMMA | s |")
     print("|" + "---|" * 17)
@@ -158,7 +141,7 @@ def compile_only(which):
         t = time.time()
         try:
             r = compile_sm90(kind, dtype, d, cfg, check_m, check_n, aligned, tma=bool(extra) and kind == "fwd",
-                             atomic=bool(extra) and kind == "dkdv")
+                             atomic=bool(extra) and kind == "dkdv", heads=COMPILE_HEADS.get(d, 8))
             res = f"{r['regs']} | {r['spill']} | {r['smem_kb']} | {r['ld_b16']} | {r['ld_v4']} | {r['ldgsts']} | " \
                   f"{r['utmaldg']} | {r['hgmma']} | {time.time() - t:.1f}"
         except Exception as e:  # noqa: BLE001 -- report every failure, then exit 1
@@ -170,6 +153,35 @@ def compile_only(which):
               flush=True)
     print(f"{failures} compile failures of {len(jobs)}")
     return 1 if failures else 0
+
+
+HEAD_DIMS = (40, 80, 160, 64)  # SD-1.x's three, SDXL's one
+COMPILE_HEADS = {64: 10}  # heads of the (2, 4096, H, D) tensors compiled for: SD-1.x's 8, SDXL's 10 at D 64
+
+
+def compile_jobs(which):
+    """[(kind, dtype, D, (BLOCK_M, BLOCK_N, warps, stages), CHECK_M, CHECK_N, aligned[, tma / atomic dQ])] of
+    --compile-only: quick, a few (masks, fp32/bf16, TMA, atomic dQ, SDXL's D 64); all, every autotune config of
+    every kernel at every head dim, fp16, D 40 also without the alignment hint (the A/B)."""
+    from kernels import flash_attn as fa
+    if which == "quick":
+        return [("fwd", "fp16", 40, (128, 64, 4, 3), True, True, True),
+                ("fwd", "fp32", 64, (64, 64, 4, 3), False, False, True),
+                ("dkdv", "bf16", 80, (32, 64, 4, 2), True, True, True),
+                ("dq", "fp16", 160, (64, 32, 8, 2), True, False, True),
+                ("dkdv", "fp16", 40, (64, 128, 8, 3), False, True, False),
+                ("fwd", "bf16", 40, (128, 64, 4, 3), False, True, True, True),  # TMA descriptors
+                ("dkdv", "fp16", 80, (32, 64, 4, 2), True, True, True, True),  # atomic dQ
+                ("dq", "bf16", 64, (128, 32, 4, 3), True, True, True)]  # SDXL: bf16, row tails
+    jobs = []
+    for kind in ("fwd", "dkdv", "dq"):
+        for d in HEAD_DIMS:
+            for cfg in fa._TABLES[kind][fa.head_dim_tile(d)]:
+                for aligned in ((False, True) if d == 40 else (True,)):  # 80/160/64: hinted by the JIT anyway
+                    jobs.append((kind, "fp16", d, cfg, False, False, aligned))
+                if kind != "dq":  # the TMA forward, the atomic-dQ backward
+                    jobs.append((kind, "fp16", d, cfg, False, False, True, True))
+    return jobs
 
 
 def compile_sm90(kind, dtype, d, cfg, check_m=False, check_n=False, aligned=True, ws=False, tma=False, atomic=False,

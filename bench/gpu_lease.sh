@@ -5,9 +5,10 @@
 # the next), a failure or timeout is recorded and the next step still runs:
 #   toy       by 365 s  toy/gpu_train.sh: config/toy_gpu.py in two stages (training <= 280 s), then toy/benchmark.py
 #                       on all 34 held-out subjects (<= 60 s; framed references too if time is left)
-#   kernel    by 470 s  bench/kernel_sweep.py cut to what decides JeDi's dispatch table: bf16 (sample.py and train.py
-#                       on CUDA), self-attention sets of N = 2 and 4 (whose length buckets hold N = 3) and
-#                       cross-attention at every UNet level; triton, -tma, -ws, -atomic against SDPA and cuDNN
+#   kernel    by 470 s  bench/kernel_sweep.py cut to what decides the dispatch table of JeDi (SD-1.x, 512 px) and
+#                       JeDi-XL (SDXL at config/jedi_sdxl.py's 512 px: head dim 64, 10 and 20 heads): bf16 (sample.py
+#                       and train.py on CUDA), self-attention sets of N = 2 and 4 (whose length buckets hold N = 3)
+#                       and cross-attention at every UNet level; triton, -tma, -ws, -atomic against SDPA and cuDNN
 #   training  by 490 s  bench/bench_training.py: train.py's step at 512 px, 4 sets of 4, backend auto, one row
 #   sampling  by 528 s  bench/bench_sampling.py: sample.generate rows diffusers, ours, ours+compile (the compile row
 #                       starts only if its ~60 s fit: it gets the seconds the steps before left)
@@ -42,18 +43,22 @@ source "$(dirname "$0")/gpu_env.sh"  # cd to the repository, PY, CUDA preflight 
 require_carried  # the tokenizer (toy, e2e) and diffusers (the baseline) must import: exit 2 before any GPU time
 
 at() { echo $(( $1 * BUDGET / 540 )); }  # seconds of the 540 s plan -> this run's budget
+# The models whose attention shapes the kernel step measures: SD-1.x and SDXL at JeDi-XL's training resolution
+# (config/jedi_sdxl.py's `resolution`; tests/test_gpu_lease.py checks the two agree). SDXL's six D 64 shapes add
+# ~16 s to the sweep's ~45 s, ~60 s of the 95 s it gets (estimate: docs/kernel.md §5), so nothing else is cut.
+MODELS=sd1,sdxl@512
 if (( SMOKE )); then
   TAG=cpu-smoke
   SMOKE_ARG=--cpu-smoke
   TINY=--tiny
-  SWEEP=(--cpu-smoke --dtypes bf16)
+  SWEEP=(--cpu-smoke --dtypes bf16 --models $MODELS)
 else
   TAG=$(nvidia-smi --query-gpu=name --format=csv,noheader 2>/dev/null | head -1 | sed 's/^NVIDIA //' |
         awk '{print tolower($1)}')
   SMOKE_ARG=""
   TINY=""
-  SWEEP=(--dtypes bf16 --set-sizes 2,4 --variants triton,triton-tma,triton-ws,triton-atomic,sdpa,sdpa-cudnn
-         --workers 12)
+  SWEEP=(--dtypes bf16 --models $MODELS --set-sizes 2,4
+         --variants triton,triton-tma,triton-ws,triton-atomic,sdpa,sdpa-cudnn --workers 12)
 fi
 NAME=$(date -u +%F)-${TAG:-gpu}-lease
 WORKROOT=$(mktemp -d /tmp/gpu_lease.XXXXXX)

@@ -1,20 +1,23 @@
 """Attention kernel sweep: every variant x JeDi's shapes, correctness first, then TFLOP/s and the dispatch table.
 
     bash bench/gpu_kernel_sweep.sh OUTDIR                  # the entry point on a GPU (exit 2 without CUDA)
-    python bench/kernel_sweep.py --out OUTDIR [--dtypes fp16,bf16] [--set-sizes 1,2,3,4] [--variants ...]
-                                 [--max-seconds 270] [--workers 6]
+    python bench/kernel_sweep.py --out OUTDIR [--models sd1,sdxl@512] [--dtypes fp16,bf16] [--set-sizes 1,2,3,4]
+                                 [--variants ...] [--max-seconds 270] [--workers 6]
     python bench/kernel_sweep.py --cpu-smoke --out OUTDIR  # no GPU: tiny shapes under TRITON_INTERPRET=1
 
-Shapes (8 heads): SD-1.4's self-attention coupled over N = 1..4 images, L = N*HW for HW 4096 / 1024 / 256 / 64
-with head dims 40 / 80 / 160 / 160, batch 2 sets (one set with classifier-free guidance); and its
-cross-attention, Lq = HW, Lk = 77, batch 8 images (2 x 4). Forward and backward, fp16 and bf16.
+Shapes, per model of --models (model.flavours' names at their own resolution or @PX; default sd1, i.e. sd1@512),
+recorded from one meta-device forward of its full-size UNet (attention_levels), with the model's own heads: its
+coupled self-attention over N = 1..4 images, L = N*HW, batch 2 sets (one set with classifier-free guidance), and its
+cross-attention, Lq = HW, Lk = 77, batch 8 images (2 x 4). SD-1.x at 512 px: HW 4096 / 1024 / 256 / 64 with head
+dims 40 / 80 / 160 / 160, 8 heads. SDXL (head dim 64): at 1024 px HW 4096 with 10 heads and 1024 with 20; at 512 px
+(sdxl@512) HW 1024 with 10 heads and 256 with 20. Forward and backward, fp16 and bf16.
 Variants: ours -- triton (autotuned, pointer loads), triton-tma (forward K/V through TMA descriptors),
 triton-ws (TMA + warp-specialized forward loop), triton-atomic (one backward kernel, atomic fp32 dQ),
 triton-noalign (the pre-fix scalar loads; D 40 self-attention only: at D 80 / 160 it compiles to the same
 code) -- and PyTorch's SDPA: its default choice (what the "sdpa" backend runs) and each of cudnn / flash /
-efficient forced. bench/gpu_lease.sh runs the cut that decides JeDi's dispatch table: bf16 (what sample.py and
-train.py run on CUDA), N = 2 and 4 (their length buckets cover N = 3 too), the variants the table chooses from
-plus cuDNN (the issue's yardstick).
+efficient forced. bench/gpu_lease.sh runs the cut that decides the dispatch table of JeDi and JeDi-XL: models sd1
+and sdxl@512 (config/jedi_sdxl.py's resolution), bf16 (what sample.py and train.py run on CUDA), N = 2 and 4 (their
+length buckets cover N = 3 too), the variants the table chooses from plus cuDNN (the issue's yardstick).
 
 Order of work:
 1. warm-up (GPU): `--workers` processes compile every Triton kernel the sweep will run, in parallel, into
@@ -23,19 +26,20 @@ Order of work:
    2 x (default SDPA's own error in that dtype) + eps, every kernel buffer pre-filled with NaN -- and only the
    variants that pass are timed: a CUDA graph of many calls (launch overhead removed: it would dominate the
    ~20 us of D 160 at L 512), median of 5 replays; backward = (forward + backward) - forward;
-3. writes OUTDIR/kernel_sweep.md (TFLOP/s; FLOPs 4*B*H*Lq*Lk*D forward, backward
+3. writes OUTDIR/kernel_sweep.md (TFLOP/s; FLOPs 4*B*H*Lq*Lk*D forward at the model's H, backward
    flops.ATTENTION_BACKWARD_FACTOR (2.5) x that, true D),
    OUTDIR/dispatch/<card>.json (the format kernels/dispatch reads; copy it to kernels/dispatch/ to commit it)
    and OUTDIR/SUMMARY.md (card, date, command, versions, git commit, seconds per phase, anything skipped).
-The dispatch table picks, per (dtype, head dim, Lq bucket, Lk bucket), the backend with the least summed time
-over the bucket's shapes among our variants (not triton-noalign) and default sdpa: "fwd" by forward time,
-"train" by forward + backward; ours must beat sdpa by 2 % (timing noise does not flip a choice). A shape is
-started only if the --max-seconds budget should still cover it.
+The dispatch table picks, per (dtype, head dim, Lq bucket, Lk bucket) (not per head count), the backend with the
+least summed time over the bucket's shapes among our variants (not triton-noalign) and default sdpa: "fwd" by
+forward time, "train" by forward + backward; ours must beat sdpa by 2 % (timing noise does not flip a choice). A
+shape is started only if the --max-seconds budget should still cover it.
 --cpu-smoke also makes every warp-specialized launch fail as a compile failure would on a GPU, so the fallback
 (flash_attn._WS_FAILED) and its report run in CI; and it exits 1 if any variant fails the check or cannot run.
 """
 import argparse
 import datetime
+import functools
 import json
 import os
 import platform
@@ -43,33 +47,93 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import NamedTuple
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path[:0] = [str(ROOT), str(ROOT / "bench")]  # flops.py lives in bench/ or at the root, depending on the tree
 
 from check_attention_cuda import EPS  # noqa: E402  the same correctness rule as the CUDA check
 
-HEADS = 8
-LEVELS = [(4096, 40), (1024, 80), (256, 160), (64, 160)]  # (tokens per image HW, head dim D) per UNet level
+MODELS = "sd1"  # --models default: SD-1.x at 512 px, the sweep as it was (bench/gpu_kernel_sweep.sh's budget)
 OURS = ("triton", "triton-tma", "triton-ws", "triton-atomic", "triton-noalign")
 SDPAS = ("sdpa", "sdpa-cudnn", "sdpa-flash", "sdpa-efficient")
 DTYPES = ("fp16", "bf16")
 MARGIN = 0.98  # a Triton variant enters the dispatch table only if it takes <= 98 % of sdpa's time
+SETS, IMAGES = 2, 8  # self-attention batch: 2 sets (one set with classifier-free guidance); cross: 8 images (2 x 4)
 
 
-def shapes(smoke=False, set_sizes=(1, 2, 3, 4)):
-    """[(kind, B, Lq, Lk, D, N)], the issue's target shapes first (D 40 at L >= 8192, D 80 at L >= 2048,
-    D 160 at L 512), so a budget cut drops the least decisive ones. set_sizes: the N of the self-attention shapes."""
-    if smoke:
-        return [("self", 1, 32, 32, 40, 2), ("cross", 1, 16, 13, 40, 1)]
-    out = [("self", 2, n * hw, n * hw, d, n) for hw, d in LEVELS for n in set_sizes]
-    out += [("cross", 8, hw, 77, d, 1) for hw, d in LEVELS]
+class Shape(NamedTuple):
+    kind: str  # "self" (coupled over a set) or "cross" (to the text tokens)
+    b: int
+    lq: int
+    lk: int
+    h: int  # heads: the model's own at that level (SD-1.x 8; SDXL 10 and 20), for true TFLOP/s
+    d: int
+    uses: tuple  # where the model runs it: "sd1@512 N=2" (self-attention, N images per set), "sdxl@512" (cross)
 
-    def rank(s):
-        _, _, lq, _, d, n = s
-        target = (d == 40 and lq >= 8192) or (d == 80 and lq >= 2048) or (d == 160 and lq == 512)
-        return (not target, s[0] == "cross")
-    return sorted(out, key=rank)
+
+def parse_models(text):
+    """'sd1,sdxl@512' -> [(flavour, px)]: model.flavours' names, each at its own resolution unless @PX says."""
+    from model.flavours import FLAVOURS
+    out = []
+    for item in (x.strip() for x in text.split(",") if x.strip()):
+        name, at, px = item.partition("@")
+        if name not in FLAVOURS:
+            raise ValueError(f"--models: unknown model {name!r} in {text!r} (known: {', '.join(FLAVOURS)})")
+        if at and not (px.isdigit() and int(px) % 64 == 0 and 128 <= int(px) <= 2048):
+            raise ValueError(f"--models: {item!r}: the resolution must be a multiple of 64 in 128..2048 pixels")
+        out.append((name, int(px) if px else FLAVOURS[name].resolution))
+    if not out:
+        raise ValueError("--models: expected a comma list like sd1,sdxl@512")
+    return out
+
+
+@functools.lru_cache(maxsize=None)
+def attention_levels(name, px):
+    """The model's attention shapes per image at px x px, recorded from one forward of its full-size UNet on the
+    meta device (flops.py's shape-only stub: no compute, no memory): (self [(HW, H, D)], cross [(HW, Lk, H, D)]),
+    highest resolution first. SD-1.x at 512: HW 4096 / 1024 / 256 / 64 with D 40 / 80 / 160 / 160, 8 heads; SDXL at
+    1024: HW 4096 with 10 heads and 1024 with 20 (the middle block's is the last level's), D 64."""
+    import flops
+    from model.flavours import FLAVOURS
+    calls = []  # (B, Lq, Lk, H, D) per attention call of one image (set size 1)
+    _, forward = flops._meta_forward(FLAVOURS[name].unet, px // 8, 1, 1, 77)
+    with flops._recorded_attention(calls):
+        forward()
+    self_, cross = [], []
+    for _, lq, lk, h, d in calls:
+        level, seen = ((lq, h, d), self_) if lq == lk else ((lq, lk, h, d), cross)
+        if level not in seen:
+            seen.append(level)
+    return tuple(self_), tuple(cross)
+
+
+def shapes(models=(("sd1", 512),), set_sizes=(1, 2, 3, 4), smoke=False):
+    """[Shape] of the models' self-attention, L = N*HW for N in set_sizes, B = SETS, and cross-attention Lq = HW,
+    B = IMAGES; a shape two models (or two N) share is measured once. The targets first (SD-1.x: issue 28's
+    yardsticks; every model: its highest-resolution level at N >= 2, where most attention FLOPs are), cross-attention
+    last, so a budget cut drops the least decisive ones. smoke: tiny lengths, 2 heads, each model's first head dim."""
+    found, target = {}, {}
+
+    def add(key, use, is_target=False):
+        found.setdefault(key, []).append(use)
+        target[key] = target.get(key, False) or is_target
+    for name, px in models:
+        tag = f"{name}@{px}"
+        self_, cross = attention_levels(name, px)
+        if smoke:  # under the interpreter: one self- and one cross-attention shape at the model's first head dim
+            add(("self", 1, 32, 32, 2, self_[0][2]), f"{tag} N=2")
+            add(("cross", 1, 16, 13, 2, self_[0][2]), tag)
+            continue
+        for i, (hw, h, d) in enumerate(self_):
+            for n in set_sizes:
+                lq = n * hw  # issue 28's SD-1.x yardsticks: D 40 at L >= 8192, D 80 at L >= 2048, D 160 at L 512
+                yardstick = (d == 40 and lq >= 8192) or (d == 80 and lq >= 2048) or (d == 160 and lq == 512)
+                add(("self", SETS, lq, lq, h, d), f"{tag} N={n}", yardstick or (i == 0 and n >= 2))
+        for hw, lk, h, d in cross:
+            add(("cross", IMAGES, hw, lk, h, d), tag)
+    out = [Shape(*key, tuple(uses)) for key, uses in found.items()]
+    return sorted(out, key=lambda s: (not target[s[:6]], s.kind == "cross"))
 
 
 def variants_for(kind, d, smoke=False, only=OURS + SDPAS):
@@ -113,12 +177,12 @@ def make_fn(torch, name):
     return fn
 
 
-def inputs(torch, b, lq, lk, d, dtype, device, seed):
+def inputs(torch, b, lq, lk, h, d, dtype, device, seed):
     g = torch.Generator(device=device).manual_seed(seed)
-    q = torch.randn(b, lq, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
-    k = torch.randn(b, lk, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
-    v = torch.randn(b, lk, HEADS, d, device=device, dtype=dtype, generator=g).requires_grad_()
-    do = torch.randn(b, lq, HEADS, d, device=device, dtype=dtype, generator=g)
+    q = torch.randn(b, lq, h, d, device=device, dtype=dtype, generator=g).requires_grad_()  # (B, L, H, D)
+    k = torch.randn(b, lk, h, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    v = torch.randn(b, lk, h, d, device=device, dtype=dtype, generator=g).requires_grad_()
+    do = torch.randn(b, lq, h, d, device=device, dtype=dtype, generator=g)
     return q, k, v, do
 
 
@@ -221,8 +285,8 @@ def warm_worker(args):
         kernel.cache_results = False
     dts = {"fp16": torch.float16, "bf16": torch.bfloat16}
     jobs = json.loads(args.warm_jobs)
-    for dname, name, (kind, b, lq, lk, d, n) in jobs:
-        q, k, v, do = inputs(torch, b, lq, lk, d, dts[dname], args.warm_device, 0)
+    for dname, name, (kind, b, lq, lk, h, d, _) in jobs:
+        q, k, v, do = inputs(torch, b, lq, lk, h, d, dts[dname], args.warm_device, 0)
         fn = make_fn(torch, name)
         try:
             if name in ("triton-tma", "triton-ws"):  # their backward kernels are triton's, compiled by its group
@@ -241,9 +305,9 @@ def warm_up(args, work):
     """Compile in `--workers` parallel processes (compilation is CPU-bound and single-threaded per process)."""
     groups = {}  # jobs that share compiled binaries (dtype, variant, head dim, tail masks) go to one worker
     for dname, s in work:
-        for name in variants_for(s[0], s[4], args.cpu_smoke, args.variants):
+        for name in variants_for(s.kind, s.d, args.cpu_smoke, args.variants):
             if name in OURS:
-                groups.setdefault((dname, name, s[4], s[0]), []).append((dname, name, s))
+                groups.setdefault((dname, name, s.d, s.kind), []).append((dname, name, s))
     if args.cpu_smoke:  # one small job: the smoke checks the plumbing, not the (absent) compiler
         groups = dict(list(groups.items())[:1])
     shares = [[] for _ in range(args.workers)]
@@ -268,9 +332,9 @@ def warm_up(args, work):
     return logs
 
 
-def tflops(b, lq, lk, d, ms, bwd):
+def tflops(b, lq, lk, h, d, ms, bwd):
     from flops import ATTENTION_BACKWARD_FACTOR, attention_flops
-    f = attention_flops(b, lq, lk, HEADS, d) * (ATTENTION_BACKWARD_FACTOR if bwd else 1.0)
+    f = attention_flops(b, lq, lk, h, d) * (ATTENTION_BACKWARD_FACTOR if bwd else 1.0)
     return f / (ms * 1e-3) / 1e12
 
 
@@ -313,7 +377,7 @@ def tables(rows, dname, names):
     for bwd in (False, True):
         title = (f"backward (TFLOP/s, {ATTENTION_BACKWARD_FACTOR}x forward FLOPs; (fwd+bwd) - fwd)" if bwd else
                  "forward (TFLOP/s)")
-        head = ["kind", "B", "N", "Lq", "Lk", "D"] + names + ["best ours / best sdpa"]
+        head = ["kind", "B", "H", "Lq", "Lk", "D", "used by (N: images per set)"] + names + ["best ours / best sdpa"]
         out += [f"### {dname} {title}", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for r in (r for r in rows if r["dtype"] == dname):
             cells, best = [], {"ours": 0.0, "sdpa": 0.0}
@@ -325,14 +389,14 @@ def tables(rows, dname, names):
                 elif name not in r["ms"]:
                     cells.append("n/a")
                 else:
-                    t = tflops(r["b"], r["lq"], r["lk"], r["d"], r["ms"][name][bwd], bwd)
+                    t = tflops(r["b"], r["lq"], r["lk"], r["h"], r["d"], r["ms"][name][bwd], bwd)
                     fam = "ours" if name in OURS and name != "triton-noalign" else "sdpa" if name in SDPAS else None
                     if fam:
                         best[fam] = max(best[fam], t)
                     cells.append(fmt(t))
             ratio = f"{best['ours'] / best['sdpa']:.2f}x" if best["ours"] and best["sdpa"] else "n/a"
-            out.append("| " + " | ".join([r["kind"], str(r["b"]), str(r["n"]), str(r["lq"]), str(r["lk"]),
-                                          str(r["d"])] + cells + [ratio]) + " |")
+            out.append("| " + " | ".join([r["kind"], str(r["b"]), str(r["h"]), str(r["lq"]), str(r["lk"]),
+                                          str(r["d"]), ", ".join(r["uses"])] + cells + [ratio]) + " |")
         out.append("")
     return out
 
@@ -406,6 +470,8 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, help="output folder")
     p.add_argument("--dtypes", default="fp16,bf16")
+    p.add_argument("--models", default=MODELS, help="comma list of model.flavours names, each at its own resolution "
+                   "or @PX: sd1 (512), sdxl (1024), sdxl@512; default %(default)s")
     p.add_argument("--set-sizes", default="1,2,3,4", help="images per set N of the self-attention shapes")
     p.add_argument("--variants", default=",".join(OURS + SDPAS), help="comma list of what to time (sdpa always)")
     p.add_argument("--max-seconds", type=float, default=270.0, help="wall-clock budget of this script")
@@ -447,7 +513,11 @@ def main():
     card = "CPU interpreter smoke" if args.cpu_smoke else torch.cuda.get_device_name()
     timer = wall_ms if args.cpu_smoke else graph_ms
     torch.backends.cuda.matmul.allow_tf32 = False
-    work = [(dname, s) for s in shapes(args.cpu_smoke, args.set_sizes) for dname in dts]
+    try:
+        models = parse_models(args.models)
+    except ValueError as e:
+        p.error(str(e))
+    work = [(dname, s) for s in shapes(models, args.set_sizes, args.cpu_smoke) for dname in dts]
     if args.cpu_smoke:
         from kernels import flash_attn
         simulate_ws_failure(flash_attn)
@@ -459,23 +529,25 @@ def main():
         phases["warm-up compile"] = time.time() - t_start
     how = "wall clock, one call (smoke: meaningless)" if args.cpu_smoke else "CUDA graph of many calls, median of 5"
     meta = ["# Attention kernel sweep", ""] + [f"- {k}: {v}" for k, v in meta_dict(args, card).items()] + [
-        f"- {HEADS} heads; FLOPs 4*B*H*Lq*Lk*D forward, backward {ATTENTION_BACKWARD_FACTOR}x (true D); {how}",
+        f"- models: {', '.join(f'{n}@{px}' for n, px in models)}; H: the model's heads at that level; "
+        f"FLOPs 4*B*H*Lq*Lk*D forward, backward {ATTENTION_BACKWARD_FACTOR}x (true D); {how}",
         "- cells: TFLOP/s; wrong = failed the correctness check (never timed); fails = could not run; "
         "n/a = not timed (budget)", ""]
 
     rows, skipped, t_measure = [], [], time.time()
     dt = {"fp16": torch.float16, "bf16": torch.bfloat16}
-    for i, (dname, (kind, b, lq, lk, d, n)) in enumerate(work):
+    for i, (dname, (kind, b, lq, lk, h, d, uses)) in enumerate(work):
         done_s = time.time() - t_measure
         per_shape = done_s / i if i else 0.0
         if time.time() + 1.5 * per_shape > args.deadline:
-            skipped.append(f"{dname} {kind} B {b} Lq {lq} Lk {lk} D {d}")
+            skipped.append(f"{dname} {kind} B {b} H {h} Lq {lq} Lk {lk} D {d} ({', '.join(uses)})")
             continue
         names = variants_for(kind, d, args.cpu_smoke, args.variants)
         fns = {name: make_fn(torch, name) for name in names}
-        q, k, v, do = inputs(torch, b, lq, lk, d, dt[dname], device, seed=i)
+        q, k, v, do = inputs(torch, b, lq, lk, h, d, dt[dname], device, seed=i)
         verdict = check(torch, fns, q, k, v, do, dname)
-        row = dict(dtype=dname, kind=kind, b=b, lq=lq, lk=lk, d=d, n=n, verdict=verdict, ms={}, no_graph=[])
+        row = dict(dtype=dname, kind=kind, b=b, h=h, lq=lq, lk=lk, d=d, uses=uses, verdict=verdict, ms={},
+                   no_graph=[])
         for name, fn in fns.items():
             if verdict[name] is None:
                 try:
@@ -489,7 +561,7 @@ def main():
                     except Exception as e2:  # noqa: BLE001
                         verdict[name] = f"timing failed: {type(e2).__name__}: {str(e2).splitlines()[0][:80]}"
         rows.append(row)
-        print(f"{dname} {kind} B {b} L {lq}x{lk} D {d}: " + "  ".join(
+        print(f"{dname} {kind} B {b} H {h} L {lq}x{lk} D {d}: " + "  ".join(
             f"{k_}={f:.3g}/{g:.3g}ms" for k_, (f, g) in row["ms"].items()), flush=True)
         del q, k, v, do
         phases["measure"] = time.time() - t_measure

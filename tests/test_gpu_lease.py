@@ -113,6 +113,26 @@ def test_sweep_reports_a_warp_specialize_fallback(tmp_path, monkeypatch):
     assert (tmp_path / "dispatch" / "test-card.json").is_file()
 
 
+def test_lease_kernel_step_measures_jedi_xl_at_its_resolution():
+    """The kernel step's sweep, on the GPU and in --cpu-smoke alike, measures SD-1.x and SDXL at the resolution
+    JeDi-XL trains at (config/jedi_sdxl.py), so the table it writes holds the D 64 buckets JeDi-XL looks up; the
+    cut's shapes are test_kernels.py's (test_kernel_sweep_shapes_are_the_models_own)."""
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_sweep
+
+    script = (ROOT / "bench" / "gpu_lease.sh").read_text()
+    [models] = re.findall(r"^MODELS=(\S+)$", script, re.M)
+    sweeps = re.findall(r"^  SWEEP=\((.*?)\)$", script, re.M | re.S)
+    assert len(sweeps) == 2 and all("--models $MODELS" in s for s in sweeps), sweeps  # smoke and GPU
+    parsed = dict(kernel_sweep.parse_models(models))
+    config = ROOT / "config" / "jedi_sdxl.py"
+    if not config.exists():
+        pytest.skip("config/jedi_sdxl.py is not in this tree")
+    scope = {}
+    exec(config.read_text(), scope)
+    assert parsed == {"sd1": 512, "sdxl": scope["resolution"]}, (models, scope["resolution"])
+
+
 def test_gpu_train_refuses_without_the_tokenizer_packages(tmp_path, wheels):
     """toy/gpu_train.sh needs open_clip (model/text.py's tokenizer), which the GPU image lacks; it carried only ftfy
     and wcwidth. On the simulated image with only those two wheels it must stop before training (exit 2, naming
@@ -189,7 +209,10 @@ def test_gpu_lease_cpu_smoke(tmp_path, wheels):
     assert (res / "toy" / "jedi_toy_gpu.safetensors").is_file()
     sweep = (res / "kernel" / "kernel_sweep.md").read_text()
     assert "triton-ws fell back to the plain loop" in sweep and "aligned True TMA" in sweep
-    assert (res / "kernel" / "dispatch" / "cpu-interpreter-smoke.json").is_file()
+    assert "| self | 1 | 2 | 32 | 32 | 64 | sdxl@" in sweep  # JeDi-XL's head dim (bench/gpu_lease.sh's MODELS)
+    from kernels import dispatch
+    _, entries = dispatch.load(res / "kernel" / "dispatch" / "cpu-interpreter-smoke.json")
+    assert {k[1] for k in entries} == {40, 64}, entries
     training = (res / "bench_training.md").read_text()
     assert re.search(r"^\| auto \| [0-9.]+ \|", training, re.M), training
     sampling = (res / "bench_sampling.md").read_text()

@@ -452,6 +452,23 @@ def test_cuda_check_cpu_smoke(tmp_path):
     assert all(row[6].endswith("FAIL") for row in rows) and "- 2 failing rows" in text, text
 
 
+def test_compile_only_all_covers_every_head_dim():
+    # `--compile-only all` (what docs/kernel.md's PTX tables come from) compiles every autotune config of every kernel
+    # at SD-1.x's head dims and SDXL's 64 (TMA forward and atomic-dQ backward included), at the model's heads.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import check_attention_cuda as cac
+    jobs = cac.compile_jobs("all")
+    for d in (40, 80, 160, 64):
+        tile = flash_attn.head_dim_tile(d)
+        for kind in ("fwd", "dkdv", "dq"):
+            plain = {j[3] for j in jobs if j[:3] == (kind, "fp16", d) and j[6] and len(j) == 7}
+            assert plain == set(flash_attn._TABLES[kind][tile]), (kind, d)
+            extra = {j[3] for j in jobs if j[:3] == (kind, "fp16", d) and len(j) == 8}
+            assert extra == (set() if kind == "dq" else plain), (kind, d)  # TMA forward, atomic-dQ backward
+    assert {j[2] for j in jobs if not j[6]} == {40}  # the no-hint A/B at D 40 only
+    assert cac.COMPILE_HEADS.get(64) == 10 and any(j[2] == 64 and j[1] == "bf16" for j in cac.compile_jobs("quick"))
+
+
 def test_kernels_compile_for_sm90():
     # The interpreter runs the kernels as Python, so it cannot catch what only the compiler rejects; compile a
     # few variants (masks, split, fp32/bf16) for an H100 with the wheel's ptxas. No GPU needed.
@@ -463,18 +480,21 @@ def test_kernels_compile_for_sm90():
 
 
 def test_kernel_sweep_cpu_smoke(tmp_path):
-    # The sweep's whole Python path at a tiny size under the interpreter: correctness first, timing, tables,
-    # and a dispatch table that kernels/dispatch accepts.
+    # The sweep's whole Python path at a tiny size under the interpreter, SD-1.x's and SDXL's head dims (the lease's
+    # models): correctness first, timing, tables, and a dispatch table that kernels/dispatch accepts.
     from kernels import dispatch
-    r = subprocess.run([sys.executable, "bench/kernel_sweep.py", "--cpu-smoke", "--dtypes", "fp16", "--out",
-                        str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True, text=True, timeout=300)
+    r = subprocess.run([sys.executable, "bench/kernel_sweep.py", "--cpu-smoke", "--dtypes", "fp16", "--models",
+                        "sd1,sdxl@512", "--out", str(tmp_path)], cwd=ROOT, env=_sub_env(), capture_output=True,
+                       text=True, timeout=300)
     assert r.returncode == 0, r.stdout + r.stderr
     text = (tmp_path / "kernel_sweep.md").read_text()
     assert "fp16 forward (TFLOP/s)" in text and "triton-atomic" in text and "| wrong" not in text
+    assert "| self | 1 | 2 | 32 | 32 | 64 | sdxl@512 N=2 |" in text  # B, H, Lq, Lk, D, where the model runs it
+    assert "| cross | 1 | 2 | 16 | 13 | 40 | sd1@512 |" in text
     card, entries = dispatch.load(tmp_path / "dispatch" / "cpu-interpreter-smoke.json")
     assert card == "CPU interpreter smoke"
     assert {k[4] for k in entries} == {"fwd", "train"} and {k[:4] for k in entries} == \
-        {("fp16", 40, 32, 32), ("fp16", 40, 16, 16)}  # the self- and cross-attention buckets
+        {("fp16", d, lq, lq) for d in (40, 64) for lq in (32, 16)}  # self and cross buckets (Lk 13 -> 16) per D
     assert "git:" in (tmp_path / "SUMMARY.md").read_text()
     # every timed cell is 4*B*H*Lq*Lk*D FLOPs (backward 2.5x) over the time the dispatch table records for its
     # bucket (one shape per bucket here): forward over the forward's ms, backward over (train - forward) ms. Compared
@@ -502,12 +522,46 @@ def test_kernel_sweep_cpu_smoke(tmp_path):
             assert r["best ours / best sdpa"] == f"{ours / float(r['sdpa']):.2f}x"
 
 
+def test_kernel_sweep_shapes_are_the_models_own():
+    # The sweep's shapes come from each model's full-size UNet (a meta-device forward), with its heads: SD-1.x's are
+    # the four levels the sweep always measured (8 heads, D 40/80/160/160), SDXL's the D 64 levels with 10 and 20
+    # heads; the lease's cut (sd1,sdxl@512, N = 2 and 4) holds SDXL's shapes at 512 px, SD-1.x's yardsticks first,
+    # then SDXL's top level, cross-attention last; a shape two uses share is measured once.
+    sys.path.insert(0, str(ROOT / "bench"))
+    import kernel_sweep as ks
+    assert ks.attention_levels("sd1", 512) == (((4096, 8, 40), (1024, 8, 80), (256, 8, 160), (64, 8, 160)),
+                                               ((4096, 77, 8, 40), (1024, 77, 8, 80), (256, 77, 8, 160),
+                                                (64, 77, 8, 160)))
+    assert ks.attention_levels("sdxl", 1024) == (((4096, 10, 64), (1024, 20, 64)), ((4096, 77, 10, 64),
+                                                                                   (1024, 77, 20, 64)))
+    assert ks.attention_levels("sdxl", 512) == (((1024, 10, 64), (256, 20, 64)), ((1024, 77, 10, 64),
+                                                                                 (256, 77, 20, 64)))
+    assert ks.parse_models("sd1, sdxl,sdxl@512") == [("sd1", 512), ("sdxl", 1024), ("sdxl", 512)]
+    for bad, msg in (("sd3", "unknown model 'sd3'"), ("sdxl@500", "multiple of 64"), ("sdxl@", "multiple of 64"),
+                     (",", "comma list")):
+        with pytest.raises(ValueError, match=msg):
+            ks.parse_models(bad)
+
+    lease = [s[:6] for s in ks.shapes(ks.parse_models("sd1,sdxl@512"), (2, 4))]
+    assert lease == [("self", 2, 8192, 8192, 8, 40), ("self", 2, 16384, 16384, 8, 40),
+                     ("self", 2, 2048, 2048, 8, 80), ("self", 2, 4096, 4096, 8, 80), ("self", 2, 512, 512, 8, 160),
+                     ("self", 2, 2048, 2048, 10, 64), ("self", 2, 4096, 4096, 10, 64),
+                     ("self", 2, 1024, 1024, 8, 160), ("self", 2, 128, 128, 8, 160), ("self", 2, 256, 256, 8, 160),
+                     ("self", 2, 512, 512, 20, 64), ("self", 2, 1024, 1024, 20, 64),
+                     ("cross", 8, 4096, 77, 8, 40), ("cross", 8, 1024, 77, 8, 80), ("cross", 8, 256, 77, 8, 160),
+                     ("cross", 8, 64, 77, 8, 160), ("cross", 8, 1024, 77, 10, 64), ("cross", 8, 256, 77, 20, 64)]
+    both = {s[:6]: s.uses for s in ks.shapes(ks.parse_models("sdxl@512,sdxl"))}
+    assert both[("self", 2, 4096, 4096, 10, 64)] == ("sdxl@512 N=4", "sdxl@1024 N=1")
+    assert both[("self", 2, 1024, 1024, 20, 64)] == ("sdxl@512 N=4", "sdxl@1024 N=1")
+    assert len(both) == 18  # 2 x 2 levels x 4 N, less the 2 shared, and 4 cross
+
+
 def test_kernel_sweep_rejects_a_wrong_variant():
     # Correctness comes first in the sweep: a variant 1% off in its output, or one that raises, gets a verdict
     # (and so is never timed); the real kernel passes.
     sys.path.insert(0, str(ROOT / "bench"))
     import kernel_sweep
-    q, k, v, do = kernel_sweep.inputs(torch, 1, 40, 24, 40, torch.float16, DEVICE, seed=0)
+    q, k, v, do = kernel_sweep.inputs(torch, 1, 40, 24, 8, 40, torch.float16, DEVICE, seed=0)
 
     def broken(q, k, v):
         raise RuntimeError("no kernel")
@@ -551,19 +605,27 @@ def test_committed_and_sweep_written_dispatch_tables_load(tmp_path, monkeypatch)
     sys.path.insert(0, str(ROOT / "bench"))
     import kernel_sweep
 
-    def row(kind, b, lq, lk, d, n, ms):  # ms: {variant: (forward ms, backward ms)}, as the sweep measures them
-        return dict(dtype="bf16", kind=kind, b=b, lq=lq, lk=lk, d=d, n=n, verdict={k: None for k in ms},
+    def row(kind, b, lq, lk, h, d, uses, ms):  # ms: {variant: (forward ms, backward ms)}, as the sweep measures them
+        return dict(dtype="bf16", kind=kind, b=b, h=h, lq=lq, lk=lk, d=d, uses=uses, verdict={k: None for k in ms},
                     ms=ms, no_graph=[])
-    rows = [row("self", 2, 8192, 8192, 40, 2, {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
-            row("cross", 8, 4096, 77, 40, 1, {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
-            row("self", 2, 512, 512, 160, 2, {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)}),  # within the 2 % margin
-            # SDXL: a set of 3 images of 64x64 latents at D 64 (N·L = 12288, bucket 16384)
-            row("self", 2, 3 * 4096, 3 * 4096, 64, 3, {"triton": (2.0, 5.0), "sdpa": (3.0, 5.0)})]
+    rows = [row("self", 2, 8192, 8192, 8, 40, ("sd1@512 N=2",),
+                {"triton": (1.0, 3.0), "triton-ws": (1.2, 3.0), "sdpa": (2.0, 1.5)}),
+            row("cross", 8, 4096, 77, 8, 40, ("sd1@512",),
+                {"triton": (0.5, 0.5), "triton-ws": (0.3, 0.5), "sdpa": (0.6, 0.1)}),
+            row("self", 2, 512, 512, 8, 160, ("sd1@512 N=2",),
+                {"triton": (0.99, 1.0), "sdpa": (1.0, 1.0)}),  # within the 2 % margin
+            # SDXL: a set of 3 images of 64x64 latents at D 64, 10 heads (N·L = 12288, bucket 16384)
+            row("self", 2, 3 * 4096, 3 * 4096, 10, 64, ("sdxl@1024 N=3",), {"triton": (2.0, 5.0), "sdpa": (3.0, 5.0)})]
     out = tmp_path / "sweep"
     kernel_sweep.write(types.SimpleNamespace(out=out), ["# test"], rows, [], [], "Test Card 9000", ["bf16"],
                        {"measure": 1.0}, done=True)
     written = out / "dispatch" / "test-card-9000.json"
     assert json.loads(written.read_text())["card"] == "Test Card 9000"
+    # TFLOP/s at the model's heads: 4·B·H·L²·D / 2 ms forward with H = 10 (not a fixed 8), backward 2.5x / 5 ms
+    lines = (out / "kernel_sweep.md").read_text().splitlines()
+    sdxl = [ln.split(" | ") for ln in lines if ln.startswith("| self | 2 | 10 | 12288 | 12288 | 64 | sdxl@1024 N=3 |")]
+    fwd, bwd = 4 * 2 * 10 * 12288 ** 2 * 64 / 2e-3 / 1e12, 2.5 * 4 * 2 * 10 * 12288 ** 2 * 64 / 5e-3 / 1e12
+    assert [float(c[7]) for c in sdxl] == [float(f"{fwd:.4g}"), float(f"{bwd:.4g}")], sdxl
     monkeypatch.setattr(dispatch, "TABLE_DIR", written.parent)  # as if committed
     dispatch.table_for.cache_clear()
     try:
