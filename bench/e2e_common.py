@@ -67,23 +67,9 @@ def diffusers_unet(cfg, sample_size):
     through its own 256-wide sinusoids)."""
     from diffusers import UNet2DConditionModel
 
-    from model.conditioning import MICRO_FEATURES
+    from model.layout_diffusers import diffusers_unet_kwargs
 
-    L = len(cfg.channel_mult)
-    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
-    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
-    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-              block_out_channels=chans, layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),  # 1 where no attention
-              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), use_linear_projection=cfg.use_linear_proj,
-              norm_num_groups=cfg.norm_groups)
-    if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
-        raise ValueError("diffusers' middle block takes the last level's depth")
-    if cfg.adm_in_channels is not None:
-        kw.update(addition_embed_type="text_time", addition_time_embed_dim=MICRO_FEATURES,
-                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    kw = diffusers_unet_kwargs(cfg, sample_size)
     with torch.device("meta"):  # weights come from ours (load_state_dict(assign=True)): skip diffusers' own init
         return UNet2DConditionModel(**kw)
 
