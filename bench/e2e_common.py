@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2,
                  context_dim=16)
 FULL_HW, TINY_HW = 64, 16  # latent side: 512 px / 8, and the tiny size
-# --xl: JeDi-XL, the SDXL base UNet (model.flavours) with JeDi's 9 input channels, at SDXL's 1024 px (128x128
-# latents), the SDXL text conditioner and VAE. --xl --tiny: an SDXL-shaped tiny UNet (three levels, attention at
+# --xl: JeDi-XL, the SDXL base UNet (model.flavours) with JeDi's 9 input channels, at the resolution JeDi-XL trains
+# and samples at (config/jedi_sdxl.py: 512 px, 64x64 latents; a test keeps the two equal), the SDXL text
+# conditioner and VAE. --xl --tiny: an SDXL-shaped tiny UNet (three levels, attention at
 # factors 2 and 4, per-level depth, linear proj, label_emb over pooled text + size features) and tiny encoders.
-FULL_HW_XL = 128
+FULL_HW_XL = 64
 TINY_XL_POOLED = 16  # bigG's pooled width (1280 at full size)
 TINY_XL_UNET = dict(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=1,
                     num_head_channels=16, transformer_depth=(0, 1, 2), context_dim=16 + 32, use_linear_proj=True,
@@ -52,7 +53,7 @@ def latent_hw(tiny: bool, xl: bool = False) -> int:
 def refuse_full_size_without_cuda(prog: str, tiny: bool) -> None:
     """The full size on CPU would run for hours and measure nothing useful: stop with a clear message (exit 2)."""
     if not tiny and not torch.cuda.is_available():
-        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet at 512 px, or JeDi-XL at 1024 px with "
+        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet at 512 px, or JeDi-XL at 512 px with "
               f"--xl; bf16) needs a CUDA GPU, and torch.cuda.is_available() is False. On CPU run the tiny rot check "
               f"instead: python bench/{prog}.py --tiny", file=sys.stderr)
         raise SystemExit(2)
