@@ -35,7 +35,7 @@ research rows of --backends with --channels_last/--cuda_graphs/--gn_fp32/--compi
 
 --xl: the same rows for JeDi-XL: the SDXL base UNet (2.57B, head dim 64, label_emb) with JeDi's 9 input channels, the
 SDXL text conditioner (CLIP ViT-L + OpenCLIP bigG, pooled vector, size features) and SDXL VAE (fp32 under bf16, its
-own scale), 1024x1024 (128x128 latents), a set of 4, 30 steps by default. The diffusers row is diffusers' SDXL
+own scale), 512x512 (64x64 latents: what JeDi-XL trains and samples at, config/jedi_sdxl.py), a set of 4, 30 steps by default. The diffusers row is diffusers' SDXL
 UNet2DConditionModel (text_time input) with the same weights and the set-regrouping attn1 processor; it takes the
 pooled text from our conditioning and embeds the six size numbers itself, as StableDiffusionXLPipeline does.
     python bench/bench_sampling.py --xl --out bench/results/<date>-<card>/bench_sampling_xl.md --compile
@@ -85,7 +85,7 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="markdown report (also printed)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet, 16x16 latents, 2 steps: runs on CPU (CI rot check)")
-    p.add_argument("--xl", action="store_true", help="JeDi-XL rows: the SDXL base with JeDi's input, 1024 px, 30 "
+    p.add_argument("--xl", action="store_true", help="JeDi-XL rows: the SDXL base with JeDi's input, 512 px, 30 "
                    "steps, against diffusers' SDXL UNet with the same weights (see above)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps reported (default 50, --xl 30; tiny 2)")
     p.add_argument("--timed-steps", type=int, default=None,

@@ -30,9 +30,9 @@ Default: each backend plain, the first with +ac and with +data; --channels_last 
 backend, --compile the rows +ac+compile and +compile, last (the slowest to set up). config/jedi_sd14.py's setting
 is +ac.
 
---xl: JeDi-XL, the SDXL base UNet (2.57B) with JeDi's 9 input channels, at 1024 px (128x128 latents), random text
-conditioning of SDXL's shapes (context (B·N, 77, 2048), y (B·N, 2816): pooled text + size features); default 1
-set of 4 per step (the fp32 master weights, gradients, AdamW state and EMA of 2.6B parameters take ~48 GiB on one
+--xl: JeDi-XL, the SDXL base UNet (2.57B) with JeDi's 9 input channels, at 512 px (64x64 latents: config/jedi_sdxl.py's), random text
+conditioning of SDXL's shapes (context (B·N, 77, 2048), y (B·N, 2816): pooled text + size features); default 2
+sets of 4 per step (config/jedi_sdxl.py's images_per_batch; the fp32 master weights, gradients, AdamW state and EMA of 2.6B parameters take ~48 GiB on one
 device), rows diffusers+ac then each backend +ac (+ac+compile rows with --compile). No +data rows: train.py's SDXL
 data path (the SDXL conditioner in train.prepare) is not in this branch.
     python bench/bench_training.py --xl --out bench/results/<date>-<card>/bench_training_xl.md --compile
@@ -81,9 +81,9 @@ def parse_args(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--out", type=Path, default=None, help="markdown report (also printed)")
     p.add_argument("--tiny", action="store_true", help="tiny UNet, 16x16 latents: runs on CPU (CI rot check)")
-    p.add_argument("--xl", action="store_true", help="JeDi-XL rows (SDXL base, 1024 px) beside a diffusers SDXL "
+    p.add_argument("--xl", action="store_true", help="JeDi-XL rows (SDXL base, 512 px) beside a diffusers SDXL "
                    "baseline (see above)")
-    p.add_argument("--sets", type=int, default=None, help="sets per step (default 4, --xl 1; tiny 2)")
+    p.add_argument("--sets", type=int, default=None, help="sets per step (default 4, --xl 2; tiny 2)")
     p.add_argument("--set-size", type=int, default=4, help="images per set, N")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny 1)")
     p.add_argument("--steps", type=int, default=None, help="timed steps per row, median reported (default 10; tiny 2)")
@@ -101,7 +101,7 @@ def parse_args(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--check-args", action="store_true", help="parse, print the rows, exit (tests the suite's flags)")
     a = p.parse_args(argv)
-    a.sets = a.sets or (2 if a.tiny else 1 if a.xl else 4)
+    a.sets = a.sets or (2 if a.tiny or a.xl else 4)
     a.warmup = a.warmup if a.warmup is not None else (1 if a.tiny else 3)
     a.steps = a.steps or (2 if a.tiny else 10)
     a.variants = parse_variants(a.variants.split(","), a.xl) if a.variants else default_variants(a)

@@ -20,10 +20,11 @@ ROOT = Path(__file__).resolve().parents[1]
 TINY_UNET = dict(model_channels=32, channel_mult=(1, 2), attention_resolutions=(1, 2), num_res_blocks=1, num_heads=2,
                  context_dim=16)
 FULL_HW, TINY_HW = 64, 16  # latent side: 512 px / 8, and the tiny size
-# --xl: JeDi-XL, the SDXL base UNet (model.flavours) with JeDi's 9 input channels, at SDXL's 1024 px (128x128
-# latents), the SDXL text conditioner and VAE. --xl --tiny: an SDXL-shaped tiny UNet (three levels, attention at
+# --xl: JeDi-XL, the SDXL base UNet (model.flavours) with JeDi's 9 input channels, at the resolution JeDi-XL trains
+# and samples at (config/jedi_sdxl.py: 512 px, 64x64 latents; a test keeps the two equal), the SDXL text
+# conditioner and VAE. --xl --tiny: an SDXL-shaped tiny UNet (three levels, attention at
 # factors 2 and 4, per-level depth, linear proj, label_emb over pooled text + size features) and tiny encoders.
-FULL_HW_XL = 128
+FULL_HW_XL = 64
 TINY_XL_POOLED = 16  # bigG's pooled width (1280 at full size)
 TINY_XL_UNET = dict(model_channels=32, channel_mult=(1, 2, 4), attention_resolutions=(2, 4), num_res_blocks=1,
                     num_head_channels=16, transformer_depth=(0, 1, 2), context_dim=16 + 32, use_linear_proj=True,
@@ -52,7 +53,7 @@ def latent_hw(tiny: bool, xl: bool = False) -> int:
 def refuse_full_size_without_cuda(prog: str, tiny: bool) -> None:
     """The full size on CPU would run for hours and measure nothing useful: stop with a clear message (exit 2)."""
     if not tiny and not torch.cuda.is_available():
-        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet at 512 px, or JeDi-XL at 1024 px with "
+        print(f"{prog}: error: the full-size benchmark (SD-1.4-sized JeDi UNet at 512 px, or JeDi-XL at 512 px with "
               f"--xl; bf16) needs a CUDA GPU, and torch.cuda.is_available() is False. On CPU run the tiny rot check "
               f"instead: python bench/{prog}.py --tiny", file=sys.stderr)
         raise SystemExit(2)
@@ -67,23 +68,9 @@ def diffusers_unet(cfg, sample_size):
     through its own 256-wide sinusoids)."""
     from diffusers import UNet2DConditionModel
 
-    from model.conditioning import MICRO_FEATURES
+    from model.layout_diffusers import diffusers_unet_kwargs
 
-    L = len(cfg.channel_mult)
-    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
-    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
-    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-              block_out_channels=chans, layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
-              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),  # 1 where no attention
-              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), use_linear_projection=cfg.use_linear_proj,
-              norm_num_groups=cfg.norm_groups)
-    if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
-        raise ValueError("diffusers' middle block takes the last level's depth")
-    if cfg.adm_in_channels is not None:
-        kw.update(addition_embed_type="text_time", addition_time_embed_dim=MICRO_FEATURES,
-                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    kw = diffusers_unet_kwargs(cfg, sample_size)
     with torch.device("meta"):  # weights come from ours (load_state_dict(assign=True)): skip diffusers' own init
         return UNet2DConditionModel(**kw)
 

@@ -132,3 +132,28 @@ def read_diffusers(path: str, shapes_only: bool = False) -> Parts:
     text = {i: {k: v for k, v in one(sub, "model.safetensors").items() if not k.endswith("position_ids")}
             for i, sub in subs.items()}
     return Parts(flavour, unet, vae, text, "diffusers")
+
+
+def diffusers_unet_kwargs(cfg, sample_size: int) -> dict:
+    """`UNet2DConditionModel(**kwargs)` arguments for the same architecture as our UNetConfig (SD-1.x's or SDXL's):
+    per-level depth (1 where a level has no attention), heads per level (diffusers calls the head count
+    `attention_head_dim`), and SDXL's text_time vector input (pooled text + six size numbers through its own
+    256-wide sinusoids) when adm_in_channels is set. For the parity tests and the benchmarks' diffusers baseline."""
+    from .conditioning import MICRO_FEATURES
+
+    L = len(cfg.channel_mult)
+    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
+    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
+    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
+              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
+              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
+              block_out_channels=chans, layers_per_block=cfg.num_res_blocks, cross_attention_dim=cfg.context_dim,
+              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),  # 1 where no attention
+              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), use_linear_projection=cfg.use_linear_proj,
+              norm_num_groups=cfg.norm_groups)
+    if cfg.transformer_depth_middle != max(cfg.transformer_depth[-1], 1):
+        raise ValueError("diffusers' middle block takes the last level's depth")
+    if cfg.adm_in_channels is not None:
+        kw.update(addition_embed_type="text_time", addition_time_embed_dim=MICRO_FEATURES,
+                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
+    return kw

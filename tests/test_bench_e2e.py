@@ -198,7 +198,20 @@ def test_training_xl_tiny_cpu(tmp_path):
     with pytest.raises(SystemExit, match="no \\+data rows with --xl"):
         bt.parse_args(["--xl", "--variants", "sdpa+data"])
     a = bt.parse_args(["--xl", "--compile"])
-    assert a.sets == 1 and a.variants[0] == "diffusers+ac" and "diffusers+ac+compile" in a.variants
+    assert a.sets == 2 and a.variants[0] == "diffusers+ac" and "diffusers+ac+compile" in a.variants
+
+
+def test_xl_rows_run_at_jedi_xl_resolution():
+    """The --xl rows measure JeDi-XL where it trains and samples: config/jedi_sdxl.py's resolution (and the sets of
+    its images_per_batch), through the SDXL VAE's 8x downsampling; the lease's dispatch table covers that size."""
+    import e2e_common
+
+    scope = {}
+    exec(open(os.path.join(ROOT, "config", "jedi_sdxl.py")).read(), scope)
+    assert e2e_common.latent_hw(tiny=False, xl=True) * 8 == scope["resolution"]
+    import bench_training as bt
+
+    assert bt.parse_args(["--xl"]).sets * 4 == scope["images_per_batch"]
 
 
 def test_diffusers_sdxl_baseline_is_jedi_xl():

@@ -486,6 +486,8 @@ def test_runner_deterministic_one_ref_and_unmasked(mini_dataset, weights, tmp_pa
     gen = FakeGenerator()
     assert jeval.main(base + ["--out", str(tmp_path / "a")], generate_fn=gen, load_model_fn=lambda: None) == 0
     assert all(len(c["refs"]) == 1 for c in gen.calls) and gen.images == 4
+    # the one reference is each subject's first image (sorted), the same whatever --num_refs: rows comparable
+    assert [os.path.relpath(c["refs"][0], mini_dataset) for c in gen.calls] == ["toy_a/00.jpg", "dog_b/00.jpg"]
     assert jeval.main(base + ["--out", str(tmp_path / "b"), "--subjects", "dog_b"], generate_fn=FakeGenerator(),
                       load_model_fn=lambda: None) == 0
     assert (tmp_path / "a/images/dog_b/00_1.png").read_bytes() == (tmp_path / "b/images/dog_b/00_1.png").read_bytes()

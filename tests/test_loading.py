@@ -150,8 +150,19 @@ def test_jedi_checkpoint_roundtrip(tmp_path):
     save_jedi(path, unet, text, None, resolution=32, diffusion={}, dtype=torch.float16)
     half = load_jedi(path)
     assert half.vae is None and next(half.unet.parameters()).dtype == torch.float32
-    k = "input_blocks.1.1.transformer_blocks.0.attn1.to_q.weight"
-    torch.testing.assert_close(half.unet.state_dict()[k], unet.state_dict()[k].half().float(), rtol=0, atol=0)
+    # every floating tensor is stored in fp16 (weights, biases, norms, of the UNet and the text encoder alike) and
+    # loads back as its fp16 rounding; integer tensors stay as they are
+    from safetensors import safe_open
+
+    with safe_open(path, framework="pt") as f:
+        stored = {k: f.get_tensor(k).dtype for k in f.keys()}
+    assert {d for d in stored.values() if d.is_floating_point} == {torch.float16}
+    for module, loaded in ((unet, half.unet), (text, half.text.encoders[0])):
+        want, got = module.state_dict(), loaded.state_dict()
+        assert want.keys() == got.keys()
+        for k, v in want.items():
+            torch.testing.assert_close(got[k], v.half().float() if v.is_floating_point() else v, rtol=0, atol=0,
+                                       msg=k)
     save_file({"x": torch.zeros(1)}, tmp_path / "plain.safetensors")
     with pytest.raises(CheckpointError, match="no JeDi metadata"):
         load_jedi(str(tmp_path / "plain.safetensors"))

@@ -18,23 +18,9 @@ TINY_XL = dict(in_channels=4, model_channels=32, channel_mult=(1, 2, 4), attenti
 
 
 def diffusers_kwargs(cfg: UNetConfig, sample_size: int = 16) -> dict:
-    """UNet2DConditionModel arguments for our config: per-level depth, heads per level (diffusers calls the head
-    count attention_head_dim), and SDXL's text_time vector input when adm_in_channels is set."""
-    L = len(cfg.channel_mult)
-    attn = [2 ** i in cfg.attention_resolutions for i in range(L)]
-    chans = tuple(cfg.model_channels * m for m in cfg.channel_mult)
-    kw = dict(sample_size=sample_size, in_channels=cfg.in_channels, out_channels=cfg.out_channels,
-              down_block_types=tuple("CrossAttnDownBlock2D" if a else "DownBlock2D" for a in attn),
-              up_block_types=tuple("CrossAttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)),
-              block_out_channels=chans, layers_per_block=cfg.num_res_blocks,
-              transformer_layers_per_block=tuple(max(d, 1) for d in cfg.transformer_depth),
-              attention_head_dim=tuple(cfg.heads(c)[0] for c in chans), cross_attention_dim=cfg.context_dim,
-              use_linear_projection=cfg.use_linear_proj, norm_num_groups=cfg.norm_groups)
-    assert cfg.transformer_depth_middle == cfg.transformer_depth[-1]  # diffusers' mid block takes the last level's
-    if cfg.adm_in_channels is not None:
-        kw.update(addition_embed_type="text_time", addition_time_embed_dim=256,
-                  projection_class_embeddings_input_dim=cfg.adm_in_channels)
-    return kw
+    from model.layout_diffusers import diffusers_unet_kwargs
+
+    return diffusers_unet_kwargs(cfg, sample_size)
 
 
 def xl_inputs(cfg, B=2, hw=8, L=7, seed=0):

@@ -260,7 +260,7 @@ def test_flavours_and_checkpoints_carry_force_upcast(tmp_path):
     assert sd1.vae.decoder.up[0].block[0].conv1.weight.dtype == torch.float32
 
     path = str(tmp_path / "jedi.safetensors")
-    save_jedi(path, sd1.unet.float(), sd1.text_encoder.float(), xl_vae, resolution=32, diffusion={})
+    save_jedi(path, sd1.unet.float(), sd1.text.float(), xl_vae, resolution=32, diffusion={})
     m = load_jedi(path, dtype=torch.float16)
     assert m.vae.config == xl_vae.config and m.dtype == torch.float16
     assert {p.dtype for p in m.vae.parameters()} == {torch.float32}
