@@ -241,10 +241,6 @@ def _read_json(path):
         return json.load(f)
 
 
-def _save_png(img: Image.Image, path):
-    _save_atomic(img, path)
-
-
 def _records(stage: str) -> dict:
     """{item id: record} of a stage's finished items (its JSON records; temporary and hidden files are not)."""
     return {os.path.basename(p)[:-5]: _read_json(p) for p in sorted(glob.glob(os.path.join(manifest, stage, "*.json")))}
@@ -587,7 +583,7 @@ def stage_collages(rt):
                         raise
                     rec["dropped"] = f"corrupt: {e.__class__.__name__}"  # skipped and counted
                 else:
-                    _save_png(img, out(it) + ".png")
+                    _save_atomic(img, out(it) + ".png")
                 _write_json(out(it) + ".json", rec)
         return run_items(rt, "collages", items, done, process, unit="collage")
     from model.diffusion import sample, text_guided
@@ -612,7 +608,7 @@ def stage_collages(rt):
             px = m.to_pixels(z)
         for it, p, x in zip(batch, prompts, px):
             if not done(it):
-                _save_png(to_pil(x), out(it) + ".png")
+                _save_atomic(to_pil(x), out(it) + ".png")
                 _write_json(out(it) + ".json", {"id": it["id"], "object": it["object"], "prompt": it["prompt"],
                                                 "collage_prompt": p, "source": "sd", "model": flavour})
     return run_items(rt, "collages", items, done, process, unit="collage")
@@ -698,7 +694,7 @@ def stage_instances(rt):
                 ys, xs = np.nonzero(inst["mask"])
                 box = (int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1)  # the mask's own box
                 base = os.path.join(out(it), str(k))
-                _save_png(img.crop(box), base + ".png")
+                _save_atomic(img.crop(box), base + ".png")
                 write_mask(base + ".mask.png", inst["mask"][box[1]:box[3], box[0]:box[2]])
                 rec["instances"].append({"image": f"{it['id']}/{k}.png", "box": list(box),
                                          "score": round(float(inst["score"]), 4), "area": int(inst["mask"].sum())})
@@ -855,7 +851,7 @@ def stage_backgrounds(rt):
                     generated = np.asarray(to_pil(gen_px[i + j]))
                     img = composite(canv[i + j], alphas[i + j], generated)
                     base = os.path.join(out(it), str(j))
-                    _save_png(Image.fromarray(img), base + ".png")
+                    _save_atomic(Image.fromarray(img), base + ".png")
                     write_mask(base + ".mask.png", alphas[i + j] >= 128)
                     rec["images"].append(f"backgrounds/{it['id']}/{j}.png")
                     rec["captions"].append(caps[i + j])
@@ -918,7 +914,7 @@ def stage_stylize(rt):
             if not done(it):
                 paths = []
                 for j in range(n):
-                    _save_png(to_pil(new[i + j]), os.path.join(out(it), f"{j}.png"))
+                    _save_atomic(to_pil(new[i + j]), os.path.join(out(it), f"{j}.png"))
                     paths.append(f"stylize/{it['id']}/{j}.png")
                 _write_json(out(it) + ".json", record(it, s, paths))
             i += n
@@ -938,7 +934,7 @@ def contact_sheet(sets: list[dict], path):
             im = load_image(os.path.join(manifest, p))
             sheet.paste(im.resize((t, t), Image.BICUBIC), (j * t, r * (t + pad)))
         draw.text((2, r * (t + pad) + t + 1), s["captions"][0][: 4 * t // 6], fill=(230, 230, 230))
-    _save_png(sheet, path)
+    _save_atomic(sheet, path)
 
 
 def stage_write(rt):

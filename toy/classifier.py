@@ -195,11 +195,11 @@ def train(seed: int = 0, n_train: int = 24000, steps: int = 1500, batch: int = 1
 def save(model: AttributeNet, meta: dict, path=WEIGHTS) -> None:
     from safetensors.torch import save_file
 
-    os.makedirs(os.path.dirname(path), exist_ok=True)
-    tmp = f"{path}.tmp"
+    from model.files import atomic_path
+
     tensors = {k: v.contiguous() for k, v in model.state_dict().items()}
-    save_file(tensors, tmp, metadata={"toy_classifier": json.dumps(meta)})
-    os.replace(tmp, path)  # atomic: a concurrent reader never sees half a file
+    with atomic_path(path) as tmp:  # a concurrent reader never sees half a file
+        save_file(tensors, tmp, metadata={"toy_classifier": json.dumps(meta)})
 
 
 def load(path=WEIGHTS, retrain: bool = False, seed: int = 0, log=print) -> tuple[AttributeNet, dict]:
