@@ -100,11 +100,18 @@ def test_a_hub_submodule_we_also_have_is_refused_in_one_line(tmp_path):
     assert "HubKernelsClash" in last and "dispatch" in last and "pip uninstall kernels" in last, last
 
 
-def test_without_the_hub_package_nothing_changes():
-    """In this venv (no hub package, as the lock pins it) our module is just ours."""
+def test_this_environment_either_way():
+    """Without the hub package (a venv from the ranges, transformers < 5.25) our module is just ours; with it (the
+    lock: transformers 5.25 requires it) the hub's names come from its own files and ours stay ours."""
     import kernels
 
-    if kernels._HUB is not None:
-        pytest.skip("the hub's kernels is installed in this environment")
-    with pytest.raises(AttributeError, match="CUDAProperties"):
-        kernels.CUDAProperties
+    if kernels._HUB is None:
+        with pytest.raises(AttributeError, match="CUDAProperties"):
+            kernels.CUDAProperties
+        return
+    import transformers.integrations.hub_kernels as hk
+
+    assert kernels.CUDAProperties is hk.CUDAProperties
+    assert kernels.CUDAProperties.__module__.startswith("kernels._internals")  # the hub's file
+    assert kernels.attention.__module__ == "kernels" and kernels.dispatch.__file__.startswith(str(kernels._OURS))
+    assert kernels.__version__ == __import__("importlib.metadata").metadata.version("kernels")
