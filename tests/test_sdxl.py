@@ -477,3 +477,31 @@ def test_personalize_passes_carry_y():
         null_rows = null.expand(N).repeat(S)
         assert torch.equal(got.y, torch.cat([cond.repeat(S).y, null_rows.y, null_rows.y]))
         assert torch.equal(got.context, torch.cat([cond.repeat(S).context, null_rows.context, null_rows.context]))
+
+
+@torch.no_grad()
+def test_sdxl_vae_parity_with_diffusers_at_its_scale(tiny_sdxl_file):
+    """Issue 27's VAE parity at a tiny SDXL-shaped size: the SDXL VAE as our loader reads it from the original file
+    (scale 0.13025 from the flavour) against diffusers' AutoencoderKL configured as SDXL's (scaling_factor 0.13025,
+    force_upcast), loaded by diffusers' own converter: scaled latents in, scaled latents out."""
+    import diffusers
+    from diffusers.loaders.single_file_utils import convert_ldm_vae_checkpoint
+
+    from model.loading import load_unet_vae
+
+    _, _, sd, path = tiny_sdxl_file
+    _, ours, flavour = load_unet_vae(path, in_channels=None)
+    theirs = diffusers.AutoencoderKL(block_out_channels=(32, 64), down_block_types=("DownEncoderBlock2D",) * 2,
+                                     up_block_types=("UpDecoderBlock2D",) * 2, layers_per_block=1, latent_channels=4,
+                                     scaling_factor=0.13025, force_upcast=True).eval()
+    theirs.load_state_dict(convert_ldm_vae_checkpoint(sd, dict(theirs.config)), strict=True)
+    assert ours.scale_factor == theirs.config.scaling_factor == flavour.vae_scale
+    assert ours.config.force_upcast == theirs.config.force_upcast
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(2, 3, 32, 32, generator=g) * 2 - 1
+    z = torch.randn(2, 4, 16, 16, generator=g)
+    rel = lambda a, b: ((a - b).norm() / b.norm()).item()  # noqa: E731
+    e_enc = rel(ours.encode_latents(x), theirs.encode(x).latent_dist.mode() * 0.13025)
+    e_dec = rel(ours.decode_latents(z), theirs.decode(z / 0.13025).sample)
+    print(f"SDXL VAE parity rel. errors: encode {e_enc:.2e}, decode {e_dec:.2e}")
+    assert e_enc <= 1e-6 and e_dec <= 4e-6, (e_enc, e_dec)
