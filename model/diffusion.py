@@ -242,19 +242,31 @@ def sample(model_fn, diffusion: Diffusion, shape, *, steps: int = 50, sampler: s
     return sample_dpmpp_2m(model_fn, diffusion, x, ts, replace=replace, progress=progress)
 
 
-def _passes(unet, x, t: int, passes, *, set_size: int = 1, dtype: torch.dtype | None = None):
-    """The one batcher of guidance passes: one UNet call over [(extra input channels (B, c, h, w) or None,
-    conditioning of B rows: a Cond or a (B, L, D) context), ...] -> one fp32 output (B, C, h, w) per pass, in
-    order; every pass sees the same x_t, with its extra channels appended. Whole sets of `set_size` images stay
-    together (B is a multiple of it).
+def batch_passes(passes):
+    """Guidance passes [(extra input channels (B, c, h, w) or None, conditioning of B rows: a Cond or a (B, L, D)
+    context), ...] joined once per sampling run, not once per step: (k, extra channels (k·B, c, h, w) or None,
+    Cond of k·B rows). Every pass has extra channels or none has."""
+    extras = [extra for extra, _ in passes]
+    if any(e is None for e in extras) and not all(e is None for e in extras):
+        raise ValueError("batch_passes: every guidance pass has extra input channels or none has")
+    extra = None if extras[0] is None else torch.cat(extras)  # k × (B, c, h, w) -> (k·B, c, h, w)
+    return len(passes), extra, Cond.cat([as_cond(c) for _, c in passes])  # context (k·B, L, D), y (k·B, adm)
+
+
+def _passes(unet, x, t: int, batched, *, set_size: int = 1, dtype: torch.dtype | None = None):
+    """The one batcher of guidance passes: one UNet call over `batch_passes(...)`'s k passes -> one fp32 output
+    (B, C, h, w) per pass, in order; every pass sees the same x_t, with its extra channels appended. Whole sets of
+    `set_size` images stay together (B is a multiple of it).
     dtype: the UNet input's (the model's; None: x's own). Only the input is cast: the caller's x_t stays as it is,
     and the outputs come back fp32 because guidance, s·(cond − uncond), magnifies bf16 error."""
+    k, extra, cond = batched
     x = x if dtype is None else x.to(dtype)
-    inp = torch.cat([x if extra is None else torch.cat([x, extra.to(x.dtype)], dim=1) for extra, _ in passes])
-    cond = Cond.cat([as_cond(c) for _, c in passes])  # context (k·B, L, D), y (k·B, adm) or None
+    inp = x.repeat(k, 1, 1, 1)  # (B, C, h, w) -> (k·B, C, h, w), pass-major like `extra` and `cond`
+    if extra is not None:
+        inp = torch.cat([inp, extra.to(inp.dtype)], dim=1)  # (k·B, C + c, h, w)
     tt = torch.full((inp.shape[0],), t, device=x.device, dtype=torch.long)
     out = unet(inp, tt, cond.unet_arg(), set_size=set_size)  # (k·B, C', h, w) in -> (k·B, C, h, w)
-    return out.float().chunk(len(passes))  # k × (B, C, h, w)
+    return out.float().chunk(k)  # k × (B, C, h, w)
 
 
 # Image guidance λ (eq. 3) when neither the caller nor the checkpoint gives one (the one default: sample.py's
@@ -304,9 +316,10 @@ def personalize(unet, diffusion: Diffusion, *, refs, context, null_context, num_
     passes = [(given, ctx), (blank, null)]  # conditional, ε⁰
     if text_guidance is not None:
         passes.append((given, null))  # ε(x̂, "")
+    batched = batch_passes(passes)  # joined once: every step's UNet call reuses them
 
     def model_fn(x, t):
-        out = _passes(unet, x, t, passes, set_size=N, dtype=unet_dtype)
+        out = _passes(unet, x, t, batched, set_size=N, dtype=unet_dtype)
         # Guidance is linear and every pass sees the same x_t, so guiding the raw output (ε or v) equals guiding ε,
         # and converting once afterwards stays stable where ᾱ_t -> 0 (v-prediction, cosine schedule).
         guided = guide(out[0], out[1], guidance, None if text_guidance is None else (out[2], text_guidance))
@@ -350,9 +363,10 @@ def _text_cfg(unet, diffusion: Diffusion, extra, context, null_context, guidance
     channels (None for plain text-to-image)."""
     context = as_cond(context)
     null = as_cond(null_context).expand(len(context))
+    batched = batch_passes([(extra, context), (extra, null)])
 
     def model_fn(x, t):
-        cond, uncond = _passes(unet, x, t, [(extra, context), (extra, null)])
+        cond, uncond = _passes(unet, x, t, batched)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         return diffusion.to_eps_x0(x, tt, guide(cond, uncond, guidance))
     return model_fn
@@ -377,10 +391,10 @@ def ip2p_guided(unet, diffusion: Diffusion, source_latent, context, null_context
     (how the checkpoints were trained); context: (B, L, D) the instruction's text states (or a Cond)."""
     context = as_cond(context)
     null = as_cond(null_context).expand(len(context))
+    batched = batch_passes([(source_latent, context), (source_latent, null), (torch.zeros_like(source_latent), null)])
 
     def model_fn(x, t):
-        e_it, e_i, e_0 = _passes(unet, x, t, [(source_latent, context), (source_latent, null),
-                                              (torch.zeros_like(source_latent), null)])
+        e_it, e_i, e_0 = _passes(unet, x, t, batched)
         tt = torch.full((x.shape[0],), t, device=x.device, dtype=torch.long)
         # guide's three-pass form: the image plays the reference, the instruction the text
         return diffusion.to_eps_x0(x, tt, guide(e_it, e_0, image_guidance, text=(e_i, text_guidance)))
