@@ -63,7 +63,6 @@ def configure(argv, namespace: dict, keys, error=SystemExit):
         put(key, value, arg)
 
 
-
 def config_docs(script: str, keys) -> list[tuple[str, str, str]]:
     """(group, key, meaning) for every config key of `script`, in source order: the meaning is the comment on the
     line that assigns the key, the group the last full-line comment above it."""

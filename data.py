@@ -905,6 +905,14 @@ def main(argv=None):
                 print(f"error: {a.manifest}: {bad[0]}: the WebDataset readers take {'/'.join(WDS_IMAGE_EXTS)} images "
                       f"only (convert it first)", file=sys.stderr)
                 return 2
+            missing = [p for p in paths if not os.path.isfile(os.path.join(root, p))]
+            if missing:
+                print(f"error: {a.manifest}: record {i}: image not found: {os.path.join(root, missing[0])}",
+                      file=sys.stderr)
+                return 2
+            if not (rec.get("captions") or rec.get("caption")):
+                print(f"error: {a.manifest}: record {i} has no caption or captions", file=sys.stderr)
+                return 2
         os.makedirs(os.path.dirname(a.pattern) or ".", exist_ok=True)
         with wds.ShardWriter(a.pattern, maxcount=a.maxcount) as sink:
             for i in range(len(recs)):

@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from data import IMAGE_EXTS, load_image
+from model.diffusion import DEFAULT_GUIDANCE
 from vision import (  # noqa: F401  (moved to vision.py, shared with s3.py; still reachable as eval.X)
     VisionError as EvalError, MissingWeights, MASK_SUFFIX, DEFAULT_BACKGROUND, IMAGENET_MEAN, IMAGENET_STD,
     mask_file_for, read_mask, write_mask, apply_mask, _save_atomic, GroundedSAM,
@@ -348,7 +349,7 @@ def parse_args(argv=None):
                    "its own set [references..., new image] (the protocol's 4)")
     p.add_argument("--steps", type=int, default=None, help="sampling steps (default: the checkpoint's, else 50)")
     p.add_argument("--guidance", type=float, default=None, help="image guidance λ (default: the checkpoint's, else "
-                   "model.diffusion.DEFAULT_GUIDANCE)")
+                   f"{DEFAULT_GUIDANCE:g})")
     p.add_argument("--sampler", default=None, choices=["ddim", "dpmpp_2m"], help="default: the checkpoint's, else ddim "
                    "(sample.py's defaults, resolved by its sampling_settings)")
     p.add_argument("--dtype", default="auto", choices=["auto", "bf16", "fp16", "fp32"], help="as sample.py's: auto = "

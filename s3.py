@@ -307,7 +307,7 @@ class Runtime:
 
 # The base models each stage can run: the collages and backgrounds take SD-1.x or SDXL (told from the checkpoint's
 # keys by model.loading), InstructPix2Pix is SD-1.x only (no SDXL InstructPix2Pix is tested against its pipeline here).
-FLAVOURS = {"sd": ("sd1", "sdxl"), "inpaint": ("sd1", "sdxl"), "ip2p": ("sd1",)}
+STAGE_FLAVOURS = {"sd": ("sd1", "sdxl"), "inpaint": ("sd1", "sdxl"), "ip2p": ("sd1",)}
 
 
 def _flavour_of(config) -> str:
@@ -326,8 +326,8 @@ def _check_model(key, path, what, config, channels):
     """The one-line refusal of a checkpoint with the wrong input channels or flavour for its stage, or None."""
     if config.in_channels != channels:
         return f"{what} {path}: its UNet takes {config.in_channels} input channels, expected {channels}"
-    if _flavour_of(config) not in FLAVOURS[key]:
-        return f"{what} {path}: an {_flavour_of(config)} model; this stage takes {' or '.join(FLAVOURS[key])}"
+    if _flavour_of(config) not in STAGE_FLAVOURS[key]:
+        return f"{what} {path}: an {_flavour_of(config)} model; this stage takes {' or '.join(STAGE_FLAVOURS[key])}"
     return None
 
 

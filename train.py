@@ -57,14 +57,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import configurator
-from model.diffusion import Diffusion, jedi_loss, reference_gain_sums
+from model.diffusion import DEFAULT_GUIDANCE, Diffusion, jedi_loss, reference_gain_sums
 from model.unet import UNet, UNetConfig
 
 # ----------------------------------------------------------------------------- config
 # I/O
 out_dir: str = 'out'  # checkpoints, logs and the export go here
 init_from: str = 'scratch'  # 'scratch' (sizes below) | 'sd' (UNet, VAE and text encoder from sd_path) | 'resume'
-sd_path: str = ''  # SD-1.x or SDXL .ckpt/.safetensors or diffusers folder; with 'scratch' it gives the VAE and text
+sd_path: str = ''  # SD-1.x/SDXL .ckpt, .safetensors or diffusers folder; with 'scratch': the VAE and text side
 num_heads: int = 0  # UNet heads of the base checkpoint (shapes cannot tell); 0: its flavour's (SD-1.x 8, SDXL dim 64)
 log_interval: int = 10  # steps between log lines
 ckpt_interval: int = 1000  # steps between checkpoints (0: only at the end and on SIGTERM)
@@ -100,7 +100,7 @@ p_drop_text: float = 0.0  # per set: only the text dropped (3-pass guidance)
 ref_loss_weight: float = 1.0  # loss weight of images given as reference (1 = the paper's plain MSE over the set)
 # sampling defaults written into the export (sample.py uses them when its flags are not given)
 sample_steps: int = 50  # sampling steps
-sample_guidance: float = 5.0  # image guidance λ of eq. 3
+sample_guidance: float = DEFAULT_GUIDANCE  # image guidance λ of eq. 3 (the one default, model/diffusion.py)
 sample_sampler: str = 'ddim'  # 'ddim' | 'dpmpp_2m'
 # optimizer
 learning_rate: float = 5e-5  # peak AdamW learning rate (the paper: 5e-5)

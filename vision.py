@@ -189,6 +189,11 @@ def _require_hf_folder(folder, what: str):
                              f"(or {' / '.join(weights[1:])}) next to config.json")
 
 
+def _first_line(e: BaseException) -> str:
+    """An exception's first line, cut to 200 characters (transformers' messages run long)."""
+    return (str(e).strip().splitlines() or [""])[0][:200]
+
+
 def _hf_weight_shapes(folder) -> dict:
     """name -> shape of a save_pretrained folder's weights, reading no tensor data (safetensors headers, or the
     .bin memory-mapped)."""
@@ -197,9 +202,12 @@ def _hf_weight_shapes(folder) -> dict:
     from safetensors import safe_open
 
     index = os.path.join(folder, "model.safetensors.index.json")
-    files = ([os.path.join(folder, "model.safetensors")] if os.path.isfile(os.path.join(folder, "model.safetensors"))
-             else [os.path.join(folder, f) for f in sorted(set(json.load(open(index))["weight_map"].values()))]
-             if os.path.isfile(index) else [])
+    if os.path.isfile(os.path.join(folder, "model.safetensors")):
+        files = [os.path.join(folder, "model.safetensors")]
+    elif os.path.isfile(index):  # sharded: every shard the index names
+        files = [os.path.join(folder, f) for f in sorted(set(json.load(open(index))["weight_map"].values()))]
+    else:  # pytorch_model.bin, read below
+        files = []
     shapes = {}
     for f in files:
         with safe_open(f, framework="pt") as st:
@@ -220,7 +228,7 @@ def _check_hf_shapes(cls, folder, what: str, **kwargs):
         file = _hf_weight_shapes(folder)
     except Exception as e:
         raise VisionError(f"{what}: cannot read {folder} ({e.__class__.__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+                          f"{_first_line(e)})") from None
     prefix = cls.base_model_prefix + "."
     bare = lambda k: k[len(prefix):] if k.startswith(prefix) else k  # noqa: E731  (saved with or without it)
     file = {bare(k): v for k, v in file.items()}
@@ -240,14 +248,14 @@ def _load_hf(cls, folder, what: str, processor: bool = False, **kwargs):
             return cls.from_pretrained(folder, local_files_only=True)
         except Exception as e:  # transformers raises OSError/ValueError with long texts
             raise VisionError(f"{what}: cannot load the preprocessing files from {folder} "
-                              f"({e.__class__.__name__}: {str(e).splitlines()[0][:200]})") from None
+                              f"({e.__class__.__name__}: {_first_line(e)})") from None
     _require_hf_folder(folder, what)
     _check_hf_shapes(cls, folder, what, **kwargs)
     try:
         model, info = cls.from_pretrained(folder, local_files_only=True, output_loading_info=True, **kwargs)
     except Exception as e:  # a damaged file or config: transformers' long texts, cut to one line
         raise VisionError(f"{what}: cannot load {folder} ({e.__class__.__name__}: "
-                          f"{(str(e).strip().splitlines() or [''])[0][:200]})") from None
+                          f"{_first_line(e)})") from None
     if info["missing_keys"]:
         missing = sorted(info["missing_keys"])
         raise VisionError(f"{what}: {folder} does not hold {cls.__name__} weights ({len(missing)} tensors missing, "

@@ -3,11 +3,10 @@
 Everything else (widths, depths, levels, channels) is inferred from a checkpoint's shapes; what is here is what a
 loader must be told: the UNet's head layout (SD-1.x fixes the head count, SDXL the head dim), the VAE's latent
 scale and whether it must stay fp32 under fp16, the text conditioner's kind, and the resolution the model was trained
-at. `unet` is the full-size UNet
-config (JeDi's 9 input channels come from inflation, so in_channels is the base model's 4): flops.py and the
-configs use it, and tests check it against the published sizes.
+at. `unet` is the full-size UNet config (JeDi's 9 input channels come from inflation, so in_channels is the base
+model's 4): flops.py and the configs use it, and tests check it against the published sizes.
 
-    flavour = FLAVOURS["sdxl"]                        # or detect_flavour(keys)
+    flavour = FLAVOURS["sdxl"]                        # or flavour_of_unet(unet_state_dict)
     unet_config_from_state_dict(sd, **flavour.heads)  # the sizes from shapes, the heads from here
 """
 from dataclasses import dataclass, field

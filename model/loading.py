@@ -19,15 +19,13 @@ import torch
 import torch.nn as nn
 
 from .checkpoint import (CheckpointError, _first_line, _meta_build, build_checked, check_state_dict,  # noqa: F401
-                         read_state_dict, strict_load, strip_prefix)
+                         strict_load, strip_prefix)  # strict_load: also imported from here by train.py and tests
 from .conditioning import Cond
 from .diffusion import Diffusion
 from .files import atomic_path
-from .flavours import FLAVOURS, Flavour  # noqa: F401
-from .layout_diffusers import (convert_diffusers_unet, convert_diffusers_vae, diffusers_unet_names,  # noqa: F401
-                               read_diffusers)
-from .layout_original import (TEXT_PREFIXES, UNET_PREFIX, VAE_PREFIX, Parts, inflate_input_channels,  # noqa: F401
-                              read_original, unet_config_from_state_dict)
+from .flavours import Flavour
+from .layout_diffusers import convert_diffusers_unet, read_diffusers  # noqa: F401  (tests import it from here)
+from .layout_original import Parts, inflate_input_channels, read_original, unet_config_from_state_dict
 from .unet import JEDI_IN_CHANNELS, UNet, UNetConfig
 
 
@@ -266,9 +264,7 @@ def _config(path, cls, fields, what):
         raise _bad(path, f"metadata {what} config is {type(fields).__name__}, not a JSON object")
     try:
         return cls(**fields)
-    except TypeError as e:  # unknown or missing keyword
-        raise _bad(path, f"metadata {what} config: {_first_line(e)}") from None
-    except (ValueError, ZeroDivisionError) as e:
+    except (TypeError, ValueError, ZeroDivisionError) as e:  # TypeError: an unknown or missing keyword
         raise _bad(path, f"metadata {what} config: {_first_line(e)}") from None
 
 
@@ -295,12 +291,11 @@ def check_jedi_meta(path: str, meta) -> dict:
             raise _bad(path, f"metadata guidance = {g!r} is not a number in {list(GUIDANCE_RANGE)}")
     if "sampler" in meta and meta["sampler"] not in SAMPLERS:
         raise _bad(path, f"metadata sampler = {meta['sampler']!r} is not one of {', '.join(SAMPLERS)}")
-    for key in ("set_sizes",):
-        if key in meta:
-            if not isinstance(meta[key], list) or not meta[key]:
-                raise _bad(path, f"metadata {key} = {meta[key]!r} is not a non-empty list")
-            for v in meta[key]:
-                _int_in(path, key, v, *SET_SIZE_RANGE)
+    if "set_sizes" in meta:
+        if not isinstance(meta["set_sizes"], list) or not meta["set_sizes"]:
+            raise _bad(path, f"metadata set_sizes = {meta['set_sizes']!r} is not a non-empty list")
+        for v in meta["set_sizes"]:
+            _int_in(path, "set_sizes", v, *SET_SIZE_RANGE)
     if "max_set_size" in meta and meta["max_set_size"] is not None:
         _int_in(path, "max_set_size", meta["max_set_size"], *SET_SIZE_RANGE)
     diffusion = meta.get("diffusion", {})

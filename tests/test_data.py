@@ -368,6 +368,14 @@ def test_shard_cli_roundtrip(tmp_path, capsys):
     err = capsys.readouterr().err
     assert err.startswith("error:") and "im9.tif" in err and len(err.splitlines()) == 1
     assert not (tmp_path / "never").exists()
+    # so are a missing image file and a record without a caption (they used to fail half-way, a tar written)
+    for rec, expected in (({"images": ["im0.png", "gone.png"], "caption": "x"}, "gone.png"),
+                          ({"images": ["im0.png", "im1.png"]}, "no caption")):
+        (tmp_path / "s" / "bad.jsonl").write_text(json.dumps(rec) + "\n")
+        assert data.main(["shard", str(tmp_path / "s" / "bad.jsonl"), str(tmp_path / "never" / "t-%03d.tar")]) == 2
+        err = capsys.readouterr().err
+        assert err.startswith("error:") and expected in err and len(err.splitlines()) == 1, err
+        assert not (tmp_path / "never").exists()
 
 
 # ----------------------------------------------------------------------------- mixing, bucketing, sharding
