@@ -95,13 +95,29 @@ def config_docs(script: str, keys) -> list[tuple[str, str, str]]:
     return docs
 
 
+def source_defaults(script: str, namespace: dict, keys) -> dict:
+    """key -> its default as the script's source assigns it (evaluated in the script's namespace, for the names a
+    default may use), not the value a configure() call may since have put in the namespace."""
+    import ast
+
+    source = open(script).read()
+    defaults = {}
+    for node in ast.parse(source).body:
+        target = node.target if isinstance(node, ast.AnnAssign) else (
+            node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else None)
+        if isinstance(target, ast.Name) and target.id in keys and node.value is not None:
+            defaults.setdefault(target.id, eval(ast.get_source_segment(source, node.value), dict(namespace)))
+    return defaults
+
+
 def describe(script: str, namespace: dict, keys) -> str:
-    """`--help` text for a script's config: every key with its default and its one line of meaning, by group."""
+    """`--help` text for a script's config: every key with its source default and its one line of meaning."""
+    defaults = source_defaults(script, namespace, keys)
     out, group = [], None
     for g, key, meaning in config_docs(script, keys):
         if g != group:
             out.append(f'  {g}:' if g else '')
             group = g
-        out.append(f'    --{key}={namespace[key]!r}')
+        out.append(f'    --{key}={defaults[key]!r}')
         out.append(f'        {meaning}')
     return '\n'.join(out)

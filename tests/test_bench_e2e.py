@@ -211,7 +211,7 @@ def test_xl_rows_run_at_jedi_xl_resolution():
     assert e2e_common.latent_hw(tiny=False, xl=True) * 8 == scope["resolution"]
     import bench_training as bt
 
-    assert bt.parse_args(["--xl"]).sets * 4 == scope["images_per_batch"]
+    assert bt.parse_args(["--xl"]).sets * max(scope["set_sizes"]) == scope["images_per_batch"]
 
 
 def test_diffusers_sdxl_baseline_is_jedi_xl():

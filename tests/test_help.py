@@ -23,11 +23,19 @@ def test_every_config_key_has_a_meaning(module):
 
 @pytest.mark.parametrize("module", [s3, train], ids=["s3", "train"])
 def test_help_lists_stages_keys_defaults(module, capsys):
-    rc = module.main(["--help"])
+    """The defaults shown are the source's, even after a configure() in this process changed the module's globals."""
+    import runpy
+
+    fresh = runpy.run_path(module.__file__)  # the script's globals as its source sets them (not __main__)
+    module.configure(["--seed=123"])  # what a configured run leaves in the module's globals
+    try:
+        rc = module.main(["--help"])
+    finally:
+        module.configure([f"--seed={fresh['seed']}"])
     out = capsys.readouterr().out
     assert rc in (0, None)
     for _, key, meaning in configurator.config_docs(module.__file__, module.config_keys):
-        assert f"--{key}={getattr(module, key)!r}\n        {meaning}\n" in out + "\n", key
+        assert f"--{key}={fresh[key]!r}\n        {meaning}\n" in out + "\n", key
     if module is s3:
         for stage in s3.STAGES:
             assert f"\n  {stage} " in out, stage

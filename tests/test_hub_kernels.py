@@ -63,7 +63,8 @@ def _run(site: str, code: str, *args) -> subprocess.CompletedProcess:
 
 
 def test_transformers_and_our_attention_share_the_name(tmp_path):
-    site = _standin(tmp_path, _accepted_version())
+    version = _accepted_version()
+    site = _standin(tmp_path, version)
     r = _run(site, """
         import torch
         from transformers.utils import is_kernels_available
@@ -72,13 +73,15 @@ def test_transformers_and_our_attention_share_the_name(tmp_path):
         import kernels
         assert hk.CUDAProperties is kernels.CUDAProperties
         assert kernels.CUDAProperties.__module__ == "kernels._standin_internals"   # the hub's file, not ours
-        assert kernels.__version__ == hk.__dict__.get("__version__", kernels.__version__)
-        from transformers import CLIPTextModel                # a model class decorated through the hub names
+        import importlib.metadata
+        assert kernels.__version__ == importlib.metadata.version("kernels") == STANDIN_VERSION  # via ours
+        from transformers.models.llama import modeling_llama  # decorated with use_kernel_forward_from_hub(...)
+        assert "use_kernel_forward_from_hub" in kernels.CALLS, kernels.CALLS  # the hub's decorator was called
         from kernels import attention, reference            # ours, unchanged
         q, k, v = (torch.randn(1, 16, 2, 8, generator=torch.Generator().manual_seed(i)) for i in range(3))
         torch.testing.assert_close(attention(q, k, v), reference.attention_reference(q, k, v), rtol=1e-5, atol=1e-5)
         print("ok")
-    """)
+    """.replace("STANDIN_VERSION", repr(version)))
     assert r.returncode == 0 and r.stdout.strip().endswith("ok"), r.stderr[-2000:]
 
 

@@ -297,8 +297,12 @@ def test_settings_refuse_mixing_sd1_and_sdxl_collages(xl, tmp_path):
     base = {**w, **TINY, "manifest": m, "num_objects": 1}
     configure(flags({**base, "sd": w["sd"]}))
     s3.run(["prompts", "collages"])
+    made = {p: p.read_bytes() for p in sorted((m / "collages").glob("*.png"))}
+    stamps = {p: p.stat().st_mtime_ns for p in made}
     configure(flags({**base, "sd": w["sd"]}))
     s3.run(["collages"])  # the same settings: resumes (nothing to do)
+    assert made and {p: p.stat().st_mtime_ns for p in made} == stamps  # nothing remade or rewritten
+    assert {p: p.read_bytes() for p in sorted((m / "collages").glob("*.png"))} == made
     configure(flags({**base, "sd": tiny_weights.sd_checkpoint(tmp_path / "sd1.safetensors"), "num_heads": 2}))
     with pytest.raises(s3.S3Error, match=r"collages: .* was made with model='sdxl' \(now 'sd1'\)"):
         s3.run(["collages"])

@@ -375,7 +375,8 @@ def test_jedi_checkpoints(sdxl_tc, tmp_path):
     save_jedi(path, unet, sdxl_tc, None, resolution=64, diffusion={})
     m = load_jedi(path)
     assert m.meta["format"] == JEDI_FORMAT == 2 and m.text.config.to_dict() == sdxl_tc.config.to_dict()
-    assert all(torch.equal(a, b) for a, b in zip(m.text.state_dict().values(), sdxl_tc.state_dict().values()))
+    loaded, saved = m.text.state_dict(), sdxl_tc.state_dict()
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
     with torch.no_grad():
         a, b = m.encode(["a dog"]), sdxl_tc.encode(["a dog"])
     assert torch.equal(a.context, b.context) and torch.equal(a.y, b.y)
